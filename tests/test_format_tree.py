@@ -1,0 +1,230 @@
+"""Parse / render / validate: hand-written cases and property tests."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from threadweaver_verl.format import (
+    ALL_TAGS,
+    Block,
+    Outline,
+    Outlines,
+    Span,
+    Tag,
+    TagVocab,
+    Thread,
+    Trajectory,
+    compute_stats,
+    parse_ids,
+    parse_text,
+    render_ids,
+    render_text,
+    validate,
+)
+from threadweaver_verl.format import validation as V
+
+GOOD = (
+    "<think>\nLet us split.\n<Parallel>\n<Outlines>\n<Outline>1: left</Outline>\n<Outline>2: right</Outline>\n"
+    "</Outlines>\n<Thread>\n1: left is 3\n</Thread>\n<Thread>\n2: right is 4\n</Thread>\n</Parallel>\n"
+    "So 7.\n</think>\n\\boxed{7}"
+)
+
+
+def rules(text: str) -> set[str]:
+    return {e.rule for e in validate(parse_text(text))}
+
+
+def test_good_trajectory_is_valid_and_round_trips():
+    tree = parse_text(GOOD)
+    assert validate(tree) == []
+    assert render_text(tree) == GOOD
+    (block,) = tree.blocks
+    assert [t.body[0].content.split(":")[0].strip() for t in block.threads] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "text, rule",
+    [
+        ("<Parallel>\n<Outlines>\n<Outline>2: a</Outline>\n</Outlines>\n<Thread>\n2: x</Thread>\n</Parallel>", V.OUTLINE_NUMBERING),
+        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n2: x</Thread>\n</Parallel>", V.THREAD_NUMBERING),
+        ("<Parallel>\n<Outlines>\n<Outline>a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>", V.OUTLINE_NUMBER),
+        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\nx</Thread>\n</Parallel>", V.THREAD_NUMBER),
+        ("<Parallel>\n<Outlines>\n<Outline>1: a<think></Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>", V.STRAY_TAG),
+        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n", V.UNCLOSED),
+        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x\n</Parallel>", V.UNCLOSED),
+        ("<Parallel>\n<Thread>\n1: x</Thread>\n</Parallel>", V.NO_OUTLINES),
+        ("<Parallel>\nhello<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>", V.TEXT_IN_BLOCK),
+        ("<Parallel>\n<Outlines>\nhi<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>", V.TEXT_IN_OUTLINES),
+        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n<Outlines>\n</Outlines></Parallel>", V.MULTIPLE_OUTLINES),
+        ("a </Thread> b", V.STRAY_TAG),
+        ("a </Outlines> b", V.STRAY_TAG),
+        ("</think><think>", V.THINK_ORDER),
+        ("<think> never closed", V.UNCLOSED),
+    ],
+)
+def test_each_rule_is_named(text, rule):
+    assert rule in rules(text)
+    assert render_text(parse_text(text)) == text
+
+
+def test_error_names_position_and_path():
+    text = "abc<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\nx</Thread>\n</Parallel>"
+    errors = validate(parse_text(text))
+    assert {e.rule for e in errors} == {V.THREAD_NUMBER, V.THREAD_NUMBERING}
+    (err,) = [e for e in errors if e.rule == V.THREAD_NUMBER]
+    assert err.path == "block 1 > thread 1"
+    # offset counts characters in a text tree: "abc" + <Parallel> + "\n" + outlines(1 + 1 + 1+4+1 + 1 + 1) + "\n"
+    assert err.offset == len("abc") + 1 + 1 + (1 + 1 + 1 + len("1: a") + 1 + 1 + 1) + 1
+
+
+def nested(depth: int) -> str:
+    inner = "x"
+    for _ in range(depth):
+        inner = f"<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: {inner}</Thread>\n</Parallel>"
+    return inner
+
+
+def test_limits_on_depth_and_threads():
+    assert validate(parse_text(nested(2)), limits=V.Limits(max_depth=2)) == []
+    assert V.TOO_DEEP in {e.rule for e in validate(parse_text(nested(3)), limits=V.Limits(max_depth=2))}
+    outlines = "".join(f"<Outline>{i}: a</Outline>\n" for i in range(1, 5))
+    threads = "\n".join(f"<Thread>\n{i}: b</Thread>" for i in range(1, 5))
+    text = f"<Parallel>\n<Outlines>\n{outlines}</Outlines>\n{threads}\n</Parallel>"
+    assert validate(parse_text(text), limits=V.Limits(max_threads_per_block=4)) == []
+    assert V.TOO_MANY_THREADS in {e.rule for e in validate(parse_text(text), limits=V.Limits(max_threads_per_block=3))}
+
+
+def test_deep_untrusted_nesting_does_not_exhaust_the_stack():
+    text = "<Parallel><Outlines></Outlines><Thread>" * 5000
+    tree = parse_text(text)
+    assert render_text(tree) == text
+    assert validate(tree)  # errors, no exception
+
+
+# ----------------------------------------------------------------------------- stats
+
+def test_stats_hand_worked_flat():
+    # ids: each content token is one int; tags count one token each
+    vocab = TagVocab({t: 1000 + i for i, t in enumerate(ALL_TAGS)})
+    P, p, OS, os_, O, o, T, t = (vocab.id(x) for x in (Tag.PARALLEL_OPEN, Tag.PARALLEL_CLOSE, Tag.OUTLINES_OPEN,
+                                                        Tag.OUTLINES_CLOSE, Tag.OUTLINE_OPEN, Tag.OUTLINE_CLOSE,
+                                                        Tag.THREAD_OPEN, Tag.THREAD_CLOSE))
+    ids = [1, 2, 3, P, OS, O, 4, o, O, 5, o, os_, T, 6, 6, 6, 6, t, T, 7, 7, t, p, 8, 9]
+    s = compute_stats(parse_ids(ids, vocab))
+    assert s.total_tokens == len(ids) == 25
+    # outside: 3 + 2 = 5; block own: P + OS + (O 4 o)x2 + os_ + p = 1+1+6+1+1 = 10; longest thread: T+4+t = 6
+    assert s.critical_path == 5 + 10 + 6
+    assert s.threads_per_block == (2,)
+    assert s.thread_tokens == 6 + 4
+    assert s.speedup == pytest.approx(25 / 21)
+
+
+def test_stats_hand_worked_nested_and_truncated():
+    vocab = TagVocab({t: 1000 + i for i, t in enumerate(ALL_TAGS)})
+    g = {tag: vocab.id(tag) for tag in ALL_TAGS}
+    inner = [g[Tag.PARALLEL_OPEN], g[Tag.OUTLINES_OPEN], g[Tag.OUTLINES_CLOSE],
+             g[Tag.THREAD_OPEN], 1, 1, 1, g[Tag.THREAD_CLOSE], g[Tag.THREAD_OPEN], 1, g[Tag.THREAD_CLOSE],
+             g[Tag.PARALLEL_CLOSE]]  # own 4, longest thread 5 -> L 9, T 12
+    ids = [g[Tag.PARALLEL_OPEN], g[Tag.OUTLINES_OPEN], g[Tag.OUTLINES_CLOSE],
+           g[Tag.THREAD_OPEN], 2, *inner, 2, g[Tag.THREAD_CLOSE],  # thread A: 2 tags + 2 + inner L 9 = 13 (T 16)
+           g[Tag.THREAD_OPEN], 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, g[Tag.THREAD_CLOSE],  # thread B: 13
+           g[Tag.PARALLEL_CLOSE]]
+    s = compute_stats(parse_ids(ids, vocab))
+    assert s.total_tokens == len(ids) == 4 + 16 + 13
+    assert s.critical_path == 4 + 13
+    assert s.num_blocks == 2 and s.max_depth == 2 and s.threads_per_block == (2, 2)
+    # truncated in the middle of the second thread: it has no </Thread>, the block no </Parallel>
+    cut = ids[: 4 + 16 + 6]
+    s2 = compute_stats(parse_ids(cut, vocab))
+    assert s2.total_tokens == len(cut)
+    assert s2.critical_path == 3 + 13  # <Parallel><Outlines></Outlines> + longest (thread A, 13 > 1+5)
+
+
+# ----------------------------------------------------------------------------- properties
+
+_text = st.text(alphabet="ab1 :\n<>/x", min_size=1, max_size=6).filter(lambda s: not parse_text(s).blocks and
+                                                                     render_text(parse_text(s)) == s and
+                                                                     all(isinstance(n, Span) for n in parse_text(s).body))
+
+
+def _line(children):
+    """A line (top level / thread body) in parser-normal form: no two Spans side by side."""
+    def norm(items):
+        out = []
+        for it in items:
+            if isinstance(it, Span) and out and isinstance(out[-1], Span):
+                out[-1] = Span(out[-1].content + it.content)
+            else:
+                out.append(it)
+        return tuple(out)
+    return st.lists(st.one_of(_text.map(Span), children), max_size=4).map(norm)
+
+
+def _block(line):
+    def make(args):
+        n, bodies = args
+        outlines = Outlines(tuple(x for i in range(1, n + 1) for x in (Span("\n"), Outline((Span(f"{i}: o"),)))) + (Span("\n"),))
+        parts = [Span("\n"), outlines, Span("\n")]
+        for i, body in enumerate(bodies[:n], start=1):
+            head = Span(f"\n{i}:")
+            if body and isinstance(body[0], Span):
+                body = (Span(head.content + body[0].content),) + body[1:]
+            else:
+                body = (head,) + body
+            parts += [Thread(body), Span("\n")]
+        return Block(tuple(parts))
+    return st.tuples(st.integers(1, 3), st.lists(line, min_size=3, max_size=3)).map(make)
+
+
+def _trees():
+    thread_line = _line(st.nothing())
+    nested_block = _block(thread_line)
+    inner_line = _line(nested_block)
+    top_block = _block(inner_line)
+    return _line(top_block).map(Trajectory)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_trees())
+def test_valid_trees_round_trip(tree):
+    assert validate(tree) == []
+    assert parse_text(render_text(tree)) == tree
+    vocab = TagVocab({t: 10_000 + i for i, t in enumerate(ALL_TAGS)})
+    # an id tree: one id per character
+    ids = [vocab.id(a) if isinstance(a, Tag) else ord(c) for a in _atoms(tree) for c in ([a] if isinstance(a, Tag) else a)]
+    id_tree = parse_ids(ids, vocab)
+    assert render_ids(id_tree, vocab) == ids
+    assert validate(id_tree, decode=lambda xs: "".join(map(chr, xs))) == []
+    assert compute_stats(id_tree).total_tokens == len(ids)
+
+
+def _atoms(tree):
+    from threadweaver_verl.format import iter_atoms
+    return list(iter_atoms(tree))
+
+
+_soup_text = st.lists(st.one_of(st.sampled_from([t.value for t in ALL_TAGS]), st.text(alphabet="1: ab\n", max_size=4)),
+                      max_size=40).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_soup_text)
+def test_tag_soup_text_never_raises(text):
+    tree = parse_text(text)
+    assert render_text(tree) == text
+    errors = validate(tree)
+    assert all(e.rule and e.message for e in errors)
+    compute_stats(tree)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 14), max_size=60))
+def test_tag_soup_ids_never_raises(ids):
+    vocab = TagVocab({t: i for i, t in enumerate(ALL_TAGS)})  # ids 0..9 are tags, 10..14 content
+    tree = parse_ids(ids, vocab)
+    assert render_ids(tree, vocab) == ids
+    validate(tree, decode=lambda xs: "".join("1:a \n"[x - 10] for x in xs))
+    s = compute_stats(tree)
+    assert 0 <= s.critical_path <= s.total_tokens == len(ids)
