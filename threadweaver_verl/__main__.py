@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("threadweaver_verl.doctor", "check the verl plugin is active and print versions"),
     "tiny-model": ("threadweaver_verl.tiny_cli", "build the tiny test/demo model and tokenizer"),
     "prepare-model": ("threadweaver_verl.tokenizer", "add the format tags to a HF tokenizer + model"),
+    "preprocess": ("threadweaver_verl.data.preprocess", "turn a math dataset (parquet/jsonl/hub) into the RL parquet"),
     "make-data": ("threadweaver_verl.tasks.cli", "generate the synthetic multiplication datasets"),
     "eval": ("threadweaver_verl.evaluate", "run fork/join (or sequential) evaluation"),
     "sft": ("threadweaver_verl.sft.train", "trie-packed SFT with the HF Trainer"),

@@ -42,6 +42,7 @@ class TinyModelConfig:
     head_dim: int = 32
     max_position_embeddings: int = 4096
     seed: int = 0
+    tags: bool = True  # False: leave the format tags out of the tokenizer (to test `prepare-model`)
 
 
 def default_corpus() -> list[str]:
@@ -59,8 +60,12 @@ def default_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024):
-    """A HF ``PreTrainedTokenizerFast`` with the tags as single tokens."""
+def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024, tags: bool = True):
+    """A HF ``PreTrainedTokenizerFast`` with the tags as single tokens.
+
+    ``tags=False`` leaves the format tags out (they then split into several
+    pieces, as in a stock tokenizer): used to test ``tokenizer.add_tags``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,7 +77,7 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(SPECIAL_TOKENS if tags else (PAD, IM_START, IM_END)),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -82,7 +87,7 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024)
         bos_token=None,
         eos_token=IM_END,
         pad_token=PAD,
-        additional_special_tokens=[IM_START, *TAG_STRINGS],
+        additional_special_tokens=[IM_START, *(TAG_STRINGS if tags else ())],
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -97,7 +102,7 @@ def build_tiny_model(out_dir: str | os.PathLike, config: TinyModelConfig | None 
     cfg = config or TinyModelConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(corpus, cfg.vocab_size)
+    tokenizer = build_tokenizer(corpus, cfg.vocab_size, tags=cfg.tags)
     torch.manual_seed(cfg.seed)
     model_cfg = Qwen3Config(
         vocab_size=len(tokenizer),

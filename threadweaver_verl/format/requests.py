@@ -31,6 +31,10 @@ class Request:
     path: tuple[int, ...] = ()  # () main line; (b, t) thread t of block b; nested: (b, t, b2, t2)
     logprobs: tuple[float, ...] | None = field(default=None, compare=False)
     finish: str | None = field(default=None, compare=False)  # "stop", "eos", "length", ...
+    # Trailing completion ids inserted by the controller, not sampled (closing tags after a
+    # truncation, EOS or breakout). They have no log-prob (``logprobs`` covers the sampled ids
+    # only) and should carry no loss.
+    forced: int = field(default=0, compare=False)
 
     @property
     def ids(self) -> tuple[int, ...]:

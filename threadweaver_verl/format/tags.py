@@ -76,7 +76,7 @@ class TagVocab:
             if len(encoded) != 1:
                 raise TagTokenError(
                     f"tag {tag.value!r} is {len(encoded)} tokens {encoded} in this tokenizer, not one. "
-                    "Add the tags first: `python -m threadweaver_verl prepare-model --model DIR --out DIR` "
+                    "Add the tags first: `python -m threadweaver_verl prepare-model model=DIR out=DIR` "
                     "(threadweaver_verl.tokenizer.add_tags)."
                 )
             ids[tag] = encoded[0]

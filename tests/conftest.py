@@ -1,0 +1,43 @@
+"""Shared pytest fixtures: one tiny model per session, one vLLM server per session.
+
+- ``tiny_model_dir``: a tiny Qwen3-style model + tokenizer folder (built once, ~7 s).
+- ``tiny_tokenizer`` / ``tiny_fmt``: its tokenizer and TokenFormat.
+- ``vllm_server``: ONE vLLM OpenAI-compatible server (CPU build here) serving the tiny model with
+  prefix caching and cached-token reporting, started on first use (60-95 s on 2 cores) and shared
+  by every test of the session. Tests using it are ``@pytest.mark.slow``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from threadweaver_verl.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_fmt(tiny_tokenizer):
+    from threadweaver_verl.format import TokenFormat
+
+    return TokenFormat.from_tokenizer(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir, tmp_path_factory):
+    from threadweaver_verl.serving import VLLMServer, VLLMServerConfig
+
+    config = VLLMServerConfig(model=str(tiny_model_dir), work_dir=str(tmp_path_factory.mktemp("vllm")),
+                              max_model_len=4096)
+    with VLLMServer(config) as server:
+        yield server

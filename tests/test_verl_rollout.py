@@ -1,0 +1,265 @@
+"""verl 0.9.1's V1 rollout data path on CPU, with ThreadWeaver selected by config only.
+
+Real parts: verl's V1 trainer class (our registered ``threadweaver`` subclass) for the dataloader,
+prompt submission, sync replay buffer, batch padding and ``_compute_advantage``; verl's
+``AgentLoopManagerTQ`` / ``AgentLoopWorkerTQ``, ``RewardLoopManager`` / ``RewardLoopWorker``,
+TransferQueue, ``LLMServerClient`` and sticky router; our agent loop, reward, RL dataset and
+``p_grpo`` estimator, chosen by the ``configs/threadweaver_pgrpo.yaml`` preset plus command-line
+style overrides; a real vLLM server (CPU build) generating every token.
+
+Stand-in: verl starts vLLM inside Ray actors bound to accelerator workers (``vLLMReplica``), which
+cannot start without a GPU, so two Ray actors from ``_verl_openai_replica.py`` take the replica
+servers' place and forward verl's ``generate`` calls to the vLLM server over HTTP. Not run: the
+actor/ref log-prob and update steps (CUDA only).
+
+The model is the tiny model rewritten to follow the format (``_format_following_model.py``): a
+random model never writes ``</Outlines>``, so it would never fork.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [("What is 1 + 2?", "3"), ("What is 2 + 2?", "4")]  # the model always answers 3
+N = 2  # rollouts per prompt
+
+
+def compose_config(model_dir: Path, data_file: Path, agent_loop_yaml: Path):
+    from hydra import compose, initialize_config_dir
+
+    overrides = [
+        f"actor_rollout_ref.model.path={model_dir}",
+        f"data.train_files={data_file}",
+        f"data.val_files={data_file}",
+        "data.train_batch_size=2",
+        "data.max_prompt_length=192",
+        "data.max_response_length=160",
+        "data.filter_overlong_prompts_workers=1",
+        "data.dataloader_num_workers=0",
+        "data.shuffle=false",
+        f"actor_rollout_ref.rollout.n={N}",
+        "actor_rollout_ref.rollout.agent.num_workers=1",
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={agent_loop_yaml}",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "reward.num_workers=1",
+        # the format-following model writes outlines without numbers; pay the bonus anyway so that
+        # trajectories with different thread counts get different rewards
+        "reward.custom_reward_function.reward_kwargs.bonus_requires_format_ok=false",
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
+        "trainer.logger=[console]",
+        "trainer.n_gpus_per_node=1",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose(config_name="threadweaver_pgrpo", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def format_following_model(tiny_model_dir, tmp_path_factory):
+    from _format_following_model import build_format_following_model
+
+    return build_format_following_model(tiny_model_dir, tmp_path_factory.mktemp("ff-model") / "model")
+
+
+@pytest.fixture(scope="module")
+def ff_vllm_server(format_following_model, tmp_path_factory):
+    from threadweaver_verl.serving import VLLMServer, VLLMServerConfig
+
+    config = VLLMServerConfig(model=str(format_following_model), work_dir=str(tmp_path_factory.mktemp("ff-vllm")),
+                              max_model_len=1024)
+    with VLLMServer(config) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
+    """One V1 rollout step: returns (trainer, batch meta, replicas, config); tears Ray down after."""
+    import pandas as pd
+    import ray
+    import yaml
+    from omegaconf import OmegaConf
+
+    import _verl_openai_replica
+
+    work = tmp_path_factory.mktemp("verl-v1")
+    data_file = work / "train.parquet"
+    pd.DataFrame([{"problem": q, "answer": a, "data_source": "toy"} for q, a in QUESTIONS]).to_parquet(data_file)
+    loops = yaml.safe_load((ROOT / "configs" / "agent_loop.yaml").read_text())
+    loops[0]["controller"]["outline_numbers"] = "by_position"  # the model's outlines carry no numbers
+    agent_loop_yaml = work / "agent_loop.yaml"
+    agent_loop_yaml.write_text(yaml.safe_dump(loops))
+    config = compose_config(format_following_model, data_file, agent_loop_yaml)
+    config.transfer_queue.enable = True  # what verl's TaskRunnerV1.run does
+    OmegaConf.resolve(config)
+
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFER_QUEUE_ENABLE": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    ray.cloudpickle.register_pickle_by_value(_verl_openai_replica)
+    ray.init(num_cpus=16, include_dashboard=False, runtime_env={"env_vars": env})
+    import transfer_queue as tq
+
+    tq.init(config.transfer_queue)
+    try:
+        from verl.experimental.reward_loop import RewardLoopManager
+        from verl.trainer.ppo.v1 import AgentLoopManagerTQ
+        from verl.workers.rollout.llm_server import LLMServerClient
+        from verl.workers.rollout.router import get_router_handle
+
+        from threadweaver_verl.rl.trainer import trainer_class
+
+        replica_cls = ray.remote(_verl_openai_replica.OpenAIReplica)
+        replicas = {f"replica-{i}": replica_cls.options(max_concurrency=64).remote(ff_vllm_server.url, 1024)
+                    for i in range(2)}
+        ray.get([r.set_global_steps.remote(1) for r in replicas.values()])
+        client = LLMServerClient(config, load_balancer_handle=get_router_handle(replicas))
+
+        trainer = trainer_class("threadweaver")(config)  # verl's PPOTrainer.__init__ (replay buffer included)
+        trainer._init_tokenizer()
+        trainer._init_dataloader()  # data.custom_cls -> ThreadWeaverRLDataset
+        trainer.reward_loop_manager = RewardLoopManager(config)
+        trainer.agent_loop_manager = AgentLoopManagerTQ.create(
+            config=config, llm_client=client, teacher_client=None,
+            reward_loop_worker_handles=trainer.reward_loop_manager.reward_loop_worker_handles)
+        trainer.global_steps = 1
+
+        trainer._add_batch_to_generate()  # dataloader -> uids -> TransferQueue -> agent loop workers
+        wait_for_groups(tq, expected=len(QUESTIONS), timeout_s=600)
+        batch, _ = trainer.replay_buffer.sample(global_steps=1, partition_id="train",
+                                                batch_size=config.data.train_batch_size)
+        yield trainer, batch, replicas, config
+    finally:
+        tq.close()
+        ray.shutdown()
+
+
+def wait_for_groups(tq, expected: int, timeout_s: float) -> None:
+    """Until every submitted prompt group reached a terminal status (the replay buffer itself never times out)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tags = [t for t in ((tq.kv_list("train") or {}).get("train") or {}).values() if t.get("is_prompt")]
+        status = [t["status"] for t in tags]
+        if len(status) == expected and all(s in ("finished", "failure") for s in status):
+            assert all(s == "finished" for s in status), f"rollout groups failed: {status} (see the Ray worker log)"
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"prompt groups not finished after {timeout_s} s: {status}")
+        time.sleep(1.0)
+
+
+def fetch(batch, fields):
+    import transfer_queue as tq
+
+    return tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+
+
+def sessions_of(keys):
+    out: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for pos, key in enumerate(keys):
+        uid, session, index = key.rsplit("_", 2)
+        out.setdefault((uid, int(session)), []).append((int(index), pos))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_rows_are_keyed_per_trajectory_with_the_final_output_last(rollout):
+    from threadweaver_verl.data.chat import prompt_ids
+
+    trainer, batch, _, _ = rollout
+    sessions = sessions_of(batch.keys)
+    assert len({uid for uid, _ in sessions}) == len(QUESTIONS)
+    assert sorted({s for _, s in sessions}) == list(range(N)) and len(sessions) == len(QUESTIONS) * N
+    data = fetch(batch, ["prompts", "responses", "response_mask", "extra_fields", "raw_prompt"])
+    extra = [getattr(e, "data", e) for e in list(data["extra_fields"])]
+    prompts = [p.tolist() for p in data["prompts"].unbind(0)]
+    responses = [r.tolist() for r in data["responses"].unbind(0)]
+    masks = [m.tolist() for m in data["response_mask"].unbind(0)]
+    raw = list(data["raw_prompt"])
+    forked = 0
+    for (uid, session), rows in sessions.items():
+        assert [i for i, _ in rows] == list(range(len(rows)))  # {uid}_{session}_{0..k}
+        *thread_rows, (_, final) = rows
+        stats = extra[final]["threadweaver"]
+        assert extra[final]["threadweaver_request"]["kind"] == "trajectory"
+        prompt = prompt_ids(trainer.tokenizer, list(raw[final]))
+        assert prompts[final] == prompt
+        assert stats["total_tokens"] == len(responses[final])
+        assert len(thread_rows) == stats["num_threads"] == sum(stats["threads_per_block"])
+        for _, pos in thread_rows:  # a thread's row: its fork context and completion
+            assert extra[pos]["threadweaver_request"]["kind"] == "thread"
+            assert extra[pos]["threadweaver"] is None
+            assert prompts[pos][: len(prompt)] == prompt and len(prompts[pos]) > len(prompt)
+            assert sum(masks[pos]) >= 1
+        # every sampled token is trained once: main line in the final row, threads in theirs
+        text = stats["response_text"]
+        assert text.startswith("<think>") and text.endswith("<|im_end|>")
+        if thread_rows:  # thread tokens, headers and fork/join ids are not trained in the final row
+            assert 0 < sum(masks[final]) < len(masks[final])
+        forked += bool(thread_rows)
+    assert forked == len(sessions), "the format-following model forks on every trajectory"
+
+
+def test_reward_computed_once_and_copied_to_every_row(rollout):
+    _, batch, _, _ = rollout
+    data = fetch(batch, ["rm_scores", "extra_fields"])
+    extra = [getattr(e, "data", e) for e in list(data["extra_fields"])]
+    scores = [s for s in data["rm_scores"].unbind(0)]
+    for (uid, session), rows in sessions_of(batch.keys).items():
+        final = rows[-1][1]
+        info = extra[final]["reward_extra_info"]
+        stats = extra[final]["threadweaver"]
+        assert info["stats_source"] == "extra_fields" and info["T"] == stats["total_tokens"]
+        assert info["L"] == stats["critical_path"] and info["threads"] == stats["num_threads"]
+        for _, pos in rows:
+            row = scores[pos]
+            assert row[-1].item() == pytest.approx(info["score"]) and row[:-1].abs().sum().item() == 0
+            assert extra[pos]["reward_extra_info"] == info
+    by_answer = {}
+    for (uid, _), rows in sessions_of(batch.keys).items():
+        info = extra[rows[-1][1]]["reward_extra_info"]
+        by_answer.setdefault(info["correct"], []).append(info["score"])
+    assert set(by_answer) == {True, False}  # "3" is right for one prompt, wrong for the other
+    assert all(s > 1.0 for s in by_answer[True]) and all(s == 0.0 for s in by_answer[False])
+
+
+def test_p_grpo_advantages_through_v1_compute_advantage_with_padding(rollout):
+    from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+
+    trainer, batch, _, _ = rollout
+    data = fetch(batch, ["rm_scores"])
+    reward = {}
+    for key, scores in zip(batch.keys, data["rm_scores"].unbind(0)):
+        uid, session, _ = key.rsplit("_", 2)
+        reward[(uid, int(session))] = scores.sum().item()
+    padded = upsample_batch_to_divisible_size(batch, len(batch.keys) + 3, trainer.tokenizer.eos_token_id)
+    assert sum(bool(t.get("is_padding")) for t in padded.tags) == 3
+    trainer._compute_advantage(padded, metrics={})  # verl's own method, inside the p_grpo row-key context
+    got = fetch(padded, ["advantages", "response_mask"])
+    for key, tag, adv, mask in zip(padded.keys, padded.tags, got["advantages"].unbind(0),
+                                   got["response_mask"].unbind(0)):
+        if tag.get("is_padding"):
+            assert adv.abs().max().item() == 0.0
+            continue
+        uid, session, _ = key.rsplit("_", 2)
+        group = [r for (u, _), r in reward.items() if u == uid]
+        expected = reward[(uid, int(session))] - sum(group) / len(group)
+        assert adv.tolist() == pytest.approx((expected * mask).tolist(), abs=1e-6)
+    metrics = trainer._threadweaver_metrics(batch)
+    assert metrics["threadweaver/speedup/mean"] > 1.0 and metrics["threadweaver/num_threads/min"] >= 1
+
+
+def test_each_trajectory_stays_on_one_replica(rollout):
+    import ray
+
+    _, batch, replicas, _ = rollout
+    served = {name: {tuple(p) for p in ray.get(r.served_prompts.remote())} for name, r in replicas.items()}
+    data = fetch(batch, ["prompts"])
+    prompts = [tuple(p.tolist()) for p in data["prompts"].unbind(0)]
+    for _, rows in sessions_of(batch.keys).items():
+        thread_prompts = [prompts[pos] for _, pos in rows[:-1]]
+        where = {name for name, seen in served.items() for p in thread_prompts if p in seen}
+        assert len(where) == 1, f"a trajectory's thread requests went to {where}"

@@ -1,0 +1,210 @@
+"""The two dataset schemas of the project, their validators, writers and readers.
+
+RL rows follow verl's RLHFDataset layout (one row per problem)::
+
+    data_source  str                         e.g. "threadweaver/multiplication"
+    prompt       list[{role, content}]       chat messages (PromptStyle.messages)
+    ability      str                         e.g. "math"
+    reward_model {style: "rule", ground_truth: str}
+    extra_info   {index: int, split: str, question: str, ...}
+    agent_name   str                         the agent loop verl runs for the row
+
+SFT rows (one row per training trajectory)::
+
+    data_source  str
+    prompt       list[{role, content}]
+    response     str    the trajectory text WITHOUT EOS (data.chat.response_ids adds it)
+    extra_info   {index: int, split: str, question: str, ...}
+
+Build rows with :func:`rl_row` / :func:`sft_row`; every writer and reader checks
+the rows and raises :class:`SchemaError` naming the file, row and column.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .chat import PromptStyle
+
+# The name the plugin registers its fork/join agent loop under (see plugin.REGISTRATIONS).
+DEFAULT_AGENT_NAME = "threadweaver"
+
+RL_COLUMNS: tuple[str, ...] = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
+SFT_COLUMNS: tuple[str, ...] = ("data_source", "prompt", "response", "extra_info")
+EXTRA_INFO_KEYS: tuple[str, ...] = ("index", "split", "question")
+ROLES = ("system", "user", "assistant")
+
+
+class SchemaError(ValueError):
+    """A dataset row or file that does not follow the schema."""
+
+
+# --------------------------------------------------------------------------- builders
+
+def _extra(index: int, split: str, question: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"index": int(index), "split": str(split), "question": str(question)}
+    for k, v in (extra or {}).items():
+        if k in info:
+            raise SchemaError(f"extra_info key {k!r} is set by the schema itself; pick another name")
+        info[k] = v
+    return info
+
+
+def rl_row(*, data_source: str, question: str, ground_truth: str, index: int, split: str,
+           style: PromptStyle = PromptStyle(), ability: str = "math", agent_name: str = DEFAULT_AGENT_NAME,
+           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One RL row (verl's schema) for a question with a rule-checked answer."""
+    row = {
+        "data_source": data_source,
+        "prompt": style.messages(question),
+        "ability": ability,
+        "reward_model": {"style": "rule", "ground_truth": str(ground_truth)},
+        "extra_info": _extra(index, split, question, extra),
+        "agent_name": agent_name,
+    }
+    check_rl_row(row)
+    return row
+
+
+def sft_row(*, data_source: str, question: str, response: str, index: int, split: str,
+            style: PromptStyle = PromptStyle(), extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One SFT row: the chat prompt of ``question`` and the trajectory text ``response`` (no EOS)."""
+    row = {
+        "data_source": data_source,
+        "prompt": style.messages(question),
+        "response": response,
+        "extra_info": _extra(index, split, question, extra),
+    }
+    check_sft_row(row)
+    return row
+
+
+# --------------------------------------------------------------------------- checks
+
+def _where(i: int | None, source: str | None) -> str:
+    parts = [p for p in (source, f"row {i}" if i is not None else None) if p]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _check_messages(msgs: Any, where: str) -> None:
+    if hasattr(msgs, "tolist"):  # numpy array from parquet
+        msgs = msgs.tolist()
+    if not isinstance(msgs, (list, tuple)) or not msgs:
+        raise SchemaError(f"column 'prompt'{where} must be a non-empty list of chat messages, got {type(msgs).__name__}")
+    for k, m in enumerate(msgs):
+        if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
+            raise SchemaError(f"column 'prompt'{where}: message {k} must be {{role, content}}, got {m!r}")
+        if m["role"] not in ROLES:
+            raise SchemaError(f"column 'prompt'{where}: message {k} has role {m['role']!r}; expected one of {ROLES}")
+        if not isinstance(m["content"], str):
+            raise SchemaError(f"column 'prompt'{where}: message {k} content is {type(m['content']).__name__}, not str")
+    if msgs[-1]["role"] != "user":
+        raise SchemaError(f"column 'prompt'{where}: the last message must be the user's question")
+
+
+def _check_common(row: Mapping[str, Any], columns: Sequence[str], where: str) -> None:
+    missing = [c for c in columns if c not in row]
+    if missing:
+        raise SchemaError(f"missing column(s) {missing}{where}; the schema needs {list(columns)}")
+    if not isinstance(row["data_source"], str) or not row["data_source"]:
+        raise SchemaError(f"column 'data_source'{where} must be a non-empty string, got {row['data_source']!r}")
+    _check_messages(row["prompt"], where)
+    info = row["extra_info"]
+    if not isinstance(info, Mapping):
+        raise SchemaError(f"column 'extra_info'{where} must be a dict, got {type(info).__name__}")
+    lacking = [k for k in EXTRA_INFO_KEYS if k not in info]
+    if lacking:
+        raise SchemaError(f"column 'extra_info'{where} lacks key(s) {lacking}")
+
+
+def check_rl_row(row: Mapping[str, Any], i: int | None = None, source: str | None = None) -> None:
+    where = _where(i, source)
+    _check_common(row, RL_COLUMNS, where)
+    rm = row["reward_model"]
+    if not isinstance(rm, Mapping) or rm.get("style") != "rule" or not isinstance(rm.get("ground_truth"), str):
+        raise SchemaError(f"column 'reward_model'{where} must be {{style: 'rule', ground_truth: str}}, got {rm!r}")
+    for col in ("ability", "agent_name"):
+        if not isinstance(row[col], str) or not row[col]:
+            raise SchemaError(f"column {col!r}{where} must be a non-empty string, got {row[col]!r}")
+
+
+def check_sft_row(row: Mapping[str, Any], i: int | None = None, source: str | None = None,
+                  eos_token: str | None = None) -> None:
+    where = _where(i, source)
+    _check_common(row, SFT_COLUMNS, where)
+    resp = row["response"]
+    if not isinstance(resp, str) or not resp.strip():
+        raise SchemaError(f"column 'response'{where} must be a non-empty trajectory text")
+    if eos_token and resp.rstrip().endswith(eos_token):
+        raise SchemaError(f"column 'response'{where} ends with EOS {eos_token!r}; store it without "
+                          "(data.chat.response_ids appends EOS)")
+
+
+# --------------------------------------------------------------------------- files
+
+def _write(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str]) -> Path:
+    import pandas as pd
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([{c: r[c] for c in columns} | {k: v for k, v in r.items() if k not in columns}
+                          for r in rows])
+    if not len(frame):
+        raise SchemaError(f"refusing to write an empty dataset to {out}")
+    frame.to_parquet(out, index=False)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """Parquet hands back numpy arrays for lists; turn them (recursively) into lists."""
+    if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
+        v = v.tolist()
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _read(path: str | os.PathLike) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise SchemaError(f"dataset file {str(p)!r} not found")
+    return [{k: _plain(v) for k, v in r.items()} for r in pd.read_parquet(p).to_dict(orient="records")]
+
+
+def write_rl(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    for i, r in enumerate(rows):
+        check_rl_row(r, i, str(path))
+    return _write(rows, path, RL_COLUMNS)
+
+
+def write_sft(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    for i, r in enumerate(rows):
+        check_sft_row(r, i, str(path))
+    return _write(rows, path, SFT_COLUMNS)
+
+
+def read_rl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of an RL parquet file as plain dicts/lists (checked)."""
+    rows = _read(path)
+    for i, r in enumerate(rows):
+        check_rl_row(r, i, str(path))
+    return rows
+
+
+def read_sft(path: str | os.PathLike, eos_token: str | None = None) -> list[dict[str, Any]]:
+    """Rows of an SFT parquet file as plain dicts/lists (checked)."""
+    rows = _read(path)
+    for i, r in enumerate(rows):
+        check_sft_row(r, i, str(path), eos_token)
+    return rows
+
+
+def questions(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The question text of each row (``extra_info.question``)."""
+    return [r["extra_info"]["question"] for r in rows]

@@ -1,0 +1,329 @@
+"""``python -m threadweaver_verl eval key=value ...``: run an RL-schema parquet through the
+fork/join controller and report accuracy, format validity and speed.
+
+    python -m threadweaver_verl eval data=data/test.parquet model=runs/sft n_samples=4
+    python -m threadweaver_verl eval data=data/test.parquet model=runs/sft controller.fork=false \\
+        out_dir=runs/eval-seq                                       # the sequential baseline
+    python -m threadweaver_verl eval data=data/test.parquet server_url=http://host:8000 \\
+        tokenizer=runs/sft baseline=runs/eval-seq/trajectories.jsonl
+
+Either ``server_url`` (any OpenAI-compatible server with token-id prompts, see
+:mod:`threadweaver_verl.rollout.openai_engine`) or ``model`` (a local folder: a vLLM
+server is launched for it) is required. Outputs in ``out_dir``:
+
+- ``trajectories.jsonl``: one line per trajectory (ids, text, answer check, stats, reasons);
+- ``summary.json``: the summary table below;
+- ``report.html`` + ``speedup_hist.png``: the per-problem token speedup histogram.
+
+Summary: accuracy (math-verify via :func:`threadweaver_verl.rl.correctness.check_answer`),
+format-valid rate, mean T (response tokens), mean L (critical path), mean T/L, token
+speedup against ``baseline`` (a sequential run's JSONL: per problem, the baseline's mean L
+over this run's mean L; the mean of those and the ratio of the means), wall-clock per
+problem, prefix-cache hit rate (cached / prompt tokens over the calls that report it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import load_config
+from .rl.correctness import CorrectnessConfig, check_answer
+from .rollout.controller import ControllerConfig, ForkJoinController, RolloutError, RolloutResult
+from .rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
+from .serving import VLLMServer, VLLMServerConfig
+
+
+@dataclass
+class EvalConfig:
+    """Settings of the ``eval`` command (YAML: ``configs/eval.yaml``)."""
+
+    data: str = ""
+    """RL-schema parquet (data_source, prompt, ability, reward_model.ground_truth, extra_info, agent_name)."""
+    model: str | None = None
+    """Local model folder: a vLLM server is launched for it (settings in ``vllm``). Also the tokenizer."""
+    server_url: str | None = None
+    """An already running OpenAI-compatible server instead of ``model``."""
+    tokenizer: str | None = None
+    """Tokenizer folder; None: ``model``. Required with ``server_url``."""
+    out_dir: str = "runs/eval"
+    """Where the JSONL, summary and report go."""
+    n_samples: int = 1
+    """Trajectories per problem."""
+    max_problems: int | None = None
+    """Evaluate only the first N problems."""
+    concurrency: int = 16
+    """Trajectories in flight at once."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = -1
+    """Top-k sampling (-1 = off)."""
+    logprobs: bool = False
+    """Ask the server for log-probs (not needed to evaluate)."""
+    baseline: str | None = None
+    """``trajectories.jsonl`` of a sequential run (``controller.fork=false``) of the same data, for token speedup."""
+    fail_on_error: bool = False
+    """Stop at the first failed trajectory; otherwise failures are counted, reported and make the exit code 1."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """Budgets and policies of the fork/join controller; ``controller.fork=false`` gives the sequential baseline."""
+    engine: OpenAIEngineConfig = field(default_factory=OpenAIEngineConfig)
+    """HTTP client settings (``engine.base_url`` is set from ``server_url`` or the launched server)."""
+    vllm: VLLMServerConfig = field(default_factory=VLLMServerConfig)
+    """Launch settings when ``model`` is given (``vllm.model`` is set from ``model``)."""
+    correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
+    """How the final answer is extracted and judged."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class EvalError(ValueError):
+    pass
+
+
+def _check(cfg: EvalConfig) -> None:
+    if not cfg.data:
+        raise EvalError("eval needs data=PATH.parquet (an RL-schema dataset)")
+    if bool(cfg.model) == bool(cfg.server_url):
+        raise EvalError("eval needs exactly one of model=FOLDER (launch vLLM) or server_url=URL (use a running server)")
+    if cfg.server_url and not cfg.tokenizer:
+        raise EvalError("with server_url, also pass tokenizer=FOLDER (the served model's tokenizer)")
+    if cfg.n_samples < 1 or cfg.concurrency < 1:
+        raise EvalError("n_samples and concurrency must be >= 1")
+    if cfg.baseline and not Path(cfg.baseline).is_file():
+        raise EvalError(f"baseline {cfg.baseline!r} not found: pass the trajectories.jsonl of a sequential run")
+
+
+def problem_key(row: dict[str, Any]) -> str:
+    return f"{row['data_source']}#{row['extra_info']['index']}"
+
+
+def sampling_of(cfg: EvalConfig) -> dict[str, Any]:
+    s: dict[str, Any] = {"temperature": cfg.temperature, "top_p": cfg.top_p}
+    if cfg.top_k and cfg.top_k > 0:
+        s["top_k"] = cfg.top_k
+    s["logprobs"] = cfg.logprobs
+    return s
+
+
+def trajectory_record(row: dict, key: str, sample: int, fmt, result: RolloutResult | None, check,
+                      error: str | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "problem": key, "sample": sample, "data_source": row["data_source"],
+        "index": row["extra_info"]["index"], "ground_truth": row["reward_model"]["ground_truth"],
+        "error": error,
+    }
+    if result is None:
+        return rec | {"correct": False, "valid": False}
+    rec |= {
+        "response_text": fmt.decode(result.response_ids),
+        "correct": bool(check.correct), "extracted": check.extracted, "answer_status": check.status,
+    }
+    rec |= result.summary()
+    return rec
+
+
+async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str) -> tuple[list[dict], float]:
+    from .data.chat import prompt_ids
+    from .format import TokenFormat
+
+    fmt = TokenFormat.from_tokenizer(tokenizer)
+    controller = ForkJoinController(fmt, cfg.controller)
+    engine_cfg = OpenAIEngineConfig(**{**asdict(cfg.engine), "base_url": base_url})
+    sampling = sampling_of(cfg)
+    jobs = [(row, problem_key(row), j) for row in rows for j in range(cfg.n_samples)]
+    records: list[dict | None] = [None] * len(jobs)
+    gate = asyncio.Semaphore(cfg.concurrency)
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="eval trajectories", unit="traj")
+    t0 = time.perf_counter()
+    async with OpenAICompletionsEngine(engine_cfg) as engine:
+        async def one(i: int, row: dict, key: str, j: int) -> None:
+            async with gate:
+                ids = prompt_ids(tokenizer, row["prompt"])
+                try:
+                    result = await controller.run(engine, ids, routing_key=f"eval-{key}-{j}", sampling=sampling)
+                except RolloutError as e:
+                    if cfg.fail_on_error:
+                        raise
+                    records[i] = trajectory_record(row, key, j, fmt, None, None, str(e))
+                else:
+                    text = fmt.decode(result.response_ids)
+                    check = await asyncio.to_thread(check_answer, text, row["reward_model"]["ground_truth"],
+                                                    cfg.correctness)
+                    records[i] = trajectory_record(row, key, j, fmt, result, check, None)
+                if bar is not None:
+                    bar.update(1)
+
+        await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
+    if bar is not None:
+        bar.close()
+    return [r for r in records if r is not None], time.perf_counter() - t0
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(records: list[dict], wall_s: float, baseline: list[dict] | None = None) -> tuple[dict, dict[str, float]]:
+    """The summary dict and the per-problem speedups (vs baseline if given, else T/L)."""
+    ok = [r for r in records if not r.get("error")]
+    problems = sorted({r["problem"] for r in records})
+    by_problem: dict[str, list[dict]] = {}
+    for r in ok:
+        by_problem.setdefault(r["problem"], []).append(r)
+    prompt_reported = sum(r["prompt_tokens"] for r in ok if r.get("cached_tokens") is not None)
+    cached = sum(r["cached_tokens"] for r in ok if r.get("cached_tokens") is not None)
+    summary: dict[str, Any] = {
+        "problems": len(problems),
+        "trajectories": len(records),
+        "failed_trajectories": len(records) - len(ok),
+        "accuracy": _mean([float(r["correct"]) for r in records]),
+        "format_valid_rate": _mean([float(r["valid"]) for r in records]),
+        "mean_T": _mean([r["stats"]["total_tokens"] for r in ok]),
+        "mean_L": _mean([r["stats"]["critical_path"] for r in ok]),
+        "mean_T_over_L": _mean([r["stats"]["speedup"] for r in ok]),
+        "mean_blocks": _mean([r["stats"]["num_blocks"] for r in ok]),
+        "mean_engine_calls": _mean([r["num_engine_calls"] for r in ok]),
+        "wall_s_per_problem": wall_s / len(problems) if problems else None,
+        "mean_trajectory_wall_s": _mean([r["wall_time_s"] for r in ok]),
+        "prefix_cache_hit_rate": cached / prompt_reported if prompt_reported else None,
+        "speedup_vs_baseline": None,
+        "speedup_vs_baseline_ratio_of_means": None,
+        "baseline_mean_L": None,
+    }
+    per_problem: dict[str, float] = {}
+    if baseline is not None:
+        base_l: dict[str, list[float]] = {}
+        for r in baseline:
+            if not r.get("error"):
+                base_l.setdefault(r["problem"], []).append(r["stats"]["critical_path"])
+        common = [p for p in by_problem if p in base_l]
+        if not common:
+            raise EvalError("the baseline JSONL shares no problem with this run (keys are data_source#index)")
+        for p in common:
+            ours = statistics.fmean(r["stats"]["critical_path"] for r in by_problem[p])
+            per_problem[p] = statistics.fmean(base_l[p]) / ours if ours else float("nan")
+        summary["speedup_vs_baseline"] = _mean(list(per_problem.values()))
+        b_mean = statistics.fmean(statistics.fmean(base_l[p]) for p in common)
+        o_mean = statistics.fmean(statistics.fmean(r["stats"]["critical_path"] for r in by_problem[p]) for p in common)
+        summary["baseline_mean_L"] = b_mean
+        summary["speedup_vs_baseline_ratio_of_means"] = b_mean / o_mean if o_mean else None
+    else:
+        for p, rs in by_problem.items():
+            per_problem[p] = statistics.fmean(r["stats"]["speedup"] for r in rs)
+    terminations: dict[str, int] = {}
+    for r in ok:
+        for t in r.get("terminations", []):
+            terminations[t] = terminations.get(t, 0) + 1
+    summary["terminations"] = terminations
+    return summary, per_problem
+
+
+def print_summary(summary: dict, title: str = "eval summary") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
+        table.add_row(k, "-" if v is None else str(v))
+    Console().print(table)
+
+
+def write_report(out: Path, summary: dict, per_problem: dict[str, float], vs_baseline: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = [v for v in per_problem.values() if v == v]
+    ax.hist(values or [1.0], bins=min(30, max(5, len(values))), color="#4477aa")
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("token speedup vs sequential baseline (L_seq / L)" if vs_baseline else "token speedup T / L")
+    ax.set_ylabel("problems")
+    ax.set_title("per-problem speedup")
+    fig.tight_layout()
+    png = out / "speedup_hist.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in summary.items())
+    page = out / "report.html"
+    page.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>threadweaver eval</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 12px;border-bottom:1px solid #ddd}</style>"
+        f"</head><body><h1>threadweaver eval</h1><table>{rows}</table>"
+        f"<h2>Per-problem speedup</h2><img src='{png.name}' alt='speedup histogram'></body></html>")
+    return page
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
+    return str(v)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation; return the summary (also written to ``out_dir``)."""
+    from transformers import AutoTokenizer
+
+    from .data.schema import read_rl
+
+    _check(cfg)
+    rows = read_rl(cfg.data)
+    if cfg.max_problems:
+        rows = rows[: cfg.max_problems]
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    baseline = read_jsonl(cfg.baseline) if cfg.baseline else None
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if cfg.model:
+            server = stack.enter_context(VLLMServer(VLLMServerConfig(**{**asdict(cfg.vllm), "model": cfg.model})))
+            base_url = server.url
+        else:
+            base_url = cfg.server_url
+        records, wall = asyncio.run(_evaluate(cfg, rows, tokenizer, base_url))
+    with open(out / "trajectories.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    summary, per_problem = summarize(records, wall, baseline)
+    summary["mode"] = "fork/join" if cfg.controller.fork else "sequential"
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, summary, per_problem, baseline is not None)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = load_config(EvalConfig, list(argv or []))
+    summary = evaluate(cfg)
+    print_summary(summary, f"eval: {cfg.data} ({summary['mode']}, n={cfg.n_samples})")
+    print(f"wrote {Path(cfg.out_dir) / 'trajectories.jsonl'}, summary.json, report.html")
+    return 1 if summary["failed_trajectories"] else 0

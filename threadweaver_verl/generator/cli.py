@@ -1,0 +1,108 @@
+"""``python -m threadweaver_verl generate stage=1|2 [--config FILE] key=value ...``
+
+Stage 1 (LLM rewriting of sequential traces, :mod:`.stage1`)::
+
+    python -m threadweaver_verl generate stage=1 --config configs/generate_stage1.yaml \\
+        input=traces.jsonl llm.model=gpt-5 out_dir=runs/stage1
+
+Stage 2 (self-training round with the SFT model, :mod:`.stage2`)::
+
+    python -m threadweaver_verl generate stage=2 --config configs/generate_stage2.yaml \\
+        prompts=runs/stage1/rl.parquet model=checkpoints/sft round=1 out_dir=runs/stage2
+
+Both resume from their ``records.jsonl`` when rerun with the same ``out_dir``,
+and end with a summary table (also written to ``summary.json``). Exit code 0:
+every sample has its record; 1: some samples failed on API/engine errors (logged
+in ``errors.jsonl``) and the next run retries them; 2: bad settings or input.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+USAGE = "usage: python -m threadweaver_verl generate stage=1|2 [--config FILE.yaml] [key=value ...]"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if v is None:
+        return "-"
+    return str(v)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            rows += _flat(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def print_stage1(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="stage 1: LLM rewriting")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for k, v in _flat(summary):
+        table.add_row(k, _fmt(v))
+    Console(stderr=False).print(table)
+
+
+def print_stage2(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    rounds = summary["rounds"]
+    table = Table(title="stage 2: self-training rounds")
+    table.add_column("")
+    for r in rounds:
+        table.add_column(f"round {r['round']}", justify="right")
+    for metric in ("prompts", "samples", "format_valid_rate", "accuracy", "valid_and_correct", "mean_speedup",
+                   "mean_speedup_kept", "kept"):
+        table.add_row(metric, *(_fmt(r.get(metric)) for r in rounds))
+    console.print(table)
+    detail = Table(title=f"stage 2 round {summary['round']}: details")
+    detail.add_column("")
+    detail.add_column("value", justify="right")
+    for k, v in _flat({k: v for k, v in summary.items() if k != "rounds"}):
+        detail.add_row(k, _fmt(v))
+    console.print(detail)
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    from ..config import ConfigError, load_config
+    from ..data.schema import SchemaError
+    from .inputs import InputError
+
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    stages = [a for a in args if a.startswith("stage=")]
+    rest = [a for a in args if not a.startswith("stage=")]
+    stage = stages[-1].split("=", 1)[1] if stages else None
+    if stage not in ("1", "2"):
+        print(f"generate: say which stage to run with stage=1 or stage=2\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        if stage == "1":
+            from .stage1 import Stage1Config, run_stage1
+
+            summary = run_stage1(load_config(Stage1Config, rest))
+            print_stage1(summary)
+            return 0 if summary["errors_to_retry"] == 0 else 1
+        from .stage2 import Stage2Config, run_stage2
+
+        summary = run_stage2(load_config(Stage2Config, rest))
+        print_stage2(summary)
+        return 0 if summary["failed_problems_to_retry"] == 0 else 1
+    except (ConfigError, InputError, SchemaError) as e:
+        print(f"generate: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,323 @@
+"""Stage 2: self-training. The SFT model samples its own fork/join trajectories; the good ones
+become the next round's SFT data.
+
+Sampling is the ``eval`` command's (:mod:`threadweaver_verl.evaluate`): the same
+settings (:class:`Stage2Config` extends :class:`EvalConfig`), the same vLLM
+launcher or server URL, the same controller, engine and answer check. On top of
+it, per problem:
+
+* each of the ``n_samples`` trajectories is judged: **format-valid** means the
+  model itself wrote a valid trajectory (the validator passes, the controller
+  did not have to intervene, the main line ended on EOS); **correct** means
+  math-verify accepts its final answer;
+* the trajectories that are format-valid, correct, have at least ``min_blocks``
+  blocks and whose text re-encodes to exactly the sampled ids
+  (``data.chat.response_ids(fmt, text) == ids``) are candidates; ``selection``
+  picks the kept ones: ``shortest_critical_path`` (default), ``all_correct``
+  (identical responses once) or ``random_one`` (seeded per problem);
+* one durable record per problem (:class:`RecordStore`): a killed round resumes
+  where it stopped; problems whose trajectories failed with an engine error are
+  logged and retried by the next run.
+
+Outputs of round ``r`` in ``out_dir/round_r/``: ``records.jsonl``, ``sft.parquet``
+(the kept trajectories, SFT schema, the sampled ids in ``extra_info.response_ids``),
+``rl_unsolved.parquet`` (the problems with nothing kept, RL schema),
+``next_sft.parquet`` (``include_sft`` files + this round's rows, when
+``include_sft`` is set) and ``summary.json``; ``out_dir/rounds.json`` lists every
+round's report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import ConfigError
+from ..evaluate import EvalConfig, _evaluate, problem_key
+from ..serving import VLLMServer, VLLMServerConfig
+from .records import RecordStore
+
+SELECTIONS = ("shortest_critical_path", "all_correct", "random_one")
+
+
+@dataclass
+class Stage2Config(EvalConfig):
+    """Every ``eval`` setting (data, model or server_url, tokenizer, n_samples, sampling, controller, engine,
+    vllm, correctness, ...) plus the self-training ones below. ``data`` is the RL-schema prompt parquet."""
+
+    out_dir: str = "runs/generate_stage2"
+    """Round folders ``round_<r>/`` and ``rounds.json`` go here."""
+    n_samples: int = 8
+    """Trajectories sampled per problem."""
+    round: int = 1
+    """Self-training round number (output folder ``round_<round>``); the model should be the SFT model
+    trained on the previous rounds' data."""
+    selection: str = "shortest_critical_path"
+    """Which candidates to keep per problem: shortest_critical_path | all_correct | random_one."""
+    seed: int = 0
+    """Seed of ``random_one`` (combined with the problem key, so a resumed run picks the same)."""
+    min_blocks: int = 0
+    """Candidates need at least this many parallel blocks (0: sequential-only answers count too)."""
+    chunk_size: int = 32
+    """Problems sampled per batch; each finished batch is written before the next starts."""
+    record_responses: bool = False
+    """Also store every sample's response ids in records.jsonl (large; for audits and tests)."""
+    include_sft: list[str] = field(default_factory=list)
+    """SFT parquet files (e.g. stage 1's and earlier rounds') merged with this round's rows into
+    ``next_sft.parquet``; duplicates (same prompt and response) once."""
+    data_source: str = "threadweaver/stage2"
+    """data_source of the written SFT rows."""
+    split: str = "train"
+
+
+# --------------------------------------------------------------------------- judging
+
+def _judge(rec: dict[str, Any], fmt, record_response: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A sample's summary, and (when it is a candidate for keeping) its text and ids."""
+    from ..data.chat import response_ids
+
+    ids = list(rec.get("response_ids") or [])
+    ended_on_eos = bool(ids) and ids[-1] in fmt.eos_ids
+    format_valid = bool(rec.get("valid")) and not rec.get("events") and ended_on_eos
+    stats = rec.get("stats") or {}
+    s: dict[str, Any] = {
+        "sample": rec["sample"],
+        "validator_pass": bool(rec.get("valid")),
+        "format_valid": format_valid,
+        "correct": bool(rec.get("correct")),
+        "answer_status": rec.get("answer_status"),
+        "extracted": rec.get("extracted"),
+        "terminations": rec.get("terminations", []),
+        "total_tokens": stats.get("total_tokens"),
+        "critical_path": stats.get("critical_path"),
+        "speedup": stats.get("speedup"),
+        "num_blocks": stats.get("num_blocks"),
+        "canonical": None,
+    }
+    if record_response:
+        s["response_ids"] = ids
+    if not (format_valid and s["correct"]):
+        return s, None
+    text = fmt.decode(ids[:-1])
+    try:
+        canonical = response_ids(fmt, text) == ids
+    except ValueError:  # NonCanonicalTrajectory: the text does not encode the way it was sampled
+        canonical = False
+    s["canonical"] = canonical
+    if not canonical:
+        return s, None
+    return s, {"sample": rec["sample"], "response": text, "response_ids": ids, "stats": stats}
+
+
+def select(candidates: Sequence[dict[str, Any]], policy: str, seed: int, key: str) -> list[dict[str, Any]]:
+    """The kept candidates of one problem under ``policy``."""
+    if not candidates:
+        return []
+    if policy == "shortest_critical_path":
+        return [min(candidates, key=lambda c: (c["stats"]["critical_path"], c["stats"]["total_tokens"], c["sample"]))]
+    if policy == "all_correct":
+        seen, out = set(), []
+        for c in sorted(candidates, key=lambda c: c["sample"]):
+            if tuple(c["response_ids"]) not in seen:
+                seen.add(tuple(c["response_ids"]))
+                out.append(c)
+        return out
+    if policy == "random_one":
+        digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        return [rng.choice(sorted(candidates, key=lambda c: c["sample"]))]
+    raise ConfigError(f"selection={policy!r}; choose one of {SELECTIONS}")
+
+
+def problem_record(row: dict[str, Any], key: str, samples: Sequence[dict[str, Any]], fmt,
+                   cfg: Stage2Config) -> dict[str, Any]:
+    judged = [_judge(r, fmt, cfg.record_responses) for r in sorted(samples, key=lambda r: r["sample"])]
+    candidates = [c for s, c in judged if c is not None and (s["num_blocks"] or 0) >= cfg.min_blocks]
+    return {
+        "id": key,
+        "index": row["extra_info"]["index"],
+        "data_source": row["data_source"],
+        "ground_truth": row["reward_model"]["ground_truth"],
+        "samples": [s for s, _ in judged],
+        "kept": select(candidates, cfg.selection, cfg.seed, key),
+    }
+
+
+# --------------------------------------------------------------------------- the round
+
+def _check(cfg: Stage2Config) -> None:
+    if not cfg.data:
+        raise ConfigError("stage 2 needs data=PROMPTS.parquet (RL schema, e.g. stage 1's rl.parquet)")
+    if bool(cfg.model) == bool(cfg.server_url):
+        raise ConfigError("stage 2 needs exactly one of model=FOLDER (a vLLM server is launched for the SFT model) "
+                          "or server_url=URL (a running OpenAI-compatible server; then also tokenizer=FOLDER)")
+    if cfg.server_url and not cfg.tokenizer:
+        raise ConfigError("with server_url, also pass tokenizer=FOLDER (the served model's tokenizer)")
+    if cfg.selection not in SELECTIONS:
+        raise ConfigError(f"selection={cfg.selection!r}; choose one of {SELECTIONS}")
+    if cfg.baseline:
+        raise ConfigError("baseline is an eval setting; stage 2 reports T/L of its own trajectories. Remove it.")
+    if cfg.fail_on_error:
+        raise ConfigError("fail_on_error is an eval setting; stage 2 logs failed problems and retries them on the "
+                          "next run. Remove it.")
+    if cfg.n_samples < 1 or cfg.concurrency < 1 or cfg.chunk_size < 1:
+        raise ConfigError("n_samples, concurrency and chunk_size must be >= 1")
+    for path in cfg.include_sft:
+        if not Path(path).is_file():
+            raise ConfigError(f"include_sft file {path!r} not found")
+
+
+def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from ..data.schema import read_rl
+    from ..format import TokenFormat
+
+    _check(cfg)
+    rows = read_rl(cfg.data)
+    if cfg.max_problems:
+        rows = rows[: cfg.max_problems]
+    keys = [problem_key(r) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{cfg.data}: two rows share a data_source#extra_info.index key; make the indices unique")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    fmt = TokenFormat.from_tokenizer(tokenizer)
+    out = Path(cfg.out_dir) / f"round_{cfg.round}"
+    out.mkdir(parents=True, exist_ok=True)
+    store = RecordStore(out / "records.jsonl", out / "errors.jsonl")
+    todo = [(r, k) for r, k in zip(rows, keys) if k not in store]
+    sampling_cfg = dataclasses.replace(cfg, progress=False)
+    failed_problems = 0
+    started = time.monotonic()
+    bar = None
+    if cfg.progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"stage 2 round {cfg.round}", unit="problem", file=sys.stderr)
+    try:
+        with contextlib.ExitStack() as stack:
+            if todo and cfg.model:
+                server = stack.enter_context(VLLMServer(VLLMServerConfig(
+                    **{**dataclasses.asdict(cfg.vllm), "model": cfg.model})))
+                base_url = server.url
+            else:
+                base_url = cfg.server_url or ""
+            for start in range(0, len(todo), cfg.chunk_size):
+                chunk = todo[start:start + cfg.chunk_size]
+                samples, _ = asyncio.run(_evaluate(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url))
+                by_problem: dict[str, list[dict]] = {}
+                for rec in samples:
+                    by_problem.setdefault(rec["problem"], []).append(rec)
+                for row, key in chunk:
+                    recs = by_problem.get(key, [])
+                    errors = [r["error"] for r in recs if r.get("error")]
+                    if errors or len(recs) != cfg.n_samples:
+                        failed_problems += 1
+                        store.log_error(key, "sampling", errors[0] if errors else
+                                        f"{len(recs)} of {cfg.n_samples} trajectories came back")
+                    else:
+                        store.append(problem_record(row, key, recs, fmt, cfg))
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = summarize_round(cfg, rows, keys, store, len(todo), failed_problems, time.monotonic() - started)
+    _write_outputs(cfg, rows, keys, store, summary)
+    store.close()
+    return summary
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize_round(cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str], store: RecordStore,
+                    attempted: int, failed: int, seconds: float) -> dict[str, Any]:
+    recs = [store.get(k) for k in keys if k in store]
+    samples = [s for r in recs for s in r["samples"]]
+    valid = [s for s in samples if s["format_valid"]]
+    kept = [k for r in recs for k in r["kept"]]
+    return {
+        "stage": 2,
+        "round": cfg.round,
+        "prompts": len(rows),
+        "problems_done": len(recs),
+        "attempted_this_run": attempted,
+        "resumed_from_records": len(rows) - attempted,
+        "failed_problems_to_retry": failed,
+        "samples": len(samples),
+        "format_valid_rate": _mean([float(s["format_valid"]) for s in samples]),
+        "validator_pass_rate": _mean([float(s["validator_pass"]) for s in samples]),
+        "accuracy": _mean([float(s["correct"]) for s in samples]),
+        "valid_and_correct": sum(1 for s in valid if s["correct"]),
+        "non_canonical_dropped": sum(1 for s in samples if s["canonical"] is False),
+        "mean_speedup": _mean([s["speedup"] for s in valid]),
+        "mean_speedup_kept": _mean([k["stats"]["speedup"] for k in kept]),
+        "kept": len(kept),
+        "problems_with_kept": sum(1 for r in recs if r["kept"]),
+        "selection": cfg.selection,
+        "n_samples": cfg.n_samples,
+        "model": cfg.model or cfg.server_url,
+        "seconds": seconds,
+        "outputs": {},
+    }
+
+
+def _sft_rows(cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str], store: RecordStore) -> list[dict]:
+    from ..data.schema import check_sft_row, sft_row
+
+    out = []
+    for row, key in zip(rows, keys):
+        rec = store.get(key)
+        for k in (rec["kept"] if rec else []):
+            r = sft_row(data_source=cfg.data_source, question=row["extra_info"]["question"], response=k["response"],
+                        index=row["extra_info"]["index"], split=cfg.split,
+                        extra={"sample_id": key, "ground_truth": row["reward_model"]["ground_truth"], "stage": 2,
+                               "round": cfg.round, "num_blocks": int(k["stats"]["num_blocks"]),
+                               "speedup": float(k["stats"]["speedup"]), "response_ids": list(k["response_ids"])})
+            r["prompt"] = row["prompt"]  # exactly the messages the trajectory was sampled from
+            check_sft_row(r)
+            out.append(r)
+    return out
+
+
+def _write_outputs(cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str], store: RecordStore,
+                   summary: dict[str, Any]) -> None:
+    from ..data.schema import read_sft, write_rl, write_sft
+
+    out = Path(cfg.out_dir) / f"round_{cfg.round}"
+    sft = _sft_rows(cfg, rows, keys, store)
+    if sft:
+        summary["outputs"]["sft"] = str(write_sft(sft, out / "sft.parquet"))
+    unsolved = [row for row, key in zip(rows, keys) if key in store and not store.get(key)["kept"]]
+    if unsolved:
+        summary["outputs"]["rl_unsolved"] = str(write_rl(unsolved, out / "rl_unsolved.parquet"))
+    if cfg.include_sft:
+        merged, seen = [], set()
+        for r in [x for p in cfg.include_sft for x in read_sft(p)] + sft:
+            ident = (json.dumps(r["prompt"], sort_keys=True), r["response"])
+            if ident not in seen:
+                seen.add(ident)
+                merged.append(r)
+        summary["outputs"]["next_sft"] = str(write_sft(merged, out / "next_sft.parquet"))
+        summary["next_sft_rows"] = len(merged)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    rounds = []
+    for p in sorted(Path(cfg.out_dir).glob("round_*/summary.json")):
+        rounds.append(json.loads(p.read_text()))
+    rounds.sort(key=lambda s: s["round"])
+    (Path(cfg.out_dir) / "rounds.json").write_text(json.dumps(rounds, indent=2))
+    summary["rounds"] = [{k: s.get(k) for k in ("round", "prompts", "samples", "format_valid_rate", "accuracy",
+                                                "valid_and_correct", "mean_speedup", "mean_speedup_kept", "kept")}
+                         for s in rounds]

@@ -1,0 +1,188 @@
+"""P-GRPO: the group-relative advantage of ThreadWeaver, registered with verl as
+``algorithm.adv_estimator=p_grpo``.
+
+Semantics (``method.md`` §4):
+
+- One scalar reward per TRAJECTORY. Under verl 0.9.1's V1 multi-output
+  contract a trajectory (one session of one prompt) becomes several rows keyed
+  ``{uid}_{session}_{index}``; every row carries a copy of the reward.
+- The group is the trajectories of one prompt (one ``uid``), not its rows: a
+  trajectory that produced 9 rows weighs exactly as much as one that produced 1.
+  Each trajectory's reward is read from its final row (highest ``index``), as
+  verl's own V1 ``grpo`` path does.
+- ``A = r - mean(group)``; dividing by the group's std is off by default
+  (:attr:`PGRPOConfig.norm_adv_by_std`). A group of one trajectory gets ``A = 0``
+  (``r - mean`` of itself; verl's ``grpo`` gives such a group ``A = r``).
+- Optional: ``A = 0`` exactly when every reward in the group is equal
+  (:attr:`PGRPOConfig.zero_equal_groups`).
+- The scalar is broadcast to every row of the trajectory, times that row's
+  response mask.
+- verl's batch padding (``upsample_batch_to_divisible_size``) adds rows keyed
+  ``pad<hex>_{i}_0`` under a uid of their own, with zero reward and mask: they
+  form their own group and never enter a real prompt's mean.
+
+How it reaches the rows' trajectories: a registered verl estimator receives only
+``token_level_rewards``, ``response_mask``, ``config`` and ``index`` (the uid),
+not the session. The ThreadWeaver trainer (:mod:`threadweaver_verl.rl.trainer`,
+``trainer.v1.trainer_mode=threadweaver``) runs verl's own ``_compute_advantage``
+unchanged inside :func:`row_keys`, which hands this estimator the batch's row
+keys in row order; the estimator checks them against ``index`` and fails loudly
+when they are missing (estimator selected without the trainer).
+
+The equivalent stock setting: ``algorithm.adv_estimator=grpo
+algorithm.norm_adv_by_std_in_grpo=False`` on verl's V1 trainer gives the same
+advantages for every group of two or more trajectories (V1 special-cases the
+name ``grpo``: it scores each session's final row and broadcasts). P-GRPO adds
+the singleton rule, the equal-group switch and std division as an explicit
+setting whose default is off (``norm_adv_by_std_in_grpo`` defaults to True).
+
+Settings live under ``algorithm.p_grpo`` (``+algorithm.p_grpo.norm_adv_by_std=true``
+on a command line; see ``configs/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from threadweaver_verl.config import ConfigError, load_config
+
+ESTIMATOR_NAME = "p_grpo"
+
+
+@dataclass
+class PGRPOConfig:
+    """``algorithm.p_grpo``: settings of the P-GRPO advantage."""
+
+    norm_adv_by_std: bool = False
+    """Divide ``r - mean`` by the group's (unbiased) std + ``epsilon``. Off: mean-centred only, as ThreadWeaver
+    trains (with std division the small acceleration bonus dominates when all answers are right)."""
+    zero_equal_groups: bool = False
+    """Give every trajectory of a group ``A = 0`` exactly when all its rewards are equal (mean-centring already
+    gives 0 up to float rounding; with std division it avoids dividing rounding noise by ``epsilon``)."""
+    epsilon: float = 1e-6
+    """Added to the std before dividing (used only with ``norm_adv_by_std``)."""
+
+
+class PGRPOError(RuntimeError):
+    """P-GRPO cannot compute advantages for this batch (names the cause and the fix)."""
+
+
+_ROW_KEYS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("p_grpo_row_keys", default=None)
+
+
+@contextlib.contextmanager
+def row_keys(keys: Sequence[str]) -> Iterator[None]:
+    """Make the batch's row keys (``{uid}_{session}_{index}``, in row order) visible to the estimator."""
+    token = _ROW_KEYS.set(tuple(str(k) for k in keys))
+    try:
+        yield
+    finally:
+        _ROW_KEYS.reset(token)
+
+
+def parse_row_key(key: str) -> tuple[str, str, int]:
+    """``{uid}_{session}_{index}`` -> (uid, session, index); a clear error otherwise."""
+    parts = str(key).rsplit("_", 2)
+    if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
+        raise PGRPOError(f"row key {key!r} is not verl V1's '{{uid}}_{{session}}_{{index}}'")
+    return parts[0], parts[1], int(parts[2])
+
+
+def read_config(config: Any) -> PGRPOConfig:
+    """The :class:`PGRPOConfig` under ``config.p_grpo`` (``config`` is verl's ``algorithm`` section)."""
+    section = None
+    if config is not None:
+        getter = getattr(config, "get", None)
+        section = getter("p_grpo", None) if getter else getattr(config, "p_grpo", None)
+    if section is None:
+        return PGRPOConfig()
+    if isinstance(section, PGRPOConfig):
+        return section
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        base = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+        return load_config(PGRPOConfig, base=base)
+    except ConfigError as e:
+        raise PGRPOError(f"bad algorithm.p_grpo settings: {e}") from e
+
+
+def trajectory_advantages(scores: torch.Tensor, keys: Sequence[str], cfg: PGRPOConfig | None = None) -> torch.Tensor:
+    """Per-row scalar advantages for rows ``keys`` whose rewards are ``scores`` (one float per row).
+
+    Each session's reward is its final row's score; the group of a session is its uid.
+    """
+    cfg = cfg or PGRPOConfig()
+    scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    if len(keys) != scores.numel():
+        raise PGRPOError(f"{len(keys)} row keys for {scores.numel()} rows")
+    final: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, session) -> (index, row)
+    row_session: list[tuple[str, str]] = []
+    for row, key in enumerate(keys):
+        uid, session, index = parse_row_key(key)
+        row_session.append((uid, session))
+        best = final.get((uid, session))
+        if best is None or index > best[0]:
+            final[(uid, session)] = (index, row)
+    group: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for sess in final:
+        group[sess[0]].append(sess)
+    session_adv: dict[tuple[str, str], torch.Tensor] = {}
+    with torch.no_grad():
+        for uid, sessions in group.items():
+            r = torch.stack([scores[final[s][1]] for s in sessions])
+            if len(sessions) == 1 or (cfg.zero_equal_groups and bool((r == r[0]).all())):
+                adv = torch.zeros_like(r)
+            else:
+                adv = r - r.mean()
+                if cfg.norm_adv_by_std:
+                    adv = adv / (r.std() + cfg.epsilon)
+            for s, a in zip(sessions, adv):
+                session_adv[s] = a
+        return torch.stack([session_adv[s] for s in row_session]) if row_session else scores.new_zeros(0)
+
+
+def compute_p_grpo_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray | None = None,
+    config: Any = None,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl estimator entry point: (advantages, returns), both ``A[row] * response_mask``."""
+    keys = _ROW_KEYS.get()
+    if keys is None:
+        raise PGRPOError(
+            "algorithm.adv_estimator=p_grpo needs each row's trajectory, which verl does not pass to an "
+            "estimator: select the ThreadWeaver trainer (trainer.v1.trainer_mode=threadweaver), or use "
+            "adv_estimator=grpo with algorithm.norm_adv_by_std_in_grpo=False on the stock trainer"
+        )
+    rows = token_level_rewards.shape[0]
+    if len(keys) != rows:
+        raise PGRPOError(f"p_grpo got {rows} rows but {len(keys)} row keys: the batch was reordered or filtered "
+                         "between the trainer and the estimator")
+    if index is not None:
+        for i, key in enumerate(keys):
+            if parse_row_key(key)[0] != str(index[i]):
+                raise PGRPOError(f"row {i}: key {key!r} does not belong to uid {index[i]!r}: rows and keys are "
+                                 "out of order")
+    cfg = read_config(config)
+    adv = trajectory_advantages(token_level_rewards.sum(dim=-1), keys, cfg).to(token_level_rewards.dtype)
+    adv = adv.unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
+    return adv, adv
+
+
+def register() -> None:
+    """Register ``p_grpo`` with verl's estimator registry (idempotent; loud when the name is taken)."""
+    from verl.trainer.ppo import core_algos
+
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR_NAME) is compute_p_grpo_advantage:
+        return
+    core_algos.register_adv_est(ESTIMATOR_NAME)(compute_p_grpo_advantage)

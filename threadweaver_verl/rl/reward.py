@@ -1,0 +1,248 @@
+"""The P-GRPO reward: correctness plus an acceleration bonus paid only when correct.
+
+Load it in verl 0.9.1 with::
+
+    reward.custom_reward_function.path=pkg://threadweaver_verl.rl.reward
+    reward.custom_reward_function.name=compute_score
+    +reward.custom_reward_function.reward_kwargs.wrong_score=-1.0     # any RewardConfig field
+
+verl (``verl/trainer/ppo/reward.py``) merges ``reward_kwargs`` into every call's
+keyword arguments, so settings arrive as flat keyword arguments named like
+:class:`RewardConfig`'s fields; ``correctness`` takes a dict of
+:class:`~threadweaver_verl.rl.correctness.CorrectnessConfig` fields. Unknown
+keys are an error. ``configs/threadweaver_pgrpo.yaml`` sets the defaults below.
+
+Score (T = response tokens, L = critical-path tokens, both from token ids)::
+
+    correct:  correct_score + bonus,  bonus = factor * min(1 - L/T, clip)   ("one_minus_ratio")
+                                         or  factor * min(T/L - 1, clip)    ("ratio_minus_one")
+    wrong:    wrong_score
+    minus format_penalty when the trajectory's format is invalid.
+
+Defaults and their sources (ThreadWeaver, arXiv 2512.07843, and its reference code):
+
+* ``acceleration="one_minus_ratio"``, factor 0.5, clip 0.2: the reference CODE (what
+  produced the paper's numbers); at most +0.1, saturating at T/L = 1.25. The
+  reference README's form is ``"ratio_minus_one"`` (at most +0.1 from T/L = 1.2).
+* ``wrong_score=0.0``: the reference README (its code uses -1.0; set it to match).
+* ``format_penalty=0.0`` and ``bonus_requires_format_ok=True``: this project's choices
+  (no published setting); a malformed trajectory's T/L is not a speedup fork/join
+  inference realised, so it earns no bonus.
+
+Where T and L come from (never from decoded-then-re-encoded text, never prompt tokens):
+
+1. ``extra_info["threadweaver"]``: the stats the ThreadWeaver agent loop puts in its
+   final output's ``extra_fields["threadweaver"]`` (verl copies the final output's
+   extra_fields into ``extra_info``). Keys (see :data:`STATS_KEYS`):
+   ``total_tokens``, ``critical_path``, ``num_blocks``, ``num_threads``, ``format_ok``
+   are required; ``termination`` (why the rollout ended), ``response_text`` (the whole
+   response decoded WITH tags, used for the answer instead of ``solution_str``) and
+   ``response_ids`` are optional.
+2. Else the whole trajectory's response token ids, from ``extra_info["threadweaver"]
+   ["response_ids"]`` or a ``response_ids`` keyword, measured with the format module
+   (needs ``tokenizer=<model path>`` to know the tag ids).
+3. Else no bonus is paid, and ``stats_source="none"`` says so in the extras.
+
+The answer is read from ``response_text`` when the agent loop gives it, because
+verl's naive reward manager decodes ``solution_str`` with ``skip_special_tokens=True``,
+which drops ``</think>`` for tokenizers that register the tags as special tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .correctness import ERROR, TIMEOUT, AnswerCheck, CorrectnessConfig, check_answer
+
+ACCELERATION_FORMS = ("one_minus_ratio", "ratio_minus_one", "none")
+STATS_KEY = "threadweaver"  # extra_info[STATS_KEY]: the agent loop's per-trajectory stats
+STATS_KEYS = ("total_tokens", "critical_path", "num_blocks", "num_threads", "format_ok")  # required in it
+# Keyword arguments verl itself may add to a compute_score call; accepted and ignored.
+_VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
+
+
+@dataclass
+class RewardConfig:
+    """Every knob of the P-GRPO reward (see the module docstring for sources)."""
+
+    correct_score: float = 1.0  # paid for a correct final answer
+    wrong_score: float = 0.0  # wrong / missing / unverifiable answer; the reference code uses -1.0
+    acceleration: str = "one_minus_ratio"  # or "ratio_minus_one" (reference README) or "none"
+    acceleration_factor: float = 0.5
+    acceleration_clip: float = 0.2  # cap on the ratio term before the factor
+    bonus_requires_format_ok: bool = True  # no bonus for a trajectory whose format is invalid
+    format_penalty: float = 0.0  # subtracted (correct or not) when the format is invalid; 0 = off
+    tokenizer: str | None = None  # model/tokenizer path, only needed to measure stats from response ids
+    correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.correctness, dict):
+            self.correctness = CorrectnessConfig(**self.correctness)
+        if self.acceleration not in ACCELERATION_FORMS:
+            raise ValueError(f"RewardConfig.acceleration={self.acceleration!r}: choose one of {ACCELERATION_FORMS}")
+        if self.acceleration_clip < 0 or self.acceleration_factor < 0:
+            raise ValueError("RewardConfig.acceleration_factor and acceleration_clip must be >= 0")
+        if self.format_penalty < 0:
+            raise ValueError(f"RewardConfig.format_penalty is subtracted; give it as >= 0, got {self.format_penalty}")
+
+
+def acceleration_bonus(total_tokens: int, critical_path: int, cfg: RewardConfig) -> float:
+    """The bonus for a correct answer with T = ``total_tokens`` and L = ``critical_path``."""
+    t, l = int(total_tokens), int(critical_path)
+    if cfg.acceleration == "none" or t <= 0 or l <= 0:
+        return 0.0
+    if l > t:
+        raise ValueError(f"critical path L={l} exceeds total tokens T={t}: the stats are inconsistent")
+    ratio = 1.0 - l / t if cfg.acceleration == "one_minus_ratio" else t / l - 1.0
+    return cfg.acceleration_factor * min(ratio, cfg.acceleration_clip)
+
+
+# ------------------------------------------------------------------ config from verl kwargs
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (verl passes reward_kwargs values as DictConfig) to plain Python."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with verl
+        pass
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _config_from_json(blob: str) -> RewardConfig:
+    return RewardConfig(**json.loads(blob))
+
+
+def config_from_kwargs(kwargs: dict[str, Any]) -> RewardConfig:
+    """A RewardConfig from compute_score's keyword arguments (cached per distinct setting)."""
+    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    settings: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in known:
+            value = _plain(value)
+            settings[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        elif key not in _VERL_KWARGS and key != "response_ids":
+            raise ValueError(
+                f"unknown reward setting {key!r} passed to threadweaver_verl.rl.reward.compute_score "
+                f"(via reward.custom_reward_function.reward_kwargs?). Known: {sorted(known)}"
+            )
+    return _config_from_json(json.dumps(settings, sort_keys=True))
+
+
+# ------------------------------------------------------------------ stats
+@functools.lru_cache(maxsize=4)
+def _token_format(tokenizer_path: str):
+    from transformers import AutoTokenizer
+
+    from ..format import TokenFormat
+
+    return TokenFormat.from_tokenizer(AutoTokenizer.from_pretrained(tokenizer_path))
+
+
+def _stats_from_fields(tw: dict[str, Any]) -> dict[str, Any]:
+    missing = [k for k in STATS_KEYS if k not in tw]
+    if missing:
+        raise ValueError(
+            f"extra_info[{STATS_KEY!r}] lacks {missing}: the agent loop must put all of {list(STATS_KEYS)} "
+            f"in its final output's extra_fields[{STATS_KEY!r}] (got keys {sorted(tw)})"
+        )
+    return {
+        "T": int(tw["total_tokens"]), "L": int(tw["critical_path"]),
+        "blocks": int(tw["num_blocks"]), "threads": int(tw["num_threads"]),
+        "format_ok": bool(tw["format_ok"]), "termination": str(tw.get("termination") or "unknown"),
+    }
+
+
+def _stats_from_ids(ids: Sequence[int], cfg: RewardConfig) -> tuple[dict[str, Any], str]:
+    """Stats and the tag-preserving text of a whole trajectory's response ids (prompt excluded)."""
+    if not cfg.tokenizer:
+        raise ValueError(
+            "response ids were given but RewardConfig.tokenizer is unset: set "
+            "+reward.custom_reward_function.reward_kwargs.tokenizer=<model path> so the tag ids are known"
+        )
+    fmt = _token_format(cfg.tokenizer)
+    ids = [int(i) for i in ids]
+    traj = fmt.parse(ids)
+    stats = fmt.stats(traj)
+    ended = bool(ids) and ids[-1] in fmt.eos_ids
+    return ({
+        "T": stats.total_tokens, "L": stats.critical_path,
+        "blocks": stats.num_blocks, "threads": stats.num_threads,
+        "format_ok": not fmt.validate(traj), "termination": "eos" if ended else "no_eos",
+    }, fmt.decode(ids))
+
+
+# ------------------------------------------------------------------ the reward
+def _no_stats() -> dict[str, Any]:
+    return {"T": None, "L": None, "blocks": None, "threads": None, "format_ok": None, "termination": "unknown"}
+
+
+def score_response(solution_str: str, ground_truth: Any, extra_info: dict | None, cfg: RewardConfig,
+                   response_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """The reward and its extras for one trajectory (see the module docstring)."""
+    tw = (extra_info or {}).get(STATS_KEY)
+    if tw is not None and not isinstance(tw, dict):
+        raise ValueError(f"extra_info[{STATS_KEY!r}] must be a dict of trajectory stats, got {type(tw).__name__}")
+    tw = tw or {}
+    answer_text, answer_source = solution_str, "solution_str"
+    if tw.get("response_text") is not None:
+        answer_text, answer_source = str(tw["response_text"]), "response_text"
+
+    ids = tw.get("response_ids", response_ids)
+    if any(k in tw for k in STATS_KEYS):
+        stats, stats_source = _stats_from_fields(tw), "extra_fields"
+    elif ids is not None:
+        stats, decoded = _stats_from_ids(ids, cfg)
+        stats_source = "response_ids"
+        if answer_source == "solution_str":
+            answer_text, answer_source = decoded, "response_ids"
+    else:
+        stats, stats_source = _no_stats(), "none"
+
+    check: AnswerCheck = check_answer(answer_text, "" if ground_truth is None else str(ground_truth), cfg.correctness)
+
+    bonus = 0.0
+    if check.correct and stats_source != "none" and (stats["format_ok"] or not cfg.bonus_requires_format_ok):
+        bonus = acceleration_bonus(stats["T"], stats["L"], cfg)
+    penalty = cfg.format_penalty if stats["format_ok"] is False else 0.0
+    score = (cfg.correct_score + bonus if check.correct else cfg.wrong_score) - penalty
+
+    t, l = stats["T"], stats["L"]
+    speedup = (t / l if l else 1.0) if t is not None and l is not None else None
+    return {
+        "score": float(score),
+        "acc": 1.0 if check.correct else 0.0,  # verl's val-core metric key
+        "correct": bool(check.correct),
+        "pred": check.extracted if check.extracted is not None else "",  # verl's majority-vote key
+        "answer_status": check.status,
+        "answer_source": answer_source,
+        "verify_timeout": 1.0 if check.status == TIMEOUT else 0.0,
+        "verify_error": 1.0 if check.status == ERROR else 0.0,
+        "acceleration_bonus": float(bonus),
+        "format_penalty": float(penalty),
+        "T": t,
+        "L": l,
+        "speedup": speedup,
+        "blocks": stats["blocks"],
+        "threads": stats["threads"],
+        "format_ok": stats["format_ok"],
+        "termination": stats["termination"],
+        "stats_source": stats_source,
+    }
+
+
+def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """verl's custom reward function entry point: ``{"score": ..., **extras}``."""
+    cfg = config_from_kwargs(kwargs)
+    result = score_response(solution_str, ground_truth, extra_info, cfg, response_ids=kwargs.get("response_ids"))
+    if not math.isfinite(result["score"]):  # pragma: no cover - guarded by the config checks
+        raise ValueError(f"non-finite reward {result['score']} for data_source {data_source!r}")
+    return result

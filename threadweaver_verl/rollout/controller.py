@@ -1,0 +1,702 @@
+"""The fork/join controller: the one state machine of ThreadWeaver inference.
+
+It turns a prompt into a trajectory by issuing plain completion requests to an
+:class:`~threadweaver_verl.rollout.engine.Engine`, in the five phases of the
+method:
+
+1. **sequential** - decode the main line until ``</Outlines>`` or EOS;
+2. **parse** the outline numbers of the block just opened;
+3. **fork** - one request per outline, prompt = :meth:`TokenFormat.fork_context`,
+   stop at ``</Thread>`` / ``</Outlines>`` (a nested block) / EOS, all in flight at
+   once (``asyncio.gather``);
+4. **join** - :meth:`TokenFormat.join` of the threads in outline order;
+5. **continue** sequentially from the joined context; repeat until EOS or a budget.
+
+A thread runs the same loop as the main line (a *line*), so a thread may open
+its own block, up to ``max_depth``. Every line returns its ids and its
+:class:`~threadweaver_verl.format.Request` list in exactly the order
+:func:`~threadweaver_verl.format.split_requests` gives, so for a format-valid
+result ``result.requests == split_requests(prompt, response, fmt)`` unless an
+intervention in :data:`LINE_SPLITTING` cut one line into several requests.
+
+Model output is untrusted. Whatever it writes, every path ends in a trajectory
+whose structure is closed (the validator reports no ``unclosed`` element), and
+every intervention is recorded (``events`` with the path, and the distinct
+reasons in ``terminations``):
+
+- a line cut by a length limit, an empty completion or a budget gets the closing
+  tags of whatever it left open appended: ``</Outline>``, ``</Outlines>``,
+  ``</Thread>``, ``</Parallel>`` and, on the main line, ``</think>`` (a block left
+  with no thread closes in the layout of an empty join);
+- a tag that would end an open element without its closing tag (``<Outline>`` in
+  an open outline, ``<Thread>`` in an open outline list, ...) is cut off, the
+  missing closing tags are added and the line goes on (``implicit_close``); a
+  thread writing ``<Thread>`` or ``</Parallel>`` of its own block is cut there and
+  closed (``thread_breakout``);
+- EOS inside a thread is replaced by the thread's closing (``eos_in_thread``) and
+  the main line continues after the join;
+- EOS on the main line with structure still open: the closing goes before a final EOS;
+- outline numbers that are not numbers, out of 1..n, or repeated are dropped
+  (policy ``as_written``) or every outline gets its position (``by_position``);
+- a stop id that opened no block and closed no thread (e.g. ``</Outlines>`` with
+  no block open) is kept and generation goes on (``stray_stop``).
+
+Inserted closing ids are the last ids of a Request's completion and are counted
+in ``Request.forced``; they have no log-prob and should carry no loss.
+
+Budgets (all in :class:`ControllerConfig`) bound everything: the response never
+exceeds ``max_response_tokens`` (closing included; generated ids are trimmed if
+the model left more open than there is room to close), each thread its
+``max_thread_tokens``, the engine sees at most ``max_requests`` calls. The
+threads of one block share the response budget left at the fork equally.
+
+An engine exception, an ``abort`` finish or a request exceeding
+``request_timeout_s`` fails the trajectory with :class:`RolloutError`; there is
+no fallback to plain generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from ..format import (
+    SEQUENTIAL,
+    THREAD,
+    Block,
+    FormatError,
+    Marker,
+    Outline,
+    Outlines,
+    Request,
+    Tag,
+    Thread,
+    TokenFormat,
+    TrajectoryStats,
+    node_length,
+    outline_numbers,
+)
+from ..format.tree import id_atoms, parse_atoms
+from .engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, Engine, EngineError
+
+# --------------------------------------------------------------------------- reasons (stable strings)
+TRUNCATED = "truncated"  # a line ended on a length limit and was closed by the controller
+EOS_IN_THREAD = "eos_in_thread"  # EOS inside a thread: replaced by the thread's closing
+CLOSED_AT_EOS = "closed_at_eos"  # EOS on the main line with structure open: closed before EOS
+EMPTY_COMPLETION = "empty_completion"  # the engine returned no ids: the line was closed
+THREAD_BREAKOUT = "thread_breakout"  # a thread wrote <Thread>/</Parallel> of its block: cut there
+STRAY_STOP = "stray_stop"  # a stop id that forked nothing and closed no thread: generation went on
+IMPLICIT_CLOSE = "implicit_close"  # a tag ended open elements without their closing tag: cut there,
+#                                    the closing tags added, generation went on
+OUTLINE_NUMBERS_DROPPED = "outline_numbers_dropped"  # non-numeric / out-of-range outline numbers
+OUTLINE_NUMBERS_DEDUPLICATED = "outline_numbers_deduplicated"  # repeated outline numbers
+OUTLINE_NUMBERS_RENUMBERED = "outline_numbers_renumbered"  # by_position policy changed a number
+TOKENS_AFTER_STOP = "tokens_after_stop_dropped"  # the engine returned ids after a stop id
+ENGINE_OVERRUN = "engine_overrun"  # the engine returned more than max_tokens ids
+CLOSING_TRIMMED = "closing_trimmed"  # generated ids dropped to make room for the closing tags
+ENGINE_STOP_WITHOUT_STOP_ID = "engine_stop_without_stop_id"  # finish "stop" but no stop id last
+BUDGET_RESPONSE = "budget:max_response_tokens"
+BUDGET_THREAD = "budget:max_thread_tokens"
+BUDGET_THREADS_PER_BLOCK = "budget:max_threads_per_block"
+BUDGET_BLOCKS = "budget:max_blocks"
+BUDGET_REQUESTS = "budget:max_requests"
+
+# Interventions after which one line spans several Requests where the splitter sees one: a result
+# with any of them is not expected to equal split_requests even when it is format-valid.
+LINE_SPLITTING = frozenset({STRAY_STOP, IMPLICIT_CLOSE})
+
+# Request.finish values set by the controller
+FINISH_EOS = "eos"  # the completion ended on EOS
+FINISH_FORCED = "forced"  # no engine call: the completion is only controller-inserted closing ids
+
+OUTLINE_POLICIES = ("as_written", "by_position")
+RESERVED_SAMPLING_KEYS = frozenset({"max_tokens", "max_new_tokens", "stop_token_ids", "stop", "n"})
+
+
+@dataclass
+class ControllerConfig:
+    """Budgets and policies of the fork/join controller."""
+
+    max_response_tokens: int = 4096
+    """Total response tokens of the whole trajectory (all threads, inserted headers and closing included)."""
+    max_thread_tokens: int = 1024
+    """Tokens one thread may add after its header (all its requests and nested blocks, ``</Thread>`` included)."""
+    max_threads_per_block: int = 8
+    """Threads forked per block; outlines beyond it get no thread (``budget:max_threads_per_block``)."""
+    max_blocks: int = 8
+    """Blocks per trajectory, nested ones included. Reaching one more stops the trajectory
+    (``budget:max_blocks``): the extra block and everything open are closed."""
+    max_requests: int = 64
+    """Engine calls per trajectory. When spent, every line is closed where it stands."""
+    max_depth: int = 2
+    """Block nesting: 1 = no nesting; 2 = a thread may open one block. A line that may not open a
+    block does not stop at ``</Outlines>`` (what the model writes there is kept; validate flags it)."""
+    fork: bool = True
+    """False = sequential baseline: one line, stop only at EOS, ``</Outlines>`` is not a stop."""
+    outline_numbers: str = "as_written"
+    """How a block's outlines become threads. ``as_written``: thread n for each outline numbered n, in
+    outline order, dropping non-numeric numbers, numbers outside 1..(number of outlines) and repeats.
+    ``by_position``: threads 1..k for the k outlines whatever they say."""
+    join_reserve_tokens: int = 0
+    """Response tokens held back from a block's threads for the text after its join (when they fit)."""
+    close_reserve_tokens: int = 4
+    """Tokens each request leaves unused for closing tags the completion itself may open."""
+    request_timeout_s: float | None = None
+    """Per engine call; exceeding it fails the trajectory. None: rely on the engine's own timeout."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_response_tokens", "max_thread_tokens", "max_threads_per_block", "max_blocks",
+                     "max_requests", "max_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ControllerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("join_reserve_tokens", "close_reserve_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ControllerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.outline_numbers not in OUTLINE_POLICIES:
+            raise ValueError(f"ControllerConfig.outline_numbers={self.outline_numbers!r}; "
+                             f"choose one of {OUTLINE_POLICIES}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"ControllerConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
+
+
+class RolloutError(EngineError):
+    """A trajectory failed because an engine call failed (exception, abort or timeout)."""
+
+
+@dataclass(frozen=True)
+class ControllerEvent:
+    """One intervention of the controller: what (``reason``), where (``path`` as in Request.path)."""
+
+    reason: str
+    path: tuple[int, ...] = ()
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """One engine call, for metrics and tests (times are seconds since the trajectory started)."""
+
+    path: tuple[int, ...]
+    kind: str
+    prompt_tokens: int
+    max_tokens: int
+    completion_tokens: int  # as returned by the engine, before any cut
+    finish: str
+    cached_tokens: int | None
+    started_s: float
+    ended_s: float
+
+
+@dataclass
+class RolloutResult:
+    prompt_ids: list[int]
+    response_ids: list[int]  # the final joined trajectory, structure closed
+    requests: list[Request]  # in split_requests order; logprobs / finish / forced set
+    stats: TrajectoryStats
+    format_errors: list[FormatError]
+    terminations: list[str]  # distinct reasons of ``events``, in order of first occurrence
+    wall_time_s: float
+    events: list[ControllerEvent] = field(default_factory=list)
+    calls: list[EngineCall] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        """The response passes the format validator."""
+        return not self.format_errors
+
+    @property
+    def ended_normally(self) -> bool:
+        """No intervention was needed and the main line ended on EOS."""
+        return not self.events and bool(self.requests) and self.requests[-1].finish == FINISH_EOS
+
+    @property
+    def num_engine_calls(self) -> int:
+        return len(self.calls)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens over all engine calls (what the engine had to read)."""
+        return sum(c.prompt_tokens for c in self.calls)
+
+    @property
+    def cached_tokens(self) -> int | None:
+        """Prompt tokens served from the prefix cache, where the engine reports it (None if never)."""
+        known = [c.cached_tokens for c in self.calls if c.cached_tokens is not None]
+        return sum(known) if known else None
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        cached = self.cached_tokens
+        reported = sum(c.prompt_tokens for c in self.calls if c.cached_tokens is not None)
+        return cached / reported if cached is not None and reported else None
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly record of the trajectory (ids included)."""
+        return {
+            "prompt_ids": list(self.prompt_ids),
+            "response_ids": list(self.response_ids),
+            "stats": self.stats.as_dict(),
+            "valid": self.valid,
+            "format_errors": [str(e) for e in self.format_errors],
+            "terminations": list(self.terminations),
+            "events": [{"reason": e.reason, "path": list(e.path), "detail": e.detail} for e in self.events],
+            "num_requests": len(self.requests),
+            "num_engine_calls": self.num_engine_calls,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cache_hit_rate": self.cache_hit_rate,
+            "wall_time_s": self.wall_time_s,
+        }
+
+
+class _Run:
+    """Mutable state of one trajectory."""
+
+    def __init__(self, engine: Engine, prompt: list[int], routing_key: str, sampling: dict | None,
+                 max_requests: int):
+        self.engine = engine
+        self.prompt = prompt
+        self.routing_key = routing_key
+        self.sampling = sampling
+        self.calls_left = max_requests
+        self.blocks_used = 0
+        self.stop_reason: str | None = None
+        self.events: list[ControllerEvent] = []
+        self.calls: list[EngineCall] = []
+        self.t0 = time.perf_counter()
+
+    def note(self, reason: str, path: tuple, detail: str = "") -> None:
+        self.events.append(ControllerEvent(reason, tuple(path), detail))
+
+
+class ForkJoinController:
+    """Runs trajectories; stateless between runs, so one instance may serve many concurrent ``run`` calls."""
+
+    def __init__(self, fmt: TokenFormat, config: ControllerConfig | None = None):
+        self.fmt = fmt
+        self.config = config = config or ControllerConfig()
+        if config.max_depth > fmt.limits.max_depth:
+            raise ValueError(f"ControllerConfig.max_depth={config.max_depth} exceeds the format's "
+                             f"Limits.max_depth={fmt.limits.max_depth}: every nested block would be invalid. "
+                             "Lower max_depth or build the TokenFormat with matching Limits.")
+        if config.max_threads_per_block > fmt.limits.max_threads_per_block:
+            raise ValueError(f"ControllerConfig.max_threads_per_block={config.max_threads_per_block} exceeds the "
+                             f"format's Limits.max_threads_per_block={fmt.limits.max_threads_per_block}. Lower it "
+                             "or build the TokenFormat with matching Limits.")
+        self._tag = {t: fmt.tag_id(t) for t in Tag}
+        self._eos = frozenset(fmt.eos_ids)
+        self._empty_join = fmt.join([], [])
+        self._close_of = {Outline: self._tag[Tag.OUTLINE_CLOSE], Outlines: self._tag[Tag.OUTLINES_CLOSE],
+                          Thread: self._tag[Tag.THREAD_CLOSE], Block: self._tag[Tag.PARALLEL_CLOSE]}
+
+    # ------------------------------------------------------------------ public
+    async def run(self, engine: Engine, prompt_ids: Sequence[int], *, routing_key: str,
+                  sampling: dict | None = None) -> RolloutResult:
+        """Generate one trajectory after ``prompt_ids``; every request carries ``routing_key``."""
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids is empty: build it with data.chat.prompt_ids(tokenizer, messages)")
+        if not routing_key:
+            raise ValueError("routing_key must be a non-empty string (one per trajectory, e.g. its request id)")
+        if sampling:
+            bad = sorted(RESERVED_SAMPLING_KEYS & set(sampling))
+            if bad:
+                raise ValueError(f"sampling must not set {bad}: the controller sets max_tokens and stop ids per "
+                                 "request from its budgets (ControllerConfig); remove them from the dict")
+        run = _Run(engine, prompt, routing_key, dict(sampling) if sampling else None, self.config.max_requests)
+        ids, requests = await self._line(run, prompt, [], (), 0, self.config.max_response_tokens, BUDGET_RESPONSE)
+        traj = self.fmt.parse(ids)
+        reasons: list[str] = []
+        for e in run.events:
+            if e.reason not in reasons:
+                reasons.append(e.reason)
+        return RolloutResult(
+            prompt_ids=prompt, response_ids=ids, requests=requests, stats=self.fmt.stats(traj),
+            format_errors=self.fmt.validate(traj), terminations=reasons,
+            wall_time_s=time.perf_counter() - run.t0, events=run.events, calls=run.calls,
+        )
+
+    # ------------------------------------------------------------------ structure helpers
+    def _view(self, response: Sequence[int], path: tuple) -> tuple[tuple, Thread | None, tuple]:
+        """Parse a request's own context (response part) and find its line: (line nodes, its Thread
+        node or None on the main line, the top-level nodes). In its own context a thread is always the
+        first thread of its block (siblings are not in it)."""
+        return self._view_atoms(self._atoms(response), path)
+
+    def _atoms(self, ids: Sequence[int]) -> list:
+        return id_atoms(ids, self.fmt.vocab)
+
+    def _view_atoms(self, atoms: list, path: tuple) -> tuple[tuple, Thread | None, tuple]:
+        """:meth:`_view` from the response's atoms (the parser merges adjacent content runs, so the atoms
+        of a context can be kept and extended instead of re-cutting every id after each request)."""
+        top = parse_atoms(atoms).body
+        nodes, thread = top, None
+        for b in path[0::2]:
+            blocks = [n for n in nodes if isinstance(n, Block)]
+            thread = blocks[b - 1].threads[0]
+            nodes = thread.body
+        return nodes, thread, top
+
+    def _open_ids(self, nodes: tuple) -> list[int]:
+        """Ids closing what is open at the end of a line (innermost first). A block left with a closed
+        outline list and no thread is closed in the layout of an empty join (fork gap, join gap,
+        ``</Parallel>``), as the splitter expects."""
+        out: list[int] = []
+        last = nodes[-1] if nodes else None
+        if isinstance(last, Block) and not last.closed:
+            part = last.parts[-1] if last.parts else None
+            outlines_closed = isinstance(part, Outlines) and part.closed
+            if isinstance(part, Outlines) and not part.closed:
+                inner = part.parts[-1] if part.parts else None
+                if isinstance(inner, Outline) and not inner.closed:
+                    out.append(self._tag[Tag.OUTLINE_CLOSE])
+                out.append(self._tag[Tag.OUTLINES_CLOSE])
+                outlines_closed = True
+            elif isinstance(part, Thread) and not part.closed:
+                out += self._open_ids(part.body) + [self._tag[Tag.THREAD_CLOSE]]
+            if outlines_closed and not last.threads:
+                out += self._empty_join
+            else:
+                out.append(self._tag[Tag.PARALLEL_CLOSE])
+        return out
+
+    def _closing(self, response: Sequence[int], path: tuple) -> list[int]:
+        """Ids that close the line at ``path`` as it stands (its own ``</Thread>`` included)."""
+        return self._closing_of(*self._view(response, path))
+
+    def _closing_of(self, nodes: tuple, thread: Thread | None, top: tuple) -> list[int]:
+        ids = self._open_ids(nodes)
+        if thread is not None:
+            ids.append(self._tag[Tag.THREAD_CLOSE])
+        else:  # validate's rule: <think> seen and no </think> anywhere
+            markers = {n.tag for n in top if isinstance(n, Marker)}
+            if Tag.THINK_OPEN in markers and Tag.THINK_CLOSE not in markers:
+                ids.append(self._tag[Tag.THINK_CLOSE])
+        return ids
+
+    @staticmethod
+    def _first_implicit_close(top: tuple, from_offset: int) -> tuple[int, list] | None:
+        """The first response offset >= ``from_offset`` holding a tag that ended elements without their
+        closing tag (e.g. ``<Outline>`` inside an open outline, ``<Thread>`` inside an open thread), and
+        those elements, innermost first."""
+        total = sum(node_length(n) for n in top)
+        found: dict[int, list] = {}
+
+        def walk(nodes: tuple, offset: int) -> None:
+            for n in nodes:
+                length = node_length(n)
+                if isinstance(n, (Block, Outlines, Outline, Thread)):
+                    walk(n.parts if isinstance(n, (Block, Outlines)) else n.body, offset + 1)
+                    end = offset + length
+                    if not n.closed and from_offset <= end < total:
+                        found.setdefault(end, []).append(n)
+                offset += length
+
+        walk(top, 0)
+        if not found:
+            return None
+        first = min(found)
+        return first, found[first]
+
+    @staticmethod
+    def _fork_point(nodes: tuple) -> Block | None:
+        """The block whose outline list just closed at the end of the line, with no thread yet."""
+        last = nodes[-1] if nodes else None
+        if (isinstance(last, Block) and not last.closed and last.parts and isinstance(last.parts[-1], Outlines)
+                and last.parts[-1].closed and not last.threads):
+            return last
+        return None
+
+    def _can_fork(self, depth: int) -> bool:
+        return self.config.fork and depth + 1 <= self.config.max_depth
+
+    def _stops(self, thread: bool, depth: int) -> list[int]:
+        fmt = self.fmt
+        stops = fmt.thread_stop_ids if thread else (fmt.sequential_stop_ids if self.config.fork else list(fmt.eos_ids))
+        if not self._can_fork(depth):
+            stops = [i for i in stops if i != self._tag[Tag.OUTLINES_CLOSE]]
+        return list(stops)
+
+    # ------------------------------------------------------------------ a line
+    async def _line(self, run: _Run, start: list[int], start_atoms: list, path: tuple, depth: int, limit: int,
+                    limit_reason: str) -> tuple[list[int], list[Request]]:
+        """Generate one line from ``start`` (main line: path (); a thread: its fork context). Returns the
+        ids the line added (a thread's: after its header, ending in ``</Thread>``) and its Requests."""
+        thread_line = bool(path)
+        kind = THREAD if thread_line else SEQUENTIAL
+        ctx = list(start)
+        P = len(run.prompt)
+        ctx_atoms = list(start_atoms)  # atoms of ctx[P:], kept in step with ctx
+        reqs: list[Request] = []
+
+        def extend(ids: list[int]) -> None:
+            ctx.extend(ids)
+            ctx_atoms.extend(self._atoms(ids))
+
+        def view(extra: list[int]) -> tuple[tuple, Thread | None, tuple]:
+            return self._view_atoms(ctx_atoms + self._atoms(extra), path)
+
+        def emit(gen: list[int], lps: list[float] | None, tail: list[int], finish: str) -> None:
+            completion = gen + tail
+            if completion or thread_line:  # the splitter emits no empty main-line request
+                reqs.append(Request(tuple(ctx), tuple(completion), kind, path,
+                                    logprobs=tuple(lps) if lps is not None else None, finish=finish,
+                                    forced=len(tail)))
+            extend(completion)
+
+        def finalize(gen: list[int], lps: list[float] | None, finish: str,
+                     tail_of: Callable[[list[int]], list[int]]) -> tuple[list[int], list[Request]]:
+            room = limit - (len(ctx) - len(start))
+            tail = tail_of(gen)
+            trimmed = False
+            while gen and len(gen) + len(tail) > room:
+                gen = gen[:-1]
+                lps = lps[:-1] if lps is not None else None
+                tail = tail_of(gen)
+                trimmed = True
+            if len(gen) + len(tail) > room:  # only an added final EOS can overflow: drop it
+                tail = self._closing_of(*view([]))
+            if trimmed:
+                run.note(CLOSING_TRIMMED, path, f"{len(tail)} closing ids")
+            emit_closed(gen, lps, tail, finish)
+            return ctx[len(start):], reqs
+
+        def emit_closed(gen: list[int], lps: list[float] | None, tail: list[int], finish: str) -> None:
+            """Emit a line's last completion. When the closing ends a block with no thread (its outline
+            list closed, by the model or by the closing), the empty join sits between two Requests, as
+            in the splitter: the completion up to ``</Outlines>``, then the rest after the join."""
+            nodes, _, _ = view(gen)
+            last = nodes[-1] if nodes else None
+            if not (isinstance(last, Block) and not last.closed and not last.threads and last.parts
+                    and isinstance(last.parts[-1], Outlines)):
+                emit(gen, lps, tail, finish)
+                return
+            outlines = last.parts[-1]
+            a = 0 if outlines.closed else 1 + int(bool(outlines.parts) and isinstance(outlines.parts[-1], Outline)
+                                                  and not outlines.parts[-1].closed)
+            join = self._empty_join
+            assert tail[a:a + len(join)] == join, "closing of an empty block must be the empty join"
+            if gen or a:
+                emit(gen, lps, tail[:a], finish)
+            extend(join)
+            rest = tail[a + len(join):]
+            emit([], [] if rest else None, rest, FINISH_FORCED)
+
+        def close_tail(gen: list[int]) -> list[int]:
+            return self._closing_of(*view(gen))
+
+        # what the line needs closed now (at its start: nothing, or a thread's </Thread>); kept up to date
+        closing = [self._tag[Tag.THREAD_CLOSE]] if thread_line else []
+        while True:
+            room = limit - (len(ctx) - len(start)) - len(closing)
+            why = run.stop_reason or (BUDGET_REQUESTS if run.calls_left <= 0 else None) or (
+                limit_reason if room < 1 else None)
+            if why:
+                run.note(why, path)
+                emit_closed([], [] if closing else None, closing, FINISH_FORCED)
+                return ctx[len(start):], reqs
+            margin = self.config.close_reserve_tokens
+            max_tokens = room - margin if room > margin else room
+            stops = self._stops(thread_line, depth)
+            comp = await self._call(run, ctx, max_tokens, stops, path, kind)
+
+            gen = [int(i) for i in comp.token_ids]
+            lps = [float(x) for x in comp.logprobs] if comp.logprobs is not None and len(comp.logprobs) == len(gen) \
+                else None
+            if len(gen) > max_tokens:
+                run.note(ENGINE_OVERRUN, path, f"{len(gen)} ids for max_tokens={max_tokens}")
+                gen, lps = gen[:max_tokens], (lps[:max_tokens] if lps is not None else None)
+            stop_set = set(stops)
+            cut = next((i for i, t in enumerate(gen) if t in stop_set), None)
+            if cut is not None and cut < len(gen) - 1:
+                run.note(TOKENS_AFTER_STOP, path, f"{len(gen) - cut - 1} ids after stop id {gen[cut]}")
+                gen, lps = gen[:cut + 1], (lps[:cut + 1] if lps is not None else None)
+            if not gen:
+                run.note(EMPTY_COMPLETION, path)
+                return finalize(gen, lps, comp.finish, close_tail)
+
+            nodes, thread, top = view(gen)
+            tail: list[int] = []  # closing ids the controller adds to this completion
+            implicit = self._first_implicit_close(top, len(ctx) - P)
+            if implicit is not None:
+                offset, ended = implicit
+                keep = offset - (len(ctx) - P)
+                detail = f"id {gen[keep]} at completion offset {keep}"
+                gen, lps = gen[:keep], (lps[:keep] if lps is not None else None)
+                if thread is not None and any(n is thread for n in ended):
+                    run.note(THREAD_BREAKOUT, path, detail)
+                    return finalize(gen, lps, FINISH_STOP, close_tail)
+                tail = [self._close_of[type(n)] for n in ended]
+                run.note(IMPLICIT_CLOSE, path, detail)
+                nodes, thread, top = view(gen + tail)
+                if (len(ctx) - len(start)) + len(gen) + len(tail) + len(self._closing_of(nodes, thread, top)) > limit:
+                    run.note(limit_reason, path, "no room to go on after closing")
+                    return finalize(gen, lps, FINISH_STOP, close_tail)
+            elif thread is not None and thread.closed:  # its </Thread> is the last id (cut at the first stop)
+                emit(gen, lps, [], FINISH_STOP)
+                return ctx[len(start):], reqs
+            last = tail[-1] if tail else gen[-1]
+            if last in self._eos:
+                if thread_line:
+                    run.note(EOS_IN_THREAD, path)
+                    return finalize(gen[:-1], lps[:-1] if lps is not None else None, FINISH_EOS, close_tail)
+                if not self._closing_of(nodes, thread, top):  # (EOS closes nothing: same as without it)
+                    emit(gen, lps, [], FINISH_EOS)
+                    return ctx[len(start):], reqs
+                run.note(CLOSED_AT_EOS, path)
+                return finalize(gen[:-1], lps[:-1] if lps is not None else None, FINISH_EOS,
+                                lambda g: close_tail(g) + [last])
+            if last == self._tag[Tag.OUTLINES_CLOSE] and self._can_fork(depth):
+                block = self._fork_point(nodes)
+                if block is not None:
+                    if run.blocks_used >= self.config.max_blocks:
+                        run.stop_reason = BUDGET_BLOCKS
+                        run.note(BUDGET_BLOCKS, path)
+                        return finalize(gen, lps, FINISH_STOP, close_tail)
+                    shared = ctx + gen + tail
+                    shared_atoms = ctx_atoms + self._atoms(gen + tail)
+                    plan = self._plan_fork(run, shared, shared_atoms, start, block, path, limit, limit_reason)
+                    if plan is None:  # not even an empty join fits: close the block where it stands
+                        return finalize(gen, lps, FINISH_STOP, close_tail)
+                    emit(gen, lps, tail, FINISH_STOP)
+                    nblock = sum(isinstance(n, Block) for n in nodes)
+                    joined = await self._run_block(run, shared, shared_atoms, plan, nblock, path, depth, reqs)
+                    ctx[:] = joined
+                    ctx_atoms[:] = shared_atoms + self._atoms(joined[len(shared):])
+                    closing = plan[3]
+                    continue
+            if tail:  # closed what the model ended implicitly: the line goes on
+                closing = self._closing_of(nodes, thread, top)
+                emit(gen, lps, tail, FINISH_STOP)
+                continue
+            if last in stop_set:
+                run.note(STRAY_STOP, path, f"stop id {last} opened no block and closed no thread")
+                closing = self._closing_of(nodes, thread, top)
+                if (len(ctx) - len(start)) + len(gen) + len(closing) > limit:
+                    run.note(limit_reason, path, "no room to go on after the stop")
+                    return finalize(gen, lps, FINISH_STOP, close_tail)
+                emit(gen, lps, [], FINISH_STOP)
+                continue
+            finish = FINISH_LENGTH
+            if comp.finish == FINISH_LENGTH or len(gen) >= max_tokens:
+                run.note(TRUNCATED, path, f"{len(gen)} ids, max_tokens={max_tokens}")
+                if len(gen) >= max_tokens:
+                    run.note(limit_reason, path)
+            else:
+                finish = comp.finish
+                run.note(ENGINE_STOP_WITHOUT_STOP_ID, path, f"finish={comp.finish!r}, last id {last}")
+            return finalize(gen, lps, finish, close_tail)
+
+    # ------------------------------------------------------------------ fork / join
+    def _choose_threads(self, run: _Run, block: Block, path: tuple) -> list[int]:
+        numbers = outline_numbers(block, self.fmt.decode)
+        if self.config.outline_numbers == "by_position":
+            chosen = list(range(1, len(numbers) + 1))
+            if numbers != chosen:
+                run.note(OUTLINE_NUMBERS_RENUMBERED, path, f"outlines numbered {numbers}")
+        else:
+            chosen, seen = [], set()
+            dropped, repeated = [], []
+            for n in numbers:
+                if n is None or not 1 <= n <= len(numbers):
+                    dropped.append(n)
+                elif n in seen:
+                    repeated.append(n)
+                else:
+                    seen.add(n)
+                    chosen.append(n)
+            if dropped:
+                run.note(OUTLINE_NUMBERS_DROPPED, path, f"outlines numbered {numbers}; dropped {dropped}")
+            if repeated:
+                run.note(OUTLINE_NUMBERS_DEDUPLICATED, path, f"outlines numbered {numbers}; repeated {repeated}")
+        if len(chosen) > self.config.max_threads_per_block:
+            run.note(BUDGET_THREADS_PER_BLOCK, path, f"{len(chosen)} outlines, "
+                                                     f"{self.config.max_threads_per_block} threads forked")
+            chosen = chosen[: self.config.max_threads_per_block]
+        return chosen
+
+    def _plan_fork(self, run: _Run, shared: list[int], shared_atoms: list, start: list[int], block: Block,
+                   path: tuple, limit: int,
+                   limit_reason: str) -> tuple[list[int], int, str, list[int]] | None:
+        """Which threads to fork for the block whose outline list ends ``shared``, and each one's token
+        budget: (numbers, share, the share's budget reason, the line's closing after the join); None
+        when not even an empty join fits."""
+        fmt, cfg = self.fmt, self.config
+        numbers = self._choose_threads(run, block, path)
+        after = self._closing_of(*self._view_atoms(shared_atoms + self._atoms(self._empty_join), path))
+        room = limit - (len(shared) - len(start)) - len(after)
+        k, share = 0, 0
+        for kk in range(len(numbers), 0, -1):
+            avail = room - (len(fmt.join(shared, [(n, ()) for n in numbers[:kk]])) - len(shared))
+            if avail >= kk:  # at least the closing </Thread> of each
+                k = kk
+                share = (avail - cfg.join_reserve_tokens) // kk
+                share = share if share >= 1 else avail // kk
+                break
+        if k == 0 and room < len(fmt.join(shared, [])) - len(shared):
+            run.note(limit_reason, path, "no room to join the block")
+            return None
+        if k < len(numbers):
+            run.note(limit_reason, path, f"{len(numbers) - k} of {len(numbers)} threads not forked")
+        if share >= cfg.max_thread_tokens:
+            return numbers[:k], cfg.max_thread_tokens, BUDGET_THREAD, after
+        return numbers[:k], share, limit_reason, after
+
+    async def _run_block(self, run: _Run, shared: list[int], shared_atoms: list, plan: tuple, nblock: int,
+                         path: tuple, depth: int, reqs: list[Request]) -> list[int]:
+        """Fork: run the planned threads concurrently. Join: return the joined context. Appends the
+        threads' Requests (outline order, each thread's own requests depth first) to ``reqs``."""
+        fmt = self.fmt
+        numbers, share, reason, _ = plan
+        run.blocks_used += 1
+        coros = []
+        for i, n in enumerate(numbers, start=1):
+            context = fmt.fork_context(shared, n)
+            coros.append(self._line(run, context, shared_atoms + self._atoms(context[len(shared):]),
+                                    path + (nblock, i), depth + 1, share, reason))
+        results = await _gather(coros)
+        for _, thread_reqs in results:
+            reqs.extend(thread_reqs)
+        return fmt.join(shared, [(n, ids) for n, (ids, _) in zip(numbers, results)])
+
+    # ------------------------------------------------------------------ engine
+    async def _call(self, run: _Run, ctx: list[int], max_tokens: int, stops: list[int], path: tuple,
+                    kind: str) -> Completion:
+        run.calls_left -= 1
+        index = len(run.calls)
+        started = time.perf_counter() - run.t0
+        where = f"trajectory {run.routing_key!r}: engine call {index + 1} ({kind}, path {list(path)}, " \
+                f"{len(ctx)} prompt ids, max_tokens={max_tokens})"
+        timeout = self.config.request_timeout_s
+        try:
+            call = run.engine.complete(ctx, max_tokens=max_tokens, stop_token_ids=stops,
+                                       routing_key=run.routing_key, sampling=run.sampling)
+            comp = await (asyncio.wait_for(call, timeout) if timeout else call)
+        except asyncio.CancelledError:
+            raise
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            raise RolloutError(f"{where} timed out after {timeout} s; the trajectory is failed "
+                               "(raise ControllerConfig.request_timeout_s if the engine is just slow)") from e
+        except Exception as e:  # noqa: BLE001 - re-raised with the trajectory's context
+            raise RolloutError(f"{where} failed: {type(e).__name__}: {e}") from e
+        if not isinstance(comp, Completion):
+            raise RolloutError(f"{where}: the engine returned {type(comp).__name__}, not a Completion")
+        if comp.finish == FINISH_ABORT:
+            raise RolloutError(f"{where}: the engine aborted the request; the trajectory is failed")
+        run.calls.append(EngineCall(path, kind, len(ctx), max_tokens, len(comp.token_ids), comp.finish,
+                                    comp.cached_tokens, started, time.perf_counter() - run.t0))
+        return comp
+
+
+async def _gather(coros: Sequence[Awaitable]) -> list:
+    """``asyncio.gather`` that cancels the siblings when one fails (a failed thread fails the trajectory)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

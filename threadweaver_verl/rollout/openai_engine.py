@@ -1,0 +1,165 @@
+"""The :class:`~threadweaver_verl.rollout.engine.Engine` over an OpenAI-compatible ``/v1/completions``
+route with token-id prompts: vLLM's and SGLang's servers, or anything else that speaks it.
+
+Request fields sent (one choice, no streaming)::
+
+    prompt          list[int]      the context ids (no re-tokenization anywhere)
+    max_tokens      int            from the controller's budgets
+    stop_token_ids  list[int]      the controller's stops (</Outlines>, </Thread>, EOS)
+    logprobs        0              when log-probs are wanted: the sampled token's log-prob only
+    user            routing key    (also sent as the ``routing_header`` HTTP header)
+    return_token_ids true          vLLM >= 0.10.2 and SGLang both return ``choices[0].token_ids``
+    skip_special_tokens false      keep the tags / EOS in the text too (the ids are what counts)
+    + every sampling setting given (temperature, top_p, top_k, min_p, repetition_penalty, ...)
+
+Server specifics (``server`` setting):
+
+- ``vllm``: the stop token id is the last returned id; ``stop_reason`` names it.
+  Cached prompt tokens come back in ``usage.prompt_tokens_details.cached_tokens`` when the
+  server runs with ``--enable-prompt-tokens-details`` (and ``--enable-prefix-caching``).
+- ``sglang``: also sends ``no_stop_trim: true`` so the stop token is kept; ``matched_stop``
+  names it (appended when a version still trims it). Cached tokens need ``--enable-cache-report``.
+- ``generic``: only the standard fields plus ``stop_token_ids`` and ``return_token_ids``.
+
+Do not set ``X-Request-Id`` for routing: vLLM uses it as the request id, and the threads of one
+trajectory are in flight at once. The routing key goes in ``user`` and ``routing_header``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..openai_http import OpenAIHTTP, OpenAIHTTPConfig
+from .engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, EngineError
+
+SERVERS = ("vllm", "sglang", "generic")
+
+# Settings the engine itself owns; a sampling dict may not override them.
+_OWNED = frozenset({"prompt", "max_tokens", "stop_token_ids", "n", "stream", "echo", "model", "user"})
+
+
+@dataclass
+class OpenAIEngineConfig:
+    """Where and how to reach the server (the HTTP knobs are those of :class:`OpenAIHTTPConfig`)."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    """Server root (``/v1`` suffix optional)."""
+    model: str | None = None
+    """Served model name; None sends no ``model`` field (vLLM and SGLang then use the one they serve)."""
+    server: str = "vllm"
+    """``vllm``, ``sglang`` or ``generic``: which extra request fields are sent (see the module doc)."""
+    api_key_env: str | None = None
+    """Environment variable holding an API key, or None."""
+    max_concurrency: int = 64
+    """Requests in flight at once through this engine."""
+    timeout_s: float = 600.0
+    """Per HTTP attempt."""
+    max_retries: int = 3
+    """Retries on 429/5xx/timeouts/connection errors (exponential backoff with jitter)."""
+    backoff_s: float = 0.5
+    """Base of the backoff."""
+    routing_header: str | None = "X-Routing-Key"
+    """HTTP header carrying the trajectory's routing key (for a sticky router); None: only ``user``."""
+    logprobs: bool = True
+    """Ask for the sampled tokens' log-probs (``logprobs: 0``)."""
+
+    def __post_init__(self) -> None:
+        if self.server not in SERVERS:
+            raise ValueError(f"OpenAIEngineConfig.server={self.server!r}; choose one of {SERVERS}")
+
+
+_FINISH = {"stop": FINISH_STOP, "length": FINISH_LENGTH, "abort": FINISH_ABORT}
+
+
+class OpenAICompletionsEngine:
+    """Engine over ``/v1/completions``. One instance per event loop; ``await aclose()`` when done."""
+
+    def __init__(self, config: OpenAIEngineConfig | None = None, *, http: OpenAIHTTP | None = None, **overrides):
+        cfg = config or OpenAIEngineConfig()
+        if overrides:
+            cfg = OpenAIEngineConfig(**{**cfg.__dict__, **overrides})
+        self.config = cfg
+        self.http = http or OpenAIHTTP(OpenAIHTTPConfig(
+            base_url=cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
+            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s))
+
+    def payload(self, prompt_ids: Sequence[int], *, max_tokens: int, stop_token_ids: Sequence[int],
+                routing_key: str, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON body of one request (public for tests and debugging)."""
+        sampling = dict(sampling or {})
+        clash = sorted(_OWNED & set(sampling))
+        if clash:
+            raise ValueError(f"sampling sets {clash}, which the engine sets itself per request; remove them")
+        want_logprobs = sampling.pop("logprobs", self.config.logprobs)
+        body: dict[str, Any] = {
+            "prompt": [int(i) for i in prompt_ids],
+            "max_tokens": int(max_tokens),
+            "stop_token_ids": [int(i) for i in stop_token_ids],
+            "user": routing_key,
+            "return_token_ids": True,
+            "n": 1,
+            "stream": False,
+        }
+        if self.config.model:
+            body["model"] = self.config.model
+        if want_logprobs is not None and want_logprobs is not False:
+            body["logprobs"] = 0
+        if self.config.server in ("vllm", "sglang"):
+            body["skip_special_tokens"] = False
+        if self.config.server == "sglang":
+            body["no_stop_trim"] = True
+        body.update(sampling)
+        return body
+
+    async def complete(self, prompt_ids: Sequence[int], *, max_tokens: int, stop_token_ids: Sequence[int],
+                       routing_key: str, sampling: dict[str, Any] | None = None) -> Completion:
+        body = self.payload(prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
+                            routing_key=routing_key, sampling=sampling)
+        headers = {self.config.routing_header: routing_key} if self.config.routing_header else None
+        answer = await self.http.post_json("/v1/completions", body, headers=headers)
+        return self.parse(answer, stop_token_ids)
+
+    def parse(self, answer: Any, stop_token_ids: Sequence[int]) -> Completion:
+        """Turn a ``/v1/completions`` JSON answer into a Completion."""
+        try:
+            choice = answer["choices"][0]
+        except (KeyError, IndexError, TypeError) as e:
+            raise EngineError(f"the server's answer has no choices[0]: {str(answer)[:300]}") from e
+        ids = choice.get("token_ids")
+        if ids is None:
+            raise EngineError(
+                "the server returned no choices[0].token_ids. The engine needs token ids back: vLLM >= 0.10.2 and "
+                "SGLang support `return_token_ids`; for another server, pick one that returns them "
+                f"(server setting is {self.config.server!r})")
+        ids = [int(i) for i in ids]
+        logprobs = None
+        lp = choice.get("logprobs")
+        if isinstance(lp, dict) and lp.get("token_logprobs") is not None:
+            values = lp["token_logprobs"]
+            if len(values) == len(ids) and all(v is not None for v in values):
+                logprobs = [float(v) for v in values]
+        finish_raw = choice.get("finish_reason")
+        finish = _FINISH.get(finish_raw, FINISH_STOP if finish_raw else FINISH_LENGTH)
+        matched = choice.get("stop_reason", choice.get("matched_stop"))
+        extra: dict[str, Any] = {"finish_reason": finish_raw}
+        if (finish == FINISH_STOP and isinstance(matched, int) and matched in set(stop_token_ids)
+                and (not ids or ids[-1] != matched)):
+            ids.append(matched)  # a server that trimmed the stop token: put it back (its log-prob is unknown)
+            logprobs = None
+            extra["stop_token_restored"] = True
+        cached = None
+        usage = answer.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            cached = int(details["cached_tokens"])
+        return Completion(token_ids=ids, finish=finish, logprobs=logprobs, cached_tokens=cached, extra=extra)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "OpenAICompletionsEngine":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()

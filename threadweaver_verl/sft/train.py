@@ -1,0 +1,293 @@
+"""``python -m threadweaver_verl sft model=DIR train_files=DATA.parquet output_dir=OUT [key=value ...]``
+
+Trie SFT that runs anywhere (CPU or one GPU, no verl needed): the HF Trainer
+with the trie collator and the parent-gathered loss. Same rows, same mask, same
+per-token loss as the verl path (:mod:`.verl_dataset` + :mod:`.verl_engine`).
+
+Writes in ``output_dir``: ``model/`` (the final HF checkpoint with its tokenizer:
+load it with transformers or serve it with vLLM), ``loss_curve.csv`` (step,
+epoch, elapsed_s, loss, learning_rate, grad_norm), ``sft_summary.json``,
+``sft.yaml`` (the settings) and, with ``save_steps > 0``, HF ``checkpoint-N``
+folders (``resume=true`` continues from the last one).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .batch import ATTENTION_CHOICES, TrieCollator, forward_logprobs, row_features
+from .data import LAYOUTS, SFTExample, build_rows, load_examples
+from .loss import mean_nll
+from .trie import Trie
+
+
+@dataclass
+class SFTConfig:
+    """``sft``: trie-packed supervised fine-tuning with the HF Trainer."""
+
+    model: str = ""  # HF model folder (tokenizer with the format tags; see `prepare-model`)
+    train_files: list[str] = field(default_factory=list)  # SFT parquet files (data.schema's SFT schema)
+    val_files: list[str] = field(default_factory=list)  # optional: mean loss reported at the end
+    output_dir: str = ""  # everything goes here; the final model in output_dir/model
+    layout: str = "trie"  # trie (one trie per trajectory) | expanded (one chain per Request)
+    max_tokens: int = 4096  # token budget of one packed row
+    batch_size: int = 4  # rows per optimizer step (per device)
+    grad_accum: int = 1  # micro-batches per optimizer step (each micro-batch's loss is its own token mean)
+    max_steps: int = -1  # stop after this many optimizer steps (-1: run `epochs`)
+    epochs: float = 1.0  # passes over the data when max_steps is -1
+    minutes: float = 0.0  # wall-clock budget for training; 0 = none (whichever of steps/minutes ends first)
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "cosine"  # any HF scheduler name: cosine | linear | constant | constant_with_warmup ...
+    max_grad_norm: float = 1.0
+    attention: str = "auto"  # auto | sdpa (4-D bool mask) | flex (BlockMask, GPU only for training)
+    flex_min_tokens: int = 4096  # auto uses flex for rows at least this long (on a GPU; a CPU stays on sdpa)
+    bf16: bool = False  # bf16 autocast (GPU or a CPU with bf16)
+    seed: int = 0
+    max_samples: int = -1  # use only the first N trajectories (-1: all)
+    logging_steps: int = 10
+    save_steps: int = 0  # HF checkpoint-N every N steps (0: only the final model)
+    save_total_limit: Optional[int] = 2
+    resume: bool = False  # continue from the last checkpoint-N in output_dir
+    num_workers: int = 0  # dataloader workers
+
+
+@dataclass
+class SFTResult:
+    model_dir: str
+    steps: int
+    seconds: float
+    final_loss: float
+    val_loss: Optional[float]
+    rows: int
+    trajectories: int
+    row_tokens: int
+    loss_tokens: int
+    stopped_by: str  # "steps" | "epochs" | "time"
+    loss_curve: str
+
+
+class RowDataset(Dataset):
+    """Training rows (tries or chains) as feature dicts."""
+
+    def __init__(self, rows: Sequence[Trie]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return row_features(self.rows[i])
+
+
+def check_config(cfg: SFTConfig) -> None:
+    problems = []
+    if not cfg.model:
+        problems.append("model=DIR (an HF model folder) is required")
+    if not cfg.train_files:
+        problems.append("train_files=[a.parquet,...] is required")
+    if not cfg.output_dir:
+        problems.append("output_dir=DIR is required")
+    if cfg.layout not in LAYOUTS:
+        problems.append(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
+    if cfg.attention not in ATTENTION_CHOICES:
+        problems.append(f"attention must be one of {ATTENTION_CHOICES}, got {cfg.attention!r}")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        problems.append("set max_steps > 0 or epochs > 0")
+    for name in ("max_tokens", "batch_size", "grad_accum"):
+        if getattr(cfg, name) <= 0:
+            problems.append(f"{name} must be positive")
+    if problems:
+        raise ValueError("sft settings: " + "; ".join(problems))
+
+
+def mean_loss(model: Any, rows: Sequence[Trie], pad_token_id: int, batch_size: int, attention: str = "auto",
+              flex_min_tokens: int = 4096) -> float:
+    """Mean NLL over all loss tokens of ``rows`` (no gradient)."""
+    collate = TrieCollator(pad_token_id)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = collate([row_features(r) for r in rows[i:i + batch_size]])
+            lp = forward_logprobs(model, batch, attention, flex_min_tokens)
+            mask = batch["loss_mask"].to(lp.device).bool()
+            total += float(-(lp[mask]).sum())
+            count += int(mask.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _make_trainer_classes():
+    from transformers import Trainer, TrainerCallback
+
+    class TrieTrainer(Trainer):
+        """HF Trainer whose loss is the parent-gathered trie NLL."""
+
+        def __init__(self, *args, attention: str = "auto", flex_min_tokens: int = 4096, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.attention = attention
+            self.flex_min_tokens = flex_min_tokens
+            self.model_accepts_loss_kwargs = False  # the loss is a token mean per micro-batch
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            lp = forward_logprobs(model, inputs, self.attention, self.flex_min_tokens)
+            loss = mean_nll(lp, inputs["loss_mask"].to(lp.device))
+            return (loss, {"logprobs": lp}) if return_outputs else loss
+
+    class BudgetAndCurve(TrainerCallback):
+        """Stops at the time budget; appends every log to the loss curve CSV."""
+
+        FIELDS = ("step", "epoch", "elapsed_s", "loss", "learning_rate", "grad_norm")
+
+        def __init__(self, minutes: float, curve: Path, append: bool):
+            self.budget = minutes * 60.0
+            self.curve = curve
+            self.start = time.monotonic()
+            self.stopped_by_time = False
+            if not append or not curve.exists():
+                with curve.open("w", newline="") as f:
+                    csv.writer(f).writerow(self.FIELDS)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.budget > 0 and time.monotonic() - self.start >= self.budget:
+                self.stopped_by_time = True
+                control.should_training_stop = True
+                control.should_log = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            row = {"step": state.global_step, "epoch": logs.get("epoch", state.epoch),
+                   "elapsed_s": round(time.monotonic() - self.start, 3), "loss": logs.get("loss"),
+                   "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
+            with self.curve.open("a", newline="") as f:
+                csv.writer(f).writerow([row[k] for k in self.FIELDS])
+
+    return TrieTrainer, BudgetAndCurve
+
+
+def _last_checkpoint(out: Path) -> Optional[str]:
+    ckpts = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
+
+
+def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
+    """Run SFT; returns where the model went and how it ended."""
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+
+    from ..config import to_yaml
+    from ..format import TokenFormat
+
+    check_config(cfg)
+    console = console or Console()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft.yaml").write_text(to_yaml(cfg))
+    set_seed(cfg.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    fmt = TokenFormat.from_tokenizer(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos_ids[0]
+    examples: list[SFTExample] = load_examples(cfg.train_files, tokenizer, fmt, cfg.max_samples)
+    rows = build_rows(examples, cfg.layout, cfg.max_tokens)
+    val_rows = build_rows(load_examples(cfg.val_files, tokenizer, fmt), cfg.layout, cfg.max_tokens) \
+        if cfg.val_files else []
+    row_tokens = sum(len(r) for r in rows)
+    loss_tokens = sum(r.num_loss_tokens for r in rows)
+    console.print(f"[bold]sft[/bold] {len(examples)} trajectories -> {len(rows)} {cfg.layout} rows "
+                  f"({row_tokens} tokens, {loss_tokens} with loss, budget {cfg.max_tokens}/row)")
+
+    use_cpu = not torch.cuda.is_available()
+    if use_cpu and cfg.attention == "flex":
+        raise ValueError("attention=flex cannot train on a CPU (torch's flex attention has no CPU backward); "
+                         "use attention=auto or sdpa here")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa")
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.epochs if cfg.max_steps <= 0 else 1.0,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=cfg.save_total_limit,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.num_workers,
+        use_cpu=use_cpu,
+        disable_tqdm=False,
+    )
+    TrieTrainer, BudgetAndCurve = _make_trainer_classes()
+    curve_path = out / "loss_curve.csv"
+    resume_from = _last_checkpoint(out) if cfg.resume else None
+    budget = BudgetAndCurve(cfg.minutes, curve_path, append=resume_from is not None)
+    trainer = TrieTrainer(
+        model=model, args=args, train_dataset=RowDataset(rows), data_collator=TrieCollator(pad_id),
+        processing_class=tokenizer, callbacks=[budget],
+        attention=cfg.attention, flex_min_tokens=cfg.flex_min_tokens,
+    )
+    start = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.monotonic() - start
+
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))  # weights + config + tokenizer (processing_class)
+    model.generation_config.save_pretrained(str(model_dir))
+    val_loss = mean_loss(model, val_rows, pad_id, cfg.batch_size, cfg.attention, cfg.flex_min_tokens) \
+        if val_rows else None
+    history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    stopped_by = "time" if budget.stopped_by_time else ("steps" if cfg.max_steps > 0 else "epochs")
+    res = SFTResult(
+        model_dir=str(model_dir), steps=int(trainer.state.global_step), seconds=round(seconds, 2),
+        final_loss=float(history[-1]) if history else float(result.training_loss),
+        val_loss=val_loss, rows=len(rows), trajectories=len(examples), row_tokens=row_tokens,
+        loss_tokens=loss_tokens, stopped_by=stopped_by, loss_curve=str(curve_path),
+    )
+    (out / "sft_summary.json").write_text(json.dumps({"config": asdict(cfg), "result": asdict(res)}, indent=2))
+    _print_summary(console, res)
+    return res
+
+
+def _print_summary(console: Any, res: SFTResult) -> None:
+    from rich.table import Table
+
+    table = Table(title="sft summary")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for k, v in asdict(res).items():
+        if isinstance(v, float) and not math.isnan(v):
+            v = f"{v:.4f}"
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    from ..config import load_config
+
+    cfg = load_config(SFTConfig, argv)
+    train(cfg)
+    return 0

@@ -1,0 +1,1 @@
+"""Synthetic tasks with parallel and sequential reference solutions (``make-data``)."""

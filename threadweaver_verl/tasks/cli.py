@@ -1,0 +1,170 @@
+"""``python -m threadweaver_verl make-data out=DIR preset=3x4 n_train=5000 n_test=200 seed=0``
+
+Writes, in ``out``:
+
+- ``train.parquet``, ``test.parquet``: RL rows (verl's schema, :mod:`..data.schema`);
+- ``sft_parallel.parquet``: the train problems with their parallel solutions;
+- ``sft_sequential.parquet``: the same problems with their sequential solutions;
+- ``summary.json``: the settings and the token statistics printed at the end.
+
+Every sample is checked before it is written (:func:`multiplication.check_sample`):
+format-valid, split into fork/join Requests that rebuild it, true product boxed.
+``list_presets=true`` prints the token table of every preset and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from . import multiplication as mul
+
+
+@dataclass
+class MakeDataConfig:
+    """``make-data``: the synthetic multiplication datasets."""
+
+    out: str = ""  # output folder (required unless list_presets)
+    preset: str = "3x4"  # a name in multiplication.PRESETS or digits per factor like "5x3" or "3x2x2"
+    n_train: int = 5000  # train problems (RL rows and SFT rows of each kind)
+    n_test: int = 200  # held-out problems (RL rows), never among the train problems
+    seed: int = 0
+    instruction: str = "none"  # "none", "default" (data.chat.DEFAULT_INSTRUCTION) or the instruction text
+    system: Optional[str] = None  # system message, if any
+    agent_name: str = "threadweaver"  # verl agent loop of the RL rows
+    tokenizer: Optional[str] = None  # HF folder for prompt ids and token counts; default: the tiny tokenizer
+    list_presets: bool = False  # print every preset's token table and exit
+    table_samples: int = 200  # problems per preset for list_presets
+
+
+def prompt_style(cfg: MakeDataConfig):
+    from ..data.chat import DEFAULT_INSTRUCTION, PromptStyle
+
+    instruction = {"none": None, "default": DEFAULT_INSTRUCTION}.get(cfg.instruction, cfg.instruction)
+    return PromptStyle(instruction=instruction, system=cfg.system)
+
+
+def _tokenizer(path: str | None):
+    if path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    from ..tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def _means(tokens: Sequence[mul.SampleTokens]) -> dict[str, float]:
+    seq_t = statistics.mean(t.sequential_T for t in tokens)
+    par_t = statistics.mean(t.parallel_T for t in tokens)
+    par_l = statistics.mean(t.parallel_L for t in tokens)
+    return {"sequential_T": seq_t, "parallel_T": par_t, "parallel_L": par_l, "ideal_speedup": seq_t / par_l,
+            "parallel_T_over_L": par_t / par_l}
+
+
+def preset_table(fmt, n: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """Mean token counts of both solutions for every preset (``n`` problems each)."""
+    rows = []
+    for name, digits in mul.PRESETS.items():
+        d = mul.Difficulty(digits)
+        tokens = [mul.check_sample(s, fmt) for s in mul.make_samples(d, n, seed)]
+        rows.append({"preset": name, "threads_per_block": list(d.threads_per_block), **_means(tokens)})
+    return rows
+
+
+_LABELS = {"problems": "n", "threads_per_block": "threads", "sequential_T": "seq T", "parallel_T": "par T",
+           "parallel_L": "par L", "ideal_speedup": "seq T / par L", "parallel_T_over_L": "par T / L"}
+
+
+def _print_rows(console, title: str, rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for k in rows[0]:
+        table.add_column(_LABELS.get(k, k), justify="right")
+    for r in rows:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()))
+    console.print(table)
+
+
+def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
+    """Write the datasets of ``cfg`` to ``cfg.out``; returns the summary (also in ``summary.json``)."""
+    from rich.console import Console
+    from tqdm import tqdm
+
+    from ..config import to_yaml
+    from ..data.chat import prompt_ids
+    from ..data.schema import rl_row, sft_row, write_rl, write_sft
+    from ..format import TokenFormat
+
+    if not cfg.out:
+        raise ValueError("make-data: pass the output folder as out=DIR")
+    if cfg.n_train < 1 or cfg.n_test < 1:
+        raise ValueError(f"make-data: n_train and n_test must be >= 1 (got {cfg.n_train}, {cfg.n_test})")
+    console = console or Console()
+    difficulty = mul.Difficulty.parse(cfg.preset)
+    tokenizer = _tokenizer(cfg.tokenizer)
+    fmt = TokenFormat.from_tokenizer(tokenizer)
+    style = prompt_style(cfg)
+    out = Path(cfg.out)
+
+    test = mul.make_samples(difficulty, cfg.n_test, cfg.seed, "test")
+    train = mul.make_samples(difficulty, cfg.n_train, cfg.seed, "train", exclude=[s.problem for s in test])
+    rl: dict[str, list] = {"train": [], "test": []}
+    sft_par: list = []
+    sft_seq: list = []
+    tokens: dict[str, list] = {"train": [], "test": []}
+    common = {"data_source": mul.DATA_SOURCE}
+    for split, samples in (("test", test), ("train", train)):
+        for i, s in enumerate(tqdm(samples, desc=f"{split} samples", unit="problem")):
+            q = s.problem.question
+            extra = {"answer": s.problem.answer, "difficulty": difficulty.name}
+            row = rl_row(**common, question=q, ground_truth=s.problem.answer, index=i, split=split, style=style,
+                         agent_name=cfg.agent_name, extra=extra)
+            tokens[split].append(mul.check_sample(s, fmt, prompt_ids(tokenizer, row["prompt"])))
+            rl[split].append(row)
+            if split == "train":
+                sft_par.append(sft_row(**common, question=q, response=s.parallel, index=i, split=split, style=style,
+                                       extra={**extra, "solution": "parallel"}))
+                sft_seq.append(sft_row(**common, question=q, response=s.sequential, index=i, split=split,
+                                       style=style, extra={**extra, "solution": "sequential"}))
+
+    files = {
+        "train": write_rl(rl["train"], out / "train.parquet"),
+        "test": write_rl(rl["test"], out / "test.parquet"),
+        "sft_parallel": write_sft(sft_par, out / "sft_parallel.parquet"),
+        "sft_sequential": write_sft(sft_seq, out / "sft_sequential.parquet"),
+    }
+    rows = [{"split": split, "problems": len(tokens[split]), "threads_per_block": list(difficulty.threads_per_block),
+             **_means(tokens[split])} for split in ("train", "test")]
+    summary = {"config": asdict(cfg), "difficulty": difficulty.name, "files": {k: v.name for k, v in files.items()},
+               "stats": rows}
+    (out / "make_data.yaml").write_text(to_yaml(cfg))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))  # last: its presence marks a finished run
+    _print_rows(console, f"multiplication {difficulty.name} -> {out}", rows)
+    console.print("files: " + ", ".join(p.name for p in files.values()) + ", summary.json, make_data.yaml")
+    return summary
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    from rich.console import Console
+
+    from ..config import load_config
+    from ..format import TokenFormat
+
+    cfg = load_config(MakeDataConfig, argv)
+    console = Console()
+    if cfg.list_presets:
+        fmt = TokenFormat.from_tokenizer(_tokenizer(cfg.tokenizer))
+        _print_rows(console, f"multiplication presets ({cfg.table_samples} problems each)",
+                    preset_table(fmt, cfg.table_samples, cfg.seed))
+        return 0
+    if not cfg.out:
+        print("make-data: pass the output folder as out=DIR", file=sys.stderr)
+        return 2
+    make_data(cfg, console)
+    return 0
