@@ -103,3 +103,13 @@ def test_vllm_serves_the_final_checkpoint_and_agrees_with_transformers(tiny_mode
             "return_token_ids": True}).json()
     got = reply["choices"][0]["token_ids"]
     assert got[:len(greedy)] == greedy[:len(got)] and len(got) >= 1
+
+
+def test_the_yaml_config_mirrors_the_dataclass_defaults():
+    from pathlib import Path
+
+    from threadweaver_verl.config import load_config
+    from threadweaver_verl.sft.train import SFTConfig
+
+    yaml = Path(__file__).resolve().parent.parent / "configs" / "sft.yaml"
+    assert load_config(SFTConfig, ["--config", str(yaml)]) == SFTConfig()

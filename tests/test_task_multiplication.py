@@ -44,12 +44,13 @@ def test_golden_example():
     s = mul.Problem((2468, 37))
     assert mul.parallel_solution(s) == (
         "<think>\n<Parallel>\n<Outlines>\n<Outline>1: *7</Outline>\n<Outline>2: *3</Outline>\n</Outlines>\n"
-        "<Thread>\n1: 8*7+0=56 6*7+5=47 4*7+4=32 2*7+3=17</Thread>\n"
-        "<Thread>\n2: 8*3+0=24 6*3+2=20 4*3+2=14 2*3+1=07</Thread>\n</Parallel>\n"
+        "<Thread>\n1: 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17</Thread>\n"
+        "<Thread>\n2: 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07</Thread>\n</Parallel>\n"
         "sum: 6+0=06 7+4+0=11 2+0+1=03 7+4+0=11 1+7+1=09 0+0=00\n</think>\n\\boxed{91316}"
     )
     assert mul.sequential_solution(s) == (
-        "<think>\n1: 8*7+0=56 6*7+5=47 4*7+4=32 2*7+3=17\n2: 8*3+0=24 6*3+2=20 4*3+2=14 2*3+1=07\n"
+        "<think>\n1: 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17\n"
+        "2: 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07\n"
         "sum: 6+0=06 7+4+0=11 2+0+1=03 7+4+0=11 1+7+1=09 0+0=00\n</think>\n\\boxed{91316}"
     )
     assert 2468 * 37 == 91316
@@ -75,6 +76,11 @@ def test_every_solution_is_valid_splits_and_boxes_the_true_product(many, fmt, to
         assert sum(1 for r in requests if r.kind == "thread") == sum(digits[1:])
 
 
+def _value(expr: str) -> int:
+    """Value of digits joined by * and + (leading zeros allowed)."""
+    return sum(math.prod(int(f) for f in term.split("*")) for term in expr.split("+"))
+
+
 def test_both_solutions_have_the_same_steps_and_the_right_count(many):
     for name, s in many[::7]:
         d = mul.PRESETS[name]
@@ -85,10 +91,12 @@ def test_both_solutions_have_the_same_steps_and_the_right_count(many):
             expected += width * k + (width + k)  # k rows of `width` digit steps, then width + k sum columns
             width += k
         assert len(steps) == expected
-        # Every step's arithmetic holds.
+        # Every step's arithmetic holds: "a*d=PQ+c=XY" and "t1+t2+c=XY".
         for step in steps:
-            lhs, rhs = step.split("=")
-            assert eval(lhs) == int(rhs), step  # noqa: S307 - digits and * + only (matched by the step regex)
+            parts = step.split("=")
+            assert len(parts) == (3 if "*" in step else 2), step
+            for lhs, rhs in zip(parts, parts[1:]):
+                assert _value(lhs) == int(rhs.split("+")[0]), step
 
 
 def test_thread_bodies_start_with_their_header_and_threads_are_balanced(many, fmt):

@@ -10,7 +10,8 @@ style overrides; a real vLLM server (CPU build) generating every token.
 Stand-in: verl starts vLLM inside Ray actors bound to accelerator workers (``vLLMReplica``), which
 cannot start without a GPU, so two Ray actors from ``_verl_openai_replica.py`` take the replica
 servers' place and forward verl's ``generate`` calls to the vLLM server over HTTP. Not run: the
-actor/ref log-prob and update steps (CUDA only).
+actor/ref forward passes and the update (CUDA only); ``old_log_probs`` come from verl's rollout-correction
+bypass mode (the rollout's own log-probs), set by a config override.
 
 The model is the tiny model rewritten to follow the format (``_format_following_model.py``): a
 random model never writes ``</Outlines>``, so it would never fork.
@@ -52,6 +53,8 @@ def compose_config(model_dir: Path, data_file: Path, agent_loop_yaml: Path):
         # the format-following model writes outlines without numbers; pay the bonus anyway so that
         # trajectories with different thread counts get different rewards
         "reward.custom_reward_function.reward_kwargs.bonus_requires_format_ok=false",
+        # old_log_probs = rollout log-probs: the step that recomputes them runs the actor (CUDA only)
+        "algorithm.rollout_correction.bypass_mode=true",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "trainer.logger=[console]",
         "trainer.n_gpus_per_node=1",
@@ -79,7 +82,7 @@ def ff_vllm_server(format_following_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
-    """One V1 rollout step: returns (trainer, batch meta, replicas, config); tears Ray down after."""
+    """One V1 rollout step: returns (trainer, batch meta, replicas, LLM client); tears Ray down after."""
     import pandas as pd
     import ray
     import yaml
@@ -132,7 +135,7 @@ def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
         wait_for_groups(tq, expected=len(QUESTIONS), timeout_s=600)
         batch, _ = trainer.replay_buffer.sample(global_steps=1, partition_id="train",
                                                 batch_size=config.data.train_batch_size)
-        yield trainer, batch, replicas, config
+        yield trainer, batch, replicas, client
     finally:
         tq.close()
         ray.shutdown()
@@ -218,12 +221,16 @@ def test_reward_computed_once_and_copied_to_every_row(rollout):
             row = scores[pos]
             assert row[-1].item() == pytest.approx(info["score"]) and row[:-1].abs().sum().item() == 0
             assert extra[pos]["reward_extra_info"] == info
-    by_answer = {}
+    correct = set()
     for (uid, _), rows in sessions_of(batch.keys).items():
         info = extra[rows[-1][1]]["reward_extra_info"]
-        by_answer.setdefault(info["correct"], []).append(info["score"])
-    assert set(by_answer) == {True, False}  # "3" is right for one prompt, wrong for the other
-    assert all(s > 1.0 for s in by_answer[True]) and all(s == 0.0 for s in by_answer[False])
+        correct.add(info["correct"])
+        if info["correct"]:  # the preset's bonus: 0.5 * min(1 - L/T, 0.2), paid on correct answers
+            bonus = 0.5 * min(1 - info["L"] / info["T"], 0.2)
+            assert info["score"] == pytest.approx(1.0 + bonus), info
+        else:
+            assert info["score"] == 0.0, info
+    assert correct == {True, False}  # the model answers 3: right for one prompt, wrong for the other
 
 
 def test_p_grpo_advantages_through_v1_compute_advantage_with_padding(rollout):
@@ -237,6 +244,7 @@ def test_p_grpo_advantages_through_v1_compute_advantage_with_padding(rollout):
         reward[(uid, int(session))] = scores.sum().item()
     padded = upsample_batch_to_divisible_size(batch, len(batch.keys) + 3, trainer.tokenizer.eos_token_id)
     assert sum(bool(t.get("is_padding")) for t in padded.tags) == 3
+    trainer._compute_old_log_prob(padded, metrics={})  # bypass mode: verl copies the rollout log-probs
     trainer._compute_advantage(padded, metrics={})  # verl's own method, inside the p_grpo row-key context
     got = fetch(padded, ["advantages", "response_mask"])
     for key, tag, adv, mask in zip(padded.keys, padded.tags, got["advantages"].unbind(0),
@@ -252,14 +260,66 @@ def test_p_grpo_advantages_through_v1_compute_advantage_with_padding(rollout):
     assert metrics["threadweaver/speedup/mean"] > 1.0 and metrics["threadweaver/num_threads/min"] >= 1
 
 
-def test_each_trajectory_stays_on_one_replica(rollout):
+def test_all_requests_of_a_trajectory_share_one_routing_key(rollout):
+    """verl's router is sticky by request_id: one key per trajectory keeps its requests on one replica."""
     import ray
 
-    _, batch, replicas, _ = rollout
-    served = {name: {tuple(p) for p in ray.get(r.served_prompts.remote())} for name, r in replicas.items()}
-    data = fetch(batch, ["prompts"])
-    prompts = [tuple(p.tolist()) for p in data["prompts"].unbind(0)]
-    for _, rows in sessions_of(batch.keys).items():
-        thread_prompts = [prompts[pos] for _, pos in rows[:-1]]
-        where = {name for name, seen in served.items() for p in thread_prompts if p in seen}
-        assert len(where) == 1, f"a trajectory's thread requests went to {where}"
+    _, batch, replicas, client = rollout
+    served = sum(len(ray.get(r.served_prompts.remote())) for r in replicas.values())
+    sticky = ray.get(client._load_balancer.__ray_call__.remote(lambda lb: dict(lb._request_id_to_server)))
+    trajectories = len(sessions_of(batch.keys))
+    assert served > trajectories  # every trajectory forked: several requests each
+    assert len(sticky) == trajectories and all(key.startswith("tw-") for key in sticky)
+    assert set(sticky.values()) <= set(replicas)
+
+
+def test_v1_compute_advantage_on_trajectories_of_1_to_9_rows(rollout):
+    """verl's _compute_advantage on rows stored in the live TransferQueue whose trajectories produced 1 to 9
+    rows each, after verl's batch padding: each trajectory weighs the same, whatever its row count."""
+    import random
+
+    import torch
+    import transfer_queue as tq
+    from transfer_queue import KVBatchMeta
+    from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    trainer = rollout[0]
+    groups = {"synthA": [(1.0, 9), (0.0, 1), (1.1, 3)], "synthB": [(0.0, 2), (1.0, 1)], "synthC": [(0.7, 5)]}
+    keys, fields, tags = [], [], []
+    rng = random.Random(4)
+    for uid, sessions in groups.items():
+        for s, (reward, n_rows) in enumerate(sessions):
+            for i in range(n_rows):
+                length = rng.randint(1, 9)
+                rm = torch.zeros(length)
+                rm[-1] = reward
+                keys.append(f"{uid}_{s}_{i}")
+                fields.append({"uid": uid, "prompts": torch.arange(3), "responses": torch.arange(length),
+                               "response_mask": torch.ones(length, dtype=torch.int64), "rm_scores": rm,
+                               "input_ids": torch.arange(3 + length),
+                               "attention_mask": torch.ones(3 + length, dtype=torch.int64),
+                               "position_ids": torch.arange(3 + length), "rollout_log_probs": torch.zeros(length)})
+                tags.append({"status": "success", "prompt_len": 3, "response_len": length, "seq_len": 3 + length,
+                             "global_steps": 1, "min_global_steps": 1, "max_global_steps": 1})
+    rng.shuffle(order := list(range(len(keys))))
+    keys, fields, tags = [keys[i] for i in order], [fields[i] for i in order], [tags[i] for i in order]
+    tq.kv_batch_put(keys=keys, partition_id="synthetic", fields=list_of_dict_to_tensordict(fields), tags=tags)
+    batch = upsample_batch_to_divisible_size(KVBatchMeta(keys=keys, tags=tags, partition_id="synthetic"), 8,
+                                             eos_token_id=0)
+    assert len(batch.keys) % 8 == 0 and len(batch.keys) > len(keys)
+    trainer._compute_old_log_prob(batch, metrics={})
+    trainer._compute_advantage(batch, metrics={})
+    got = tq.kv_batch_get(keys=batch.keys, partition_id="synthetic", select_fields=["advantages"])["advantages"]
+    expected = {}
+    for uid, sessions in groups.items():
+        rewards = [r for r, _ in sessions]
+        for s, r in enumerate(rewards):
+            expected[(uid, s)] = 0.0 if len(rewards) == 1 else r - sum(rewards) / len(rewards)
+    for key, tag, row in zip(batch.keys, batch.tags, got.unbind(0)):
+        if tag.get("is_padding"):
+            assert row.abs().max().item() == 0.0
+        else:
+            uid, s, _ = key.rsplit("_", 2)
+            assert row.tolist() == pytest.approx([expected[(uid, int(s))]] * len(row), abs=1e-6), key
+    assert expected[("synthA", 0)] == pytest.approx(1.0 - 0.7)  # not 1.0 - (9*1.0 + 3*1.1) / 13

@@ -40,10 +40,13 @@ class DemoConfig:
         hidden_size=192, intermediate_size=576, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2))
     train_minutes: float = 10.0  # wall-clock budget of EACH training (both run at the same time)
     max_steps: int = 3000  # optimizer steps of each training (the time budget may stop it first)
-    batch_size: int = 16
+    batch_size: int = 4  # packed rows per optimizer step
+    row_tokens: int = 1024  # token budget of one packed trie row (several trajectories per row)
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     eval_concurrency: int = 16
+    max_response_tokens: int = 2048  # fork/join budgets of the evaluation (the tiny model's context is 4096)
+    max_thread_tokens: int = 512
     temperature: float = 0.0  # greedy decoding for the evaluation
     quick: bool = False  # a ~3 minute smoke run: few problems, seconds of training
     force: bool = False  # redo every stage even if its results exist
@@ -84,12 +87,12 @@ def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> 
         args = [sys.executable, "-m", "threadweaver_verl", "sft", f"model={base}",
                 f"train_files=[{data / f'sft_{kind}.parquet'}]", f"output_dir={out / f'sft_{kind}'}",
                 "layout=trie", f"minutes={cfg.train_minutes}", f"max_steps={cfg.max_steps}",
-                f"batch_size={cfg.batch_size}", f"learning_rate={cfg.learning_rate}",
+                f"batch_size={cfg.batch_size}", f"max_tokens={cfg.row_tokens}", f"learning_rate={cfg.learning_rate}",
                 f"warmup_steps={cfg.warmup_steps}", f"seed={cfg.seed}", "logging_steps=10"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         log = open(out / f"sft_{kind}.log", "w")
         procs[kind] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-    _wait_with_progress(procs, cfg.train_minutes, out, console)
+    _wait_with_progress(procs, cfg.max_steps, out)
     results = {}
     for kind, (p, log) in procs.items():
         log.close()
@@ -100,38 +103,55 @@ def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> 
     return results
 
 
-def _wait_with_progress(procs: dict, minutes: float, out: Path, console) -> None:
+def _wait_with_progress(procs: dict, max_steps: int, out: Path) -> None:
+    """One bar over the slower run's steps; the time budget may end both before max_steps."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=round(minutes * 60), desc="training both models", unit="s")
-    t0 = time.monotonic()
+    bar = tqdm(total=max_steps, desc="training both models (steps)", unit="step")
     while any(p.poll() is None for p, _ in procs.values()):
         time.sleep(2)
-        bar.n = min(bar.total, round(time.monotonic() - t0))
-        steps = {k: _last_step(out / f"sft_{k}" / "loss_curve.csv") for k in procs}
-        bar.set_postfix({k: f"step {s[0]} loss {s[1]}" for k, s in steps.items()}, refresh=True)
+        last = {k: _last_step(out / f"sft_{k}" / "loss_curve.csv") for k in procs}
+        bar.n = min(step for step, _ in last.values())
+        bar.set_postfix({k: f"loss {loss}" for k, (_, loss) in last.items()}, refresh=True)
     bar.close()
 
 
-def _last_step(curve: Path) -> tuple[str, str]:
+def _last_step(curve: Path) -> tuple[int, str]:
+    """(step, loss) of the last logged line of a loss_curve.csv, (0, '-') before the first."""
     try:
         last = curve.read_text().strip().splitlines()[-1].split(",")
-        return last[0], f"{float(last[3]):.3f}"
+        return int(float(last[0])), f"{float(last[3]):.3f}"
     except (OSError, IndexError, ValueError):
-        return "-", "-"
+        return 0, "-"
 
 
 def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, models: dict[str, str]) -> dict:
+    """Serve both models with vLLM (started side by side: start-up dominates a short run), then
+    evaluate the sequential model with plain decoding and the parallel one with fork/join."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .evaluate import EvalConfig, evaluate
     from .rollout.controller import ControllerConfig
+    from .serving import VLLMServer, VLLMServerConfig
 
-    common = dict(data=str(data / "test.parquet"), n_samples=1, temperature=cfg.temperature,
-                  concurrency=cfg.eval_concurrency)
-    seq = evaluate(EvalConfig(model=models["sequential"], out_dir=str(out / "eval_sequential"),
-                              controller=ControllerConfig(fork=False), **common))
-    par = evaluate(EvalConfig(model=models["parallel"], out_dir=str(out / "eval_parallel"),
-                              baseline=str(out / "eval_sequential" / "trajectories.jsonl"),
-                              controller=ControllerConfig(fork=True), **common))
+    servers = {k: VLLMServer(VLLMServerConfig(model=m, work_dir=str(out / f"vllm_{k}"))) for k, m in models.items()}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for f in [pool.submit(s.start) for s in servers.values()]:
+                f.result()
+        common = dict(data=str(data / "test.parquet"), n_samples=1, temperature=cfg.temperature,
+                      concurrency=cfg.eval_concurrency)
+        budgets = dict(max_response_tokens=cfg.max_response_tokens, max_thread_tokens=cfg.max_thread_tokens)
+        seq = evaluate(EvalConfig(server_url=servers["sequential"].url, tokenizer=models["sequential"],
+                                  out_dir=str(out / "eval_sequential"),
+                                  controller=ControllerConfig(fork=False, **budgets), **common))
+        par = evaluate(EvalConfig(server_url=servers["parallel"].url, tokenizer=models["parallel"],
+                                  out_dir=str(out / "eval_parallel"),
+                                  baseline=str(out / "eval_sequential" / "trajectories.jsonl"),
+                                  controller=ControllerConfig(fork=True, **budgets), **common))
+    finally:
+        for s in servers.values():
+            s.stop()
     return {"sequential": seq, "parallel": par}
 
 
@@ -167,13 +187,16 @@ def results_table(evals: dict) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[dict], console, title: str) -> None:
+    """Metrics down, models across (fits a narrow terminal)."""
     from rich.table import Table
 
     t = Table(title=title)
-    for k in rows[0]:
-        t.add_column(k, justify="left" if k == "model" else "right")
+    t.add_column("metric")
     for r in rows:
-        t.add_row(*[_cell(v) for v in r.values()])
+        t.add_column(str(r["model"]), justify="right")
+    for key in rows[0]:
+        if key != "model":
+            t.add_row(key, *[_cell(r[key]) for r in rows])
     console.print(t)
 
 

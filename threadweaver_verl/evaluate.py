@@ -216,12 +216,14 @@ def summarize(records: list[dict], wall_s: float, baseline: list[dict] | None = 
             if not r.get("error"):
                 base_l.setdefault(r["problem"], []).append(r["stats"]["critical_path"])
         common = [p for p in by_problem if p in base_l]
-        if not common:
+        if not common and by_problem and base_l:
             raise EvalError("the baseline JSONL shares no problem with this run (keys are data_source#index)")
         for p in common:
             ours = statistics.fmean(r["stats"]["critical_path"] for r in by_problem[p])
             per_problem[p] = statistics.fmean(base_l[p]) / ours if ours else float("nan")
         summary["speedup_vs_baseline"] = _mean(list(per_problem.values()))
+        if not common:  # every trajectory of one side failed: nothing to compare (failures are counted above)
+            return _finish(summary, ok), per_problem
         b_mean = statistics.fmean(statistics.fmean(base_l[p]) for p in common)
         o_mean = statistics.fmean(statistics.fmean(r["stats"]["critical_path"] for r in by_problem[p]) for p in common)
         summary["baseline_mean_L"] = b_mean
@@ -229,12 +231,16 @@ def summarize(records: list[dict], wall_s: float, baseline: list[dict] | None = 
     else:
         for p, rs in by_problem.items():
             per_problem[p] = statistics.fmean(r["stats"]["speedup"] for r in rs)
+    return _finish(summary, ok), per_problem
+
+
+def _finish(summary: dict, ok: list[dict]) -> dict:
     terminations: dict[str, int] = {}
     for r in ok:
         for t in r.get("terminations", []):
             terminations[t] = terminations.get(t, 0) + 1
     summary["terminations"] = terminations
-    return summary, per_problem
+    return summary
 
 
 def print_summary(summary: dict, title: str = "eval summary") -> None:

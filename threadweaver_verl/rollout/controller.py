@@ -247,6 +247,8 @@ class RolloutResult:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "cache_hit_rate": self.cache_hit_rate,
+            "thread_requests": [{"prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens}
+                                for c in self.calls if c.kind == THREAD],
             "wall_time_s": self.wall_time_s,
         }
 

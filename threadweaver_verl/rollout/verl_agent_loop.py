@@ -31,18 +31,25 @@ to all, the last counted as the trajectory's final output):
 Ids the controller inserted to close an unfinished structure (``Request.forced``,
 the last ids of a completion) were not sampled: mask 0, log-prob 0.
 
-Why not a separate row for each main-line request as well: every main-line
-request's context is a prefix of prompt + response (the joined text is exactly what
-the next main-line request was sent), so under a causal model each main-line token
-has the same context, hence the same log-prob and gradient, in the final row as
-in its own request row. Keeping both would train those tokens twice; keeping one
-row per main-line request plus a mask-free final row would recompute every shared
-prefix once more. So: every generated token is trained exactly once, in a row whose
-context equals what the engine saw, and a sequential trajectory (no block) is one
-row, exactly like verl's single-turn loop. The final row must also hold the whole
-response because verl's reward manager decodes the final output's response
-(``solution_str``) and reads its ``extra_fields``; it must be the longest row too,
-since verl pads the outputs of a trajectory together before scoring the last one.
+So the outputs are one per Request except that the main-line Requests share one
+row, the final one. Why: every main-line request's context is a prefix of prompt +
+response (the joined text is exactly what the next main-line request was sent), so
+under a causal model each main-line token has the same context, hence the same
+log-prob and gradient, in the final row as in its own request row. A row per
+main-line request PLUS the final trajectory would train those tokens twice; a row
+per main-line request plus a mask-free final row would recompute every shared
+prefix once more, and a final row with an all-zero mask gets advantage 0 from
+verl's V1 ``grpo`` path (it reads the advantage at the mask's first 1). Result:
+every sampled token is trained exactly once, in a row whose context equals what
+the engine saw, and a sequential trajectory (no block) is one row, exactly like
+verl's single-turn loop.
+
+The final row must hold the whole response: verl's reward manager decodes the
+last output's response (``solution_str``) and reads its ``extra_fields``. It is
+also the longest row of the trajectory, which verl's scoring needs: it pads all
+outputs of a trajectory together and reads the last one's response length off
+that shared attention mask (``AgentLoopWorker._compute_score`` + naive reward
+manager), which is only right for the longest row.
 A thread request that sampled nothing (its completion only forced closing ids)
 has nothing to train and gets no row.
 
@@ -50,9 +57,15 @@ The final output's ``extra_fields["threadweaver"]`` carries the trajectory stats
 the reward (:mod:`threadweaver_verl.rl.reward`) and for the ThreadWeaver trainer's
 metrics: T (``total_tokens``), L (``critical_path``), ``speedup`` T/L,
 ``parallel_ratio``, blocks, threads (per block), ``format_ok``, termination reasons,
-request count and the response text with its tags. Every output carries
-``extra_fields["threadweaver_request"]`` (kind, path, finish) and the global-step
-range verl's TransferQueue tags need.
+request count and the response text with its tags (verl's reward manager decodes
+``solution_str`` without special tokens, which drops the tags). Every output carries
+``extra_fields["threadweaver_request"]`` (kind, path, finish, forced) and the
+global-step range verl's TransferQueue tags need. verl's V1 trainer logs no
+per-trajectory agent-loop metrics itself: the ThreadWeaver trainer
+(:mod:`threadweaver_verl.rl.trainer`) logs ``threadweaver/speedup``,
+``threadweaver/parallel_ratio``, ``threadweaver/threads_per_block`` etc. from these
+stats, and the reward's extras (T, L, speedup, threads, ...) appear in verl's
+validation metrics.
 """
 
 from __future__ import annotations

@@ -20,17 +20,20 @@ kept), so every problem of a difficulty has the same layout. For ``2468 * 37``::
     <Outline>2: *3</Outline>
     </Outlines>
     <Thread>
-    1: 8*7+0=56 6*7+5=47 4*7+4=32 2*7+3=17</Thread>
+    1: 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17</Thread>
     <Thread>
-    2: 8*3+0=24 6*3+2=20 4*3+2=14 2*3+1=07</Thread>
+    2: 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07</Thread>
     </Parallel>
     sum: 6+0=06 7+4+0=11 2+0+1=03 7+4+0=11 1+7+1=09 0+0=00
     </think>
     \\boxed{91316}
 
-Step ``a*d+c=XY``: digit ``a`` of the multiplicand times the thread's digit
-``d`` plus the carry ``c`` is ``XY``; ``Y`` is the digit, ``X`` the next carry
-(the last step's ``X`` is the partial product's top digit). Sum step
+Step ``a*d=PQ+c=XY``: digit ``a`` of the multiplicand times the thread's digit
+``d`` is ``PQ`` (a times-table fact), plus the carry ``c`` is ``XY``; ``Y`` is
+the digit, ``X`` the next carry (the last step's ``X`` is the partial
+product's top digit). The product and the carry are added in two moves because
+a tiny model learns the 100 table facts and a one-digit addition far sooner
+than the 900 facts ``a*d+c`` in one go. Sum step
 ``t1+t2+c=XY``: the column's digits of the partial products (partial product
 ``j`` is shifted ``j-1`` places) plus the carry. The sum's ``Y`` digits are the
 product, least-significant first; the running product keeps its fixed width
@@ -161,7 +164,7 @@ class MulStep:
 
     @property
     def text(self) -> str:
-        return f"{self.a}*{self.d}+{self.carry}={self.value:02d}"
+        return f"{self.a}*{self.d}={self.a * self.d:02d}+{self.carry}={self.value:02d}"
 
 
 @dataclass(frozen=True)
@@ -348,9 +351,9 @@ def check_sample(sample: Sample, fmt, prompt_ids: Sequence[int] = ()) -> SampleT
     return SampleTokens(s.total_tokens, p.total_tokens, p.critical_path, p.threads_per_block, len(requests))
 
 
-_STEP = re.compile(r"\d+(?:[*+]\d+)+=\d\d")
+_STEP = re.compile(r"\d\*\d=\d\d\+\d=\d\d|\d(?:\+\d)+=\d\d")
 
 
 def steps_of(text: str) -> list[str]:
-    """The arithmetic steps of a solution, in order (``a*d+c=XY`` and ``t1+t2+c=XY``)."""
+    """The arithmetic steps of a solution, in order (``a*d=PQ+c=XY`` and ``t1+t2+c=XY``)."""
     return _STEP.findall(text)
