@@ -100,13 +100,13 @@ def run_trajectory(fmt, manager, prompt, config=None, sampling=None):
 def test_engine_calls_copy_sampling_params_pass_budgets_and_share_one_request_id(fmt):
     prompt = fmt.encode("What is 1+2?")
     manager = ScriptedServerManager(fmt, prompt, {1: "one", 2: "two"})
-    result, _, sampling = run_trajectory(fmt, manager, prompt)
+    _, _, sampling = run_trajectory(fmt, manager, prompt)
     assert len(manager.calls) == 4  # main line, two threads, main line after the join
     assert {c["request_id"] for c in manager.calls} == {"traj-1"}  # sticky routing key
     assert sampling == {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
     dicts = [c["sampling_params"] for c in manager.calls]
     assert len({id(d) for d in dicts}) == len(dicts) and all(d is not sampling for d in dicts)
-    for call, req in zip(manager.calls, [r for r in result.requests]):
+    for call in manager.calls:
         sent = call["sampling_copy"]
         assert isinstance(sent["max_tokens"], int) and sent["max_tokens"] >= 1
         assert sent["temperature"] == 1.0 and sent["logprobs"] is True

@@ -19,7 +19,6 @@ random model never writes ``</Outlines>``, so it would never fork.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

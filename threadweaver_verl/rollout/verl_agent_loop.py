@@ -265,7 +265,7 @@ class ThreadWeaverAgentLoop(AgentLoopBase):
 
     def __init__(self, *args: Any, controller: Any = None, **kwargs: Any):
         from threadweaver_verl import plugin
-        from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
+        from threadweaver_verl.rollout.controller import ForkJoinController
 
         plugin.require(f"agent_loop:{AGENT_NAME}")
         super().__init__(*args, **kwargs)
