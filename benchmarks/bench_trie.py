@@ -14,7 +14,7 @@ float32) for trie with the 4-D bool mask (SDPA), trie with the flex BlockMask an
 expanded rows (plain causal SDPA, no mask). Ratios are against trie (SDPA) from the same
 run. On a CPU torch's flex attention has no backward: flex is timed forward-only there,
 and every layout gets a forward-only column too. Each measurement runs in a fresh
-process (one warm-up pass, then the timed passes); peak memory of the timed passes: on
+process (one warm-up pass, then the timed passes; on a CPU with one torch thread by default); peak memory of the timed passes: on
 CUDA the allocator's peak, on a CPU the kernel's peak RSS (reset after the warm-up).
 
 Data: the project's multiplication task, and random format-valid trajectories (2-8 threads
@@ -156,8 +156,7 @@ def measure(model, rows, kind, backward, device, repeats) -> tuple[float, int]:
     timed passes above what was resident before them (compile caches of the warm-up excluded):
     on CUDA the allocator's peak, on a CPU the kernel's peak RSS (VmHWM, reset after warm-up).
     The fastest pass, not the median: on a shared machine other jobs only ever add time."""
-    # warm-up: flex compiles once per row length, so it warms up on every row
-    run_rows(model, rows if kind == "flex" else rows[:1], kind, backward, device)
+    run_rows(model, rows, kind, backward, device)  # warm-up pass (flex compiles once per row length)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -193,6 +192,8 @@ def run_case(case: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(case["device"])
+    if case.get("threads"):
+        torch.set_num_threads(case["threads"])
     tok = AutoTokenizer.from_pretrained(case["model"])
     fmt = TokenFormat.from_tokenizer(tok, limits=Limits(max_threads_per_block=16, max_depth=2))
     rows = case_rows(case_data(tok, fmt, case["data"]), case["layout"], case["budget"])
@@ -306,11 +307,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (about a minute on a CPU)")
     ap.add_argument("--count-sizes", default="8192,16384,32768", help="synthetic sizes for the token counts")
     ap.add_argument("--time-sizes", default=None, help="synthetic sizes for step timing "
-                    "(default: 8192,16384,32768 on CUDA; 1024,2048 on a CPU)")
+                    "(default: 8192,16384,32768 on CUDA; 2048,4096 on a CPU)")
     ap.add_argument("--mul-preset", default="4x4")
     ap.add_argument("--mul-n", type=int, default=8)
     ap.add_argument("--budget", type=int, default=4096, help="trie row token budget (multiplication rows)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per measurement (default: 1 on "
+                    "a CPU: on a shared machine a descheduled worker thread stalls every parallel op)")
     ap.add_argument("--write-docs", action="store_true", help="write the section into docs/benchmarks.md")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = ap.parse_args(argv)
@@ -321,10 +324,11 @@ def main(argv=None) -> int:
         return 0
     device = torch.device(args.device)
     cpu = device.type == "cpu"
-    time_sizes = args.time_sizes or ("1024" if args.quick and cpu else "1024,2048" if cpu else "8192,16384,32768")
+    time_sizes = args.time_sizes or ("1024" if args.quick and cpu else "2048,4096" if cpu else "8192,16384,32768")
     time_sizes = [int(x) for x in time_sizes.split(",") if x]
     count_sizes = [int(x) for x in args.count_sizes.split(",") if x]
     repeats = args.repeats or (2 if cpu else 3)
+    threads = args.threads or (1 if cpu else None)
     if args.quick:
         args.mul_n = min(args.mul_n, 4)
         count_sizes = count_sizes[:1]
@@ -356,7 +360,8 @@ def main(argv=None) -> int:
             bar.update(task, advance=1, description=text)
 
         for name, spec, budget in specs:
-            base_case = {"device": device.type, "model": str(model_dir), "budget": budget, "repeats": repeats}
+            base_case = {"device": device.type, "model": str(model_dir), "budget": budget, "repeats": repeats,
+                         "threads": threads}
             steps += step_rows(name, spec, base_case, progress)
 
     table = Table(title="tokens processed per trajectory (mean)")
@@ -379,12 +384,12 @@ def main(argv=None) -> int:
 
     if args.write_docs:
         if cpu:
-            dev = f"a CPU ({os.cpu_count()} cores, shared)"
+            dev = f"a CPU ({os.cpu_count()} cores, shared; {threads} torch thread(s) per measurement)"
             notes = ("On a CPU torch's flex attention has no backward (flex fwd+bwd: n/a); its forward runs "
                      "inductor's C++ kernel, so CPU flex timings say little about the GPU (Triton) kernels. "
                      "Step timings used synthetic sizes " + ", ".join(f"~{s // 1024}k" for s in time_sizes)
                      + " (the 8k-32k sizes are counted above but too slow to time on 2 shared cores). "
-                     f"Each measurement runs in a fresh process: a warm-up, then {repeats} timed passes (the "
+                     f"Each measurement runs in a fresh process: a warm-up pass, then {repeats} timed passes (the "
                      "fastest is reported); "
                      "CPU peak memory = peak RSS (VmHWM, reset after the warm-up) minus the RSS before the "
                      "timed passes. The machine was shared with other jobs (load average "
@@ -392,7 +397,7 @@ def main(argv=None) -> int:
                      "noisy. Not yet run on a GPU.")
         else:
             dev = torch.cuda.get_device_name(device)
-            notes = (f"Each measurement runs in a fresh process: a warm-up, then {repeats} timed passes (the "
+            notes = (f"Each measurement runs in a fresh process: a warm-up pass, then {repeats} timed passes (the "
                      "fastest is reported); peak memory = torch.cuda.max_memory_allocated over the passes minus "
                      "the memory allocated before them.")
         meta = {"args": " ".join(sys.argv[1:] if argv is None else argv), "device": dev,
