@@ -310,7 +310,7 @@ def main(argv=None) -> int:
                     "(default: 8192,16384,32768 on CUDA; 2048,4096 on a CPU)")
     ap.add_argument("--mul-preset", default="4x4")
     ap.add_argument("--mul-n", type=int, default=8)
-    ap.add_argument("--budget", type=int, default=4096, help="trie row token budget (multiplication rows)")
+    ap.add_argument("--budget", type=int, default=1024, help="trie row token budget (multiplication rows)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per measurement (default: 1 on "
                     "a CPU: on a shared machine a descheduled worker thread stalls every parallel op)")

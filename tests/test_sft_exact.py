@@ -28,7 +28,7 @@ def split(tiny_tokenizer, tiny_fmt):
 def trajectories():
     out = [("nested", NESTED, "What is 12 * 34?"), ("three", three_threads(), "57?"),
            ("sequential", SEQUENTIAL, "What is 12 * 34?")]
-    out += [(f"mul{i}", r, q) for i, (q, r) in enumerate(multiplication_texts(2, "3x3"))]
+    out += [(f"mul{i}", r, q) for i, (q, r) in enumerate(multiplication_texts(1, "3x3"))]
     return out
 
 
@@ -106,12 +106,13 @@ def test_trie_of_two_trajectories_of_one_prompt_and_why_targets_come_from_parent
     completion token starts a branch after the first trajectory's whole subtree. Its target
     is predicted at its parent (the prompt's last token): exact. A flat shift-by-one would
     predict it from the previous flat token (the end of the other trajectory): wrong."""
-    reqs = split(three_threads(), "57?") + split(NESTED, "57?")
+    first, second = split(three_threads(), "57?"), split(NESTED, "57?")
+    reqs = first + second
     t = build_trie(reqs)
     # both open with the same tokens ("<think>\n"): the same (context, target) pair, counted once
     assert t.loss_collisions == 2
     assert t.num_loss_tokens + t.loss_collisions == sum(len(r.completion_ids) for r in reqs)
-    worst, _ = worst_diff(tiny, [(t, reqs)])
+    worst, _ = worst_diff(tiny, [(t, [second[0], second[-1]])])  # the second trajectory's first and last
     assert worst <= TOL, worst
     batch = TrieCollator()([row_features(t)])
     with torch.no_grad():

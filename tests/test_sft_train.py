@@ -14,7 +14,7 @@ from threadweaver_verl.__main__ import main as cli
 
 @pytest.fixture(scope="module")
 def parquet(tmp_path_factory):
-    items = [("What is 12 * 34?", NESTED), ("57?", three_threads())] + multiplication_texts(4, "3x3")
+    items = [("What is 12 * 34?", NESTED), ("57?", three_threads())] + multiplication_texts(2, "3x3")
     return write_sft_parquet(tmp_path_factory.mktemp("sft_train") / "sft.parquet", items)
 
 

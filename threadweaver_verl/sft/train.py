@@ -39,7 +39,7 @@ class SFTConfig:
     val_files: list[str] = field(default_factory=list)  # optional: mean loss reported at the end
     output_dir: str = ""  # everything goes here; the final model in output_dir/model
     layout: str = "trie"  # trie (one trie per trajectory) | expanded (one chain per Request)
-    max_tokens: int = 4096  # token budget of one packed row
+    max_tokens: int = 1024  # token budget of one packed row (sdpa's bool mask costs O(N^2) per row: keep it short)
     batch_size: int = 4  # rows per optimizer step (per device)
     grad_accum: int = 1  # micro-batches per optimizer step (each micro-batch's loss is its own token mean)
     max_steps: int = -1  # stop after this many optimizer steps (-1: run `epochs`)
