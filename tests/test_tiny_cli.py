@@ -1,13 +1,9 @@
-"""``tiny-model``: builds a HF folder that loads offline in transformers (and, slow, in vLLM's CPU build),
-byte-identical for a seed."""
+"""``tiny-model``: builds a HF folder that loads offline in transformers (and, slow, in vLLM's CPU build
+through the session's shared server), byte-identical for a seed."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -63,46 +59,34 @@ def test_missing_out_is_an_error(capsys):
     assert "out=DIR" in capsys.readouterr().err
 
 
-VLLM_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from vllm import LLM, SamplingParams
-
-    if __name__ == "__main__":
-        path, prompt = sys.argv[1], json.loads(sys.argv[2])
-        llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-                  enable_prefix_caching=True)
-        out = llm.generate([{"prompt_token_ids": prompt}],
-                           SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, ignore_eos=True))
-        o = out[0].outputs[0]
-        print("RESULT " + json.dumps({"ids": list(o.token_ids),
-                                      "logprobs": [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)]}))
-""")
-
-
 @pytest.mark.slow
-def test_loads_in_vllm_cpu(built, tmp_path):
-    """One offline vLLM start-up: its greedy tokens and logprobs agree with transformers on the same folder."""
-    pytest.importorskip("vllm")
-    path = built / "a"
-    tok = AutoTokenizer.from_pretrained(path)
+def test_cli_folder_serves_on_vllm_cpu(tmp_path, tiny_model_dir, vllm_server):
+    """The CLI's default folder is the one the session's vLLM server serves (byte for byte), and that
+    server's greedy tokens and log-probs agree with transformers on it: it loads in vLLM's CPU build."""
+    import asyncio
+
+    from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine
+
+    assert cli(["tiny-model", f"out={tmp_path / 'default'}"]) == 0
+    for f in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "default" / f).read_bytes() == (tiny_model_dir / f).read_bytes(), f
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 * 34?"}], add_generation_prompt=True,
                                      tokenize=True, return_dict=False)
-    script = tmp_path / "run_vllm.py"
-    script.write_text(VLLM_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="2", TORCHINDUCTOR_VEC_ISA_OK="1",
-               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), VLLM_CACHE_ROOT=str(tmp_path / "vllm"))
-    proc = subprocess.run([sys.executable, str(script), str(path), json.dumps(prompt)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    got = json.loads(lines[-1][len("RESULT "):])
-    assert len(got["ids"]) == 8
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    async def go():
+        async with OpenAICompletionsEngine(base_url=vllm_server.url) as engine:
+            return await engine.complete(prompt, max_tokens=8, stop_token_ids=[], routing_key="tiny-cli",
+                                         sampling={"temperature": 0.0, "logprobs": True, "ignore_eos": True})
+
+    got = asyncio.run(go())
+    assert len(got.token_ids) == 8 and got.logprobs is not None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ids = list(prompt)
     with torch.no_grad():
-        for token, logprob in zip(got["ids"], got["logprobs"]):
+        for token, logprob in zip(got.token_ids, got.logprobs):
             lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
-            assert lp.max().item() - lp[token].item() < 1e-3  # vLLM's pick is (one of) transformers' argmax
-            assert abs(lp[token].item() - logprob) < 1e-2
+            # The served pick is transformers' argmax (up to bf16-level ties) with the same log-prob.
+            assert lp.max().item() - lp[token].item() < 2e-2
+            assert abs(lp[token].item() - logprob) < 3e-2
             ids.append(token)

@@ -32,17 +32,18 @@ class DemoConfig:
     """Settings of the demo; every one can be overridden as key=value (e.g. ``train_minutes=5``)."""
 
     out: str = "runs/demo"  # every artefact goes here
-    preset: str = "4x4"  # task difficulty: a multiplication preset ("4x4") or digits per factor ("5x4")
-    n_train: int = 8000  # training problems (each model sees the same problems)
+    preset: str = "3x3"  # task difficulty: a multiplication preset ("3x3": 3 threads, ideal seq T / par L 1.31)
+    n_train: int = 20000  # training problems (each model sees the same problems, in the same order)
     n_test: int = 200  # held-out problems both models are evaluated on
     seed: int = 0
     model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(
-        hidden_size=192, intermediate_size=576, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2))
+        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=48))  # ~1.7M parameters
     train_minutes: float = 10.0  # wall-clock budget of EACH training (both run at the same time)
     max_steps: int = 3000  # optimizer steps of each training (the time budget may stop it first)
     batch_size: int = 4  # packed rows per optimizer step
     row_tokens: int = 1024  # token budget of one packed trie row (several trajectories per row)
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 50
     eval_concurrency: int = 16
     max_response_tokens: int = 2048  # fork/join budgets of the evaluation (the tiny model's context is 4096)
