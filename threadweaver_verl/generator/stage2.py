@@ -134,7 +134,9 @@ def select(candidates: Sequence[dict[str, Any]], policy: str, seed: int, key: st
     if policy == "random_one":
         digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
-        return [rng.choice(sorted(candidates, key=lambda c: c["sample"]))]
+        # Ordered by content, not sample number: concurrent sampling may give one response to a
+        # different sample number on a rerun, and the pick must depend on the candidates only.
+        return [rng.choice(sorted(candidates, key=lambda c: (list(c["response_ids"]), c["sample"])))]
     raise ConfigError(f"selection={policy!r}; choose one of {SELECTIONS}")
 
 
