@@ -161,18 +161,6 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, models: dict[str, str
     return {"sequential": seq, "parallel": par}
 
 
-def thread_cache_hit_rate(jsonl: Path) -> float | None:
-    """Share of thread requests' prompt tokens served from vLLM's prefix cache."""
-    prompt = cached = 0
-    for line in jsonl.read_text().splitlines():
-        rec = json.loads(line)
-        for r in rec.get("thread_requests", []):
-            if r.get("cached_tokens") is not None:
-                prompt += r["prompt_tokens"]
-                cached += r["cached_tokens"]
-    return cached / prompt if prompt else None
-
-
 def results_table(evals: dict) -> list[dict[str, Any]]:
     seq, par = evals["sequential"], evals["parallel"]
     seq_T = seq["mean_T"]
@@ -196,20 +184,17 @@ def print_table(rows: list[dict], console, title: str) -> None:
     """Metrics down, models across (fits a narrow terminal)."""
     from rich.table import Table
 
+    from .report import format_cell
+
     t = Table(title=title)
     t.add_column("metric")
     for r in rows:
         t.add_column(str(r["model"]), justify="right")
     for key in rows[0]:
         if key != "model":
-            t.add_row(key, *[_cell(r[key]) for r in rows])
+            t.add_row(key, *[format_cell(r[key]) for r in rows])
     console.print(t)
 
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def run(cfg: DemoConfig, console=None) -> dict:
@@ -242,8 +227,6 @@ def run(cfg: DemoConfig, console=None) -> dict:
     sft = stages.run("sft", lambda: _train_both(cfg, out, base, data, console), console)
     models = {k: sft[k]["model_dir"] for k in ("parallel", "sequential")}
     evals = stages.run("eval", lambda: _evaluate_both(cfg, out, data, models), console)
-    for kind in ("sequential", "parallel"):
-        evals[kind]["thread_cache_hit_rate"] = thread_cache_hit_rate(out / f"eval_{kind}" / "trajectories.jsonl")
     rows = results_table(evals)
     from .report import write_demo_report
 

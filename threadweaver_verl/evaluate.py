@@ -177,6 +177,13 @@ def _mean(xs: Sequence[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _thread_cache_hit_rate(records: list[dict]) -> float | None:
+    """Share of thread requests' prompt tokens served from the prefix cache (None: not reported)."""
+    calls = [c for r in records for c in r.get("thread_requests", []) if c.get("cached_tokens") is not None]
+    prompt = sum(c["prompt_tokens"] for c in calls)
+    return sum(c["cached_tokens"] for c in calls) / prompt if prompt else None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -205,6 +212,7 @@ def summarize(records: list[dict], wall_s: float, baseline: list[dict] | None = 
         "wall_s_per_problem": wall_s / len(problems) if problems else None,
         "mean_trajectory_wall_s": _mean([r["wall_time_s"] for r in ok]),
         "prefix_cache_hit_rate": cached / prompt_reported if prompt_reported else None,
+        "thread_cache_hit_rate": _thread_cache_hit_rate(ok),
         "speedup_vs_baseline": None,
         "speedup_vs_baseline_ratio_of_means": None,
         "baseline_mean_L": None,
