@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV="${TW_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 stamp="$VENV/.threadweaver-setup"
-want="$(cat scripts/setup_env.sh pyproject.toml | sha256sum | cut -c1-16)"
+want="$(cat scripts/setup_env.sh scripts/vllm_cpu_metadata.py pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   exit 0
 fi

@@ -37,6 +37,8 @@ def test_doctor_reports_an_active_plugin():
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "plugin active" in out.stdout and "agent_loop:threadweaver" in out.stdout
+    # vLLM (the CPU build here) must find its platform, or every server start fails.
+    assert "vLLM platform" in out.stdout and "ok (cpu)" in out.stdout
 
 
 def test_unknown_command_is_a_clear_error():

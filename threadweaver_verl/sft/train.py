@@ -49,6 +49,11 @@ class SFTConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_scheduler: str = "cosine"  # any HF scheduler name: cosine | linear | constant | constant_with_warmup ...
+    # What the schedule's progress counts: steps (HF's usual), time (elapsed / minutes; for cosine, linear,
+    # constant, constant_with_warmup) or auto (time when `minutes` is set, else steps). With a time budget
+    # that ends training before max_steps, a step-based schedule never anneals; a time-based one reaches
+    # its end exactly when the budget does (progress = the larger of steps and time done).
+    schedule_by: str = "auto"
     max_grad_norm: float = 1.0
     attention: str = "auto"  # auto | sdpa (4-D bool mask) | flex (BlockMask, GPU only for training)
     flex_min_tokens: int = 4096  # auto uses flex for rows at least this long (on a GPU; a CPU stays on sdpa)
@@ -90,6 +95,26 @@ class RowDataset(Dataset):
         return row_features(self.rows[i])
 
 
+TIME_SCHEDULES = {"cosine", "linear", "constant", "constant_with_warmup"}
+
+
+def _time_schedule(cfg: SFTConfig) -> bool:
+    return cfg.schedule_by == "time" or (cfg.schedule_by == "auto" and cfg.minutes > 0)
+
+
+def lr_factor(name: str, step: int, warmup_steps: int, progress: float) -> float:
+    """Multiplier of the peak learning rate: linear warm-up over ``warmup_steps``, then ``name``'s shape over
+    ``progress`` in [0, 1] (the fraction of the run done)."""
+    if warmup_steps > 0 and step < warmup_steps and name != "constant":
+        return (step + 1) / warmup_steps
+    p = min(max(progress, 0.0), 1.0)
+    if name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    if name == "linear":
+        return 1.0 - p
+    return 1.0
+
+
 def check_config(cfg: SFTConfig) -> None:
     problems = []
     if not cfg.model:
@@ -102,6 +127,13 @@ def check_config(cfg: SFTConfig) -> None:
         problems.append(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
     if cfg.attention not in ATTENTION_CHOICES:
         problems.append(f"attention must be one of {ATTENTION_CHOICES}, got {cfg.attention!r}")
+    if cfg.schedule_by not in ("auto", "steps", "time"):
+        problems.append(f"schedule_by must be auto, steps or time, got {cfg.schedule_by!r}")
+    if cfg.schedule_by == "time" and cfg.minutes <= 0:
+        problems.append("schedule_by=time needs minutes > 0 (the budget the schedule spans)")
+    if _time_schedule(cfg) and cfg.lr_scheduler not in TIME_SCHEDULES:
+        problems.append(f"a time-based schedule supports lr_scheduler in {sorted(TIME_SCHEDULES)}, got "
+                        f"{cfg.lr_scheduler!r}; set schedule_by=steps to use it")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         problems.append("set max_steps > 0 or epochs > 0")
     for name in ("max_tokens", "batch_size", "grad_accum"):
@@ -135,11 +167,26 @@ def _make_trainer_classes():
     class TrieTrainer(Trainer):
         """HF Trainer whose loss is the parent-gathered trie NLL."""
 
-        def __init__(self, *args, attention: str = "auto", flex_min_tokens: int = 4096, **kwargs):
+        def __init__(self, *args, attention: str = "auto", flex_min_tokens: int = 4096,
+                     time_schedule: Optional[tuple[str, int, float, float]] = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.attention = attention
             self.flex_min_tokens = flex_min_tokens
+            self.time_schedule = time_schedule  # (name, warmup_steps, budget_s, clock start) or None
             self.model_accepts_loss_kwargs = False  # the loss is a token mean per micro-batch
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.time_schedule is None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            name, warmup, budget_s, start = self.time_schedule
+
+            def factor(step: int) -> float:
+                progress = max(step / max(num_training_steps, 1), (time.monotonic() - start) / budget_s)
+                return lr_factor(name, step, warmup, progress)
+
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            return self.lr_scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             lp = forward_logprobs(model, inputs, self.attention, self.flex_min_tokens)
@@ -249,6 +296,8 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
         model=model, args=args, train_dataset=RowDataset(rows), data_collator=TrieCollator(pad_id),
         processing_class=tokenizer, callbacks=[budget],
         attention=cfg.attention, flex_min_tokens=cfg.flex_min_tokens,
+        time_schedule=(cfg.lr_scheduler, cfg.warmup_steps, cfg.minutes * 60.0, budget.start)
+        if _time_schedule(cfg) else None,
     )
     start = time.monotonic()
     result = trainer.train(resume_from_checkpoint=resume_from)
