@@ -13,6 +13,21 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def tok():
+    """The tiny tokenizer (every format tag one token), without building a model."""
+    from threadweaver_verl.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def fmt(tok):
+    from threadweaver_verl.format import TokenFormat
+
+    return TokenFormat.from_tokenizer(tok)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from threadweaver_verl.tiny import build_tiny_model
 

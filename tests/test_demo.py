@@ -36,3 +36,15 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done earlier, reusing") == 4
+
+
+def test_the_yaml_config_mirrors_the_demo_defaults():
+    from pathlib import Path
+
+    from threadweaver_verl.config import load_config
+    from threadweaver_verl.demo import DemoConfig
+
+    yaml = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    assert load_config(DemoConfig, ["--config", str(yaml)]) == DemoConfig()
+    quick = load_config(DemoConfig, ["--config", str(yaml), "--quick", "preset=4x3", "train_minutes=2"])
+    assert quick.quick and quick.preset == "4x3" and quick.effective().train_minutes == 0.4

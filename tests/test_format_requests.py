@@ -14,20 +14,9 @@ from threadweaver_verl.format import (
     Tag,
     TagTokenError,
     TagVocab,
-    TokenFormat,
     split_requests,
 )
 from threadweaver_verl.tiny import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def fmt(tok):
-    return TokenFormat.from_tokenizer(tok)
 
 
 def block(outlines: list[str], threads: list[str]) -> str:

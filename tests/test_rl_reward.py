@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from threadweaver_verl.format import Tag, TokenFormat
+from threadweaver_verl.format import Tag
 from threadweaver_verl.rl import correctness as C
 from threadweaver_verl.rl.reward import RewardConfig, acceleration_bonus, compute_score, score_response
 
@@ -28,18 +28,6 @@ def tok_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     build_tokenizer().save_pretrained(d)
     return str(d)
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tok_dir)
-
-
-@pytest.fixture(scope="module")
-def fmt(tok):
-    return TokenFormat.from_tokenizer(tok)
 
 
 @pytest.fixture(scope="module")

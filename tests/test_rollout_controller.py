@@ -18,17 +18,6 @@ from threadweaver_verl.format.tree import text_atoms
 from threadweaver_verl.rollout import controller as C
 from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, RolloutError
 from threadweaver_verl.rollout.engine import Completion, EngineError
-from threadweaver_verl.tiny import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def fmt(tok):
-    return TokenFormat.from_tokenizer(tok)
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,8 @@ import re
 import pytest
 
 from threadweaver_verl.data.chat import PromptStyle, prompt_ids
-from threadweaver_verl.format import Block, Span, Thread, TokenFormat, parse_text, split_requests
+from threadweaver_verl.format import Block, Span, Thread, parse_text, split_requests
 from threadweaver_verl.tasks import multiplication as mul
-from threadweaver_verl.tiny import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def fmt(tokenizer):
-    return TokenFormat.from_tokenizer(tokenizer)
 
 
 BOXED = re.compile(r"\\boxed\{(\d+)\}")
@@ -44,20 +33,20 @@ def test_golden_example():
     s = mul.Problem((2468, 37))
     assert mul.parallel_solution(s) == (
         "<think>\n<Parallel>\n<Outlines>\n<Outline>1: *7</Outline>\n<Outline>2: *3</Outline>\n</Outlines>\n"
-        "<Thread>\n1: 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17</Thread>\n"
-        "<Thread>\n2: 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07</Thread>\n</Parallel>\n"
-        "sum: 6+0=06 7+4+0=11 2+0+1=03 7+4+0=11 1+7+1=09 0+0=00\n</think>\n\\boxed{91316}"
+        "<Thread>\n1: *7 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17</Thread>\n"
+        "<Thread>\n2: *3 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07</Thread>\n</Parallel>\n"
+        "sum: 0+6=06 0+7=07+4=11 1+2=03+0=03 0+7=07+4=11 1+1=02+7=09 0+0=00\n</think>\n\\boxed{91316}"
     )
     assert mul.sequential_solution(s) == (
-        "<think>\n1: 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17\n"
-        "2: 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07\n"
-        "sum: 6+0=06 7+4+0=11 2+0+1=03 7+4+0=11 1+7+1=09 0+0=00\n</think>\n\\boxed{91316}"
+        "<think>\n1: *7 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17\n"
+        "2: *3 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07\n"
+        "sum: 0+6=06 0+7=07+4=11 1+2=03+0=03 0+7=07+4=11 1+1=02+7=09 0+0=00\n</think>\n\\boxed{91316}"
     )
     assert 2468 * 37 == 91316
     assert mul.parallel_solution(s) in mul.__doc__.replace("    ", "")
 
 
-def test_every_solution_is_valid_splits_and_boxes_the_true_product(many, fmt, tokenizer):
+def test_every_solution_is_valid_splits_and_boxes_the_true_product(many, fmt, tok):
     style = PromptStyle()
     for name, s in many:
         digits = mul.PRESETS[name]
@@ -66,7 +55,7 @@ def test_every_solution_is_valid_splits_and_boxes_the_true_product(many, fmt, to
         for text in (s.parallel, s.sequential):
             assert [int(x) for x in BOXED.findall(text)] == [truth]
             assert text.startswith("<think>\n") and text.endswith(f"</think>\n\\boxed{{{truth}}}")
-        prompt = prompt_ids(tokenizer, style.messages(s.problem.question))
+        prompt = prompt_ids(tok, style.messages(s.problem.question))
         tokens = mul.check_sample(s, fmt, prompt)  # validator, split_requests, same steps, boxed answer
         assert tokens.threads_per_block == digits[1:]
         # Replaying the Requests in order rebuilds the parallel solution's ids exactly.
@@ -91,10 +80,14 @@ def test_both_solutions_have_the_same_steps_and_the_right_count(many):
             expected += width * k + (width + k)  # k rows of `width` digit steps, then width + k sum columns
             width += k
         assert len(steps) == expected
-        # Every step's arithmetic holds: "a*d=PQ+c=XY" and "t1+t2+c=XY".
+        # Every move's arithmetic holds: "a*d=PQ+c=XY" and the running sum "c+t1=AB+t2=CD...".
         for step in steps:
             parts = step.split("=")
-            assert len(parts) == (3 if "*" in step else 2), step
+            if "*" in step:
+                assert len(parts) == 3, step
+            else:  # carry first, then one digit per move: at most 2 + threads-per-block parts
+                assert 2 <= len(parts) <= 1 + max(d[1:]), step
+                assert all(len(x.split("+")[0]) == 2 for x in parts[1:]), step
             for lhs, rhs in zip(parts, parts[1:]):
                 assert _value(lhs) == int(rhs.split("+")[0]), step
 
@@ -153,7 +146,7 @@ def test_check_sample_rejects_a_wrong_solution(fmt):
     wrong_answer = mul.Sample(s.problem, s.parallel.replace(s.problem.answer, str(s.problem.product + 1)), s.sequential)
     with pytest.raises(mul.BadSample, match="boxed"):
         mul.check_sample(wrong_answer, fmt)
-    other_steps = mul.Sample(s.problem, s.parallel, s.sequential.replace("sum: ", "sum: 1+1+0=02 ", 1))
+    other_steps = mul.Sample(s.problem, s.parallel, s.sequential.replace("sum: ", "sum: 1+1=02 ", 1))
     with pytest.raises(mul.BadSample, match="different steps"):
         mul.check_sample(other_steps, fmt)
 

@@ -24,12 +24,6 @@ from threadweaver_verl.rollout.verl_agent_loop import (
     build_outputs,
     controller_config,
 )
-from threadweaver_verl.tiny import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def fmt() -> TokenFormat:
-    return TokenFormat.from_tokenizer(build_tokenizer())
 
 
 def logprob_of(token: int, position: int) -> float:

@@ -32,17 +32,18 @@ class DemoConfig:
     """Settings of the demo; every one can be overridden as key=value (e.g. ``train_minutes=5``)."""
 
     out: str = "runs/demo"  # every artefact goes here
-    preset: str = "3x3"  # task difficulty: a multiplication preset ("3x3": 3 threads, ideal seq T / par L 1.31)
+    preset: str = "3x3"  # task difficulty: a multiplication preset ("3x3": 3 threads, ideal seq T / par L 1.29)
     n_train: int = 20000  # training problems (each model sees the same problems, in the same order)
     n_test: int = 200  # held-out problems both models are evaluated on
     seed: int = 0
     model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(
         hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=48))  # ~1.7M parameters
-    train_minutes: float = 10.0  # wall-clock budget of EACH training (both run at the same time)
+    train_minutes: float = 18.0  # wall-clock budget of EACH training (both run at the same time; the
+    # learning-rate schedule anneals over this budget, so a longer one trains better, not just longer)
     max_steps: int = 3000  # optimizer steps of each training (the time budget may stop it first)
-    batch_size: int = 4  # packed rows per optimizer step
-    row_tokens: int = 1024  # token budget of one packed trie row (several trajectories per row)
+    batch_size: int = 5  # packed rows per optimizer step
+    row_tokens: int = 768  # token budget of one packed trie row: fits 2 parallel tries (~370 tokens) or 3 sequential chains (~250)
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     eval_concurrency: int = 16
@@ -94,7 +95,7 @@ def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> 
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         log = open(out / f"sft_{kind}.log", "w")
         procs[kind] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-    _wait_with_progress(procs, cfg.max_steps, out)
+    _wait_with_progress(procs, cfg.train_minutes, out)
     results = {}
     for kind, (p, log) in procs.items():
         log.close()
@@ -105,16 +106,19 @@ def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> 
     return results
 
 
-def _wait_with_progress(procs: dict, max_steps: int, out: Path) -> None:
-    """One bar over the slower run's steps; the time budget may end both before max_steps."""
+def _wait_with_progress(procs: dict, minutes: float, out: Path) -> None:
+    """One bar over the time budget (what usually ends training), with each run's step and loss."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=max_steps, desc="training both models (steps)", unit="step")
+    total = max(1, round(minutes * 60))
+    bar = tqdm(total=total, desc="training both models", unit="s",
+               bar_format="{l_bar}{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]")
+    start = time.monotonic()
     while any(p.poll() is None for p, _ in procs.values()):
         time.sleep(2)
         last = {k: _last_step(out / f"sft_{k}" / "loss_curve.csv") for k in procs}
-        bar.n = min(step for step, _ in last.values())
-        bar.set_postfix({k: f"loss {loss}" for k, (_, loss) in last.items()}, refresh=True)
+        bar.n = min(total, round(time.monotonic() - start))
+        bar.set_postfix({k: f"step {step} loss {loss}" for k, (step, loss) in last.items()}, refresh=True)
     bar.close()
 
 

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import html
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -267,6 +268,17 @@ def print_summary(summary: dict, title: str = "eval summary") -> None:
     Console().print(table)
 
 
+def speedup_bins(values: list[float], width: float = 0.02, max_bins: int = 60) -> list[float]:
+    """Bin edges for a speedup histogram: ``width`` apart on a fixed grid, so that near-equal speedups (a task
+    with a fixed layout) stay one visible bar instead of slivers; wider bins when the spread needs > max_bins."""
+    lo, hi = min(values), max(values)
+    while (hi - lo) / width > max_bins:
+        width *= 2
+    start = math.floor(lo / width) * width
+    n = max(1, math.ceil((hi - start) / width + 1e-9))
+    return [start + i * width for i in range(n + 1)]
+
+
 def write_report(out: Path, summary: dict, per_problem: dict[str, float], vs_baseline: bool) -> Path:
     import matplotlib
 
@@ -274,9 +286,12 @@ def write_report(out: Path, summary: dict, per_problem: dict[str, float], vs_bas
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    values = [v for v in per_problem.values() if v == v]
-    ax.hist(values or [1.0], bins=min(30, max(5, len(values))), color="#4477aa")
+    values = [v for v in per_problem.values() if v == v] or [1.0]
+    ax.hist(values, bins=speedup_bins(values), color="#4477aa")
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    mean = sum(values) / len(values)
+    ax.axvline(mean, color="#cc6677", linewidth=1.5, label=f"mean {mean:.3f}")
+    ax.legend(loc="upper left")
     ax.set_xlabel("token speedup vs sequential baseline (L_seq / L)" if vs_baseline else "token speedup T / L")
     ax.set_ylabel("problems")
     ax.set_title("per-problem speedup")

@@ -20,24 +20,32 @@ kept), so every problem of a difficulty has the same layout. For ``2468 * 37``::
     <Outline>2: *3</Outline>
     </Outlines>
     <Thread>
-    1: 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17</Thread>
+    1: *7 8*7=56+0=56 6*7=42+5=47 4*7=28+4=32 2*7=14+3=17</Thread>
     <Thread>
-    2: 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07</Thread>
+    2: *3 8*3=24+0=24 6*3=18+2=20 4*3=12+2=14 2*3=06+1=07</Thread>
     </Parallel>
-    sum: 6+0=06 7+4+0=11 2+0+1=03 7+4+0=11 1+7+1=09 0+0=00
+    sum: 0+6=06 0+7=07+4=11 1+2=03+0=03 0+7=07+4=11 1+1=02+7=09 0+0=00
     </think>
     \\boxed{91316}
 
-Step ``a*d=PQ+c=XY``: digit ``a`` of the multiplicand times the thread's digit
+Each partial-product line opens by restating its multiplier digit (``1: *7``),
+the very text of its outline: a thread finds its digit by matching its own
+header against the outlines (a copy a tiny model learns early), not by
+counting outlines.
+
+Step ``a*d=PQ+c=XY``: digit ``a`` of the multiplicand times the line's digit
 ``d`` is ``PQ`` (a times-table fact), plus the carry ``c`` is ``XY``; ``Y`` is
 the digit, ``X`` the next carry (the last step's ``X`` is the partial
 product's top digit). The product and the carry are added in two moves because
 a tiny model learns the 100 table facts and a one-digit addition far sooner
-than the 900 facts ``a*d+c`` in one go. Sum step
-``t1+t2+c=XY``: the column's digits of the partial products (partial product
-``j`` is shifted ``j-1`` places) plus the carry. The sum's ``Y`` digits are the
-product, least-significant first; the running product keeps its fixed width
-(a leading zero included) as the next stage's multiplicand.
+than the 900 facts ``a*d+c`` in one go. Sum step ``c+t1=AB+t2=CD...``: a
+running sum over one column, the carry first (it is the previous result's
+``X``, right before it), then the column's digits of the partial products
+(partial product ``j`` is shifted ``j-1`` places), one digit per move, so every
+move adds one digit to a number below 100; adding three or four digits in one
+move was the error a tiny model made most. The last result's ``Y`` is the
+product's digit, least-significant first; the running product keeps its fixed
+width (a leading zero included) as the next stage's multiplicand.
 """
 
 from __future__ import annotations
@@ -175,7 +183,12 @@ class SumStep:
 
     @property
     def text(self) -> str:
-        return "+".join(map(str, (*self.terms, self.carry))) + f"={self.value:02d}"
+        """The running sum ``c+t1=AB+t2=CD...``: carry first, then one digit per move."""
+        total, out = self.carry, str(self.carry)
+        for t in self.terms:
+            total += t
+            out += f"+{t}={total:02d}"
+        return out
 
 
 @dataclass(frozen=True)
@@ -241,7 +254,8 @@ def solve(problem: Problem) -> list[Stage]:
 # --------------------------------------------------------------------------- text
 
 def _row_text(steps: Sequence[MulStep]) -> str:
-    return " " + " ".join(s.text for s in steps)
+    """A partial-product line after its ``N:`` header: `` *d`` (its outline's text) then the steps."""
+    return f" *{steps[0].d} " + " ".join(s.text for s in steps)
 
 
 def _sum_line(stage: Stage) -> str:
@@ -351,9 +365,9 @@ def check_sample(sample: Sample, fmt, prompt_ids: Sequence[int] = ()) -> SampleT
     return SampleTokens(s.total_tokens, p.total_tokens, p.critical_path, p.threads_per_block, len(requests))
 
 
-_STEP = re.compile(r"\d\*\d=\d\d\+\d=\d\d|\d(?:\+\d)+=\d\d")
+_STEP = re.compile(r"\d\*\d=\d\d\+\d=\d\d|\d(?:\+\d=\d\d)+")
 
 
 def steps_of(text: str) -> list[str]:
-    """The arithmetic steps of a solution, in order (``a*d=PQ+c=XY`` and ``t1+t2+c=XY``)."""
+    """The arithmetic steps of a solution, in order (``a*d=PQ+c=XY`` and ``c+t1=AB+t2=CD...``)."""
     return _STEP.findall(text)
