@@ -8,18 +8,9 @@ import asyncio
 
 import pytest
 
-from test_rollout_openai_http import _make_server, _Script
+from _scripted_http import served  # noqa: F401  (fixture)
 from threadweaver_verl.rollout.engine import EngineError
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
-
-
-@pytest.fixture()
-def served():
-    script = _Script()
-    server = _make_server(script)
-    yield script, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def answer(ids, finish="stop", logprobs=True, cached=None, **choice):
