@@ -99,9 +99,12 @@ def test_thread_bodies_start_with_their_header_and_threads_are_balanced(many, fm
         assert [len(b.threads) for b in blocks] == list(mul.PRESETS[name][1:])
         for b in blocks:
             lengths = set()
+            outlines = [o.body[0].content for o in b.outlines.outlines]
             for j, t in enumerate(b.threads, start=1):
                 assert isinstance(t, Thread) and isinstance(t.body[0], Span)
-                assert t.body[0].content.startswith(f"\n{j}: ")
+                # header "N:" then the outline's own text: a thread reads its digit by matching it
+                assert outlines[j - 1].startswith(f"{j}: *")
+                assert t.body[0].content.startswith(f"\n{outlines[j - 1]} ")
                 lengths.add(len(fmt.encode_text(f"<think>{t.body[0].content}</think>")))
             assert len(lengths) == 1, f"unbalanced threads in {s.problem}"
 

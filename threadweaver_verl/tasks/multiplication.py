@@ -253,9 +253,14 @@ def solve(problem: Problem) -> list[Stage]:
 
 # --------------------------------------------------------------------------- text
 
+def _digit_label(d: int) -> str:
+    """What a partial-product line is about: ``*d``. Its outline says ``N: *d`` and the line restates it."""
+    return f"*{d}"
+
+
 def _row_text(steps: Sequence[MulStep]) -> str:
-    """A partial-product line after its ``N:`` header: `` *d`` (its outline's text) then the steps."""
-    return f" *{steps[0].d} " + " ".join(s.text for s in steps)
+    """A partial-product line after its ``N:`` header: its digit label, then the steps."""
+    return f" {_digit_label(steps[0].d)} " + " ".join(s.text for s in steps)
 
 
 def _sum_line(stage: Stage) -> str:
@@ -274,7 +279,7 @@ def parallel_solution(problem: Problem) -> str:
         out += [Tag.PARALLEL_OPEN.value, "\n", Tag.OUTLINES_OPEN.value, "\n"]
         for j in range(1, k + 1):
             d = stage.multiplier[j - 1]
-            out += [Tag.OUTLINE_OPEN.value, f"{j}: *{d}", Tag.OUTLINE_CLOSE.value, "\n"]
+            out += [Tag.OUTLINE_OPEN.value, f"{j}: {_digit_label(d)}", Tag.OUTLINE_CLOSE.value, "\n"]
         out += [Tag.OUTLINES_CLOSE.value, "\n"]  # fork gap
         for j, steps in enumerate(stage.partials, start=1):
             if j > 1:
