@@ -36,6 +36,8 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
+    """The tokenizer as saved with the tiny model (same vocabulary as ``tok``), for tests that serve or
+    load that model: ids then go through the same save/load path as the model's."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
