@@ -28,10 +28,18 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     assert rows["sequential"]["mean_T"] == pytest.approx(rows["sequential"]["mean_L"])  # no forks
     for artefact in ("data/train.parquet", "data/test.parquet", "sft_parallel/model/config.json",
                      "sft_sequential/model/config.json", "eval_parallel/trajectories.jsonl",
-                     "eval_sequential/trajectories.jsonl", "report.html", "report_assets/loss.png"):
+                     "eval_sequential/trajectories.jsonl", "curve/parallel_step20/summary.json",
+                     "curve/sequential_step20/summary.json", "report.html", "report_assets/loss.png",
+                     "report_assets/accuracy_curve.png"):
         assert (out / artefact).exists(), artefact
+    # the step budget ended both trainings; the curve has the checkpoint and the final model
+    for kind in ("parallel", "sequential"):
+        assert res["sft"][kind]["steps"] == 40 and res["sft"][kind]["stopped_by"] == "steps"
+    assert [r["step"] for r in res["accuracy_curve"]] == [20, 40]
+    assert res["accuracy_curve"][-1]["parallel"] == rows["parallel (fork/join)"]["accuracy"]
+    assert "held-out accuracy vs training steps" in " ".join(proc.stdout.split())  # rich may wrap the title
     html = (out / "report.html").read_text()
-    assert "Training loss" in html and "Results" in html
+    assert "Training loss" in html and "Results" in html and "Held-out accuracy vs training steps" in html
     # a rerun reuses every finished stage
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -46,5 +54,19 @@ def test_the_yaml_config_mirrors_the_demo_defaults():
 
     yaml = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     assert load_config(DemoConfig, ["--config", str(yaml)]) == DemoConfig()
-    quick = load_config(DemoConfig, ["--config", str(yaml), "--quick", "preset=4x3", "train_minutes=2"])
-    assert quick.quick and quick.preset == "4x3" and quick.effective().train_minutes == 0.4
+    quick = load_config(DemoConfig, ["--config", str(yaml), "--quick", "preset=4x3", "train_steps=500"])
+    assert quick.quick and quick.preset == "4x3" and quick.effective().train_steps == 40
+    assert DemoConfig().curve_steps() == [600, 1200] and quick.effective().curve_steps() == [20]
+
+
+@pytest.mark.slow
+def test_the_safety_stop_fails_the_demo_loudly(tmp_path):
+    """A training that the time limit ends is not the reference result: the demo says so and exits 1."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "threadweaver_verl", "demo", "--quick", f"out={out}", "time_limit_minutes=0.0005"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = " ".join(proc.stdout.split())
+    assert "demo failed" in text and "stopped by the time limit" in text and "of 40" in text
+    assert "not the reference result" in text
+    assert not (out / "stages" / "sft.json").exists()  # a rerun trains again instead of reusing it

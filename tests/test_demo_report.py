@@ -45,7 +45,9 @@ def test_report_shows_table_histogram_threads_mask_and_loss(tiny_model_dir, tiny
     rows = [{"model": "sequential", "accuracy": 1.0, "mean_L": 212.8},
             {"model": "parallel (fork/join)", "accuracy": 1.0, "mean_L": 164.8}]
 
-    page = write_demo_report(out, DemoConfig(), rows, curves, tmp_path)
+    accuracy = {"sequential": {"600": 0.62, "1200": 1.0, "1800": 1.0}, "parallel": {"600": 0.4, "1200": 0.995,
+                                                                                    "1800": 1.0}}
+    page = write_demo_report(out, DemoConfig(), rows, curves, tmp_path, accuracy)
 
     html = page.read_text()
     assert "multiplication 3x3, 200 held-out problems" in html
@@ -55,7 +57,8 @@ def test_report_shows_table_histogram_threads_mask_and_loss(tiny_model_dir, tiny
     assert html.count("class='thread'") == 3  # the 3x3 trajectory, each thread in its own box
     assert samples["3x3"].problem.answer in html
     assert "report_assets/trie_mask.png" in html and "report_assets/loss.png" in html
-    for png in ("speedup_hist.png", "trie_mask.png", "loss.png"):
+    assert "Held-out accuracy vs training steps" in html and "report_assets/accuracy_curve.png" in html
+    for png in ("speedup_hist.png", "trie_mask.png", "loss.png", "accuracy_curve.png"):
         assert (out / "report_assets" / png).stat().st_size > 1000, png
 
 
@@ -69,3 +72,4 @@ def test_report_says_so_when_no_trajectory_is_valid(tiny_model_dir, tiny_tokeniz
                              {"parallel": {"model_dir": str(tiny_model_dir)}}, tmp_path)
     html = page.read_text()
     assert "No format-valid trajectory to show." in html and "trie_mask.png" not in html
+    assert "accuracy_curve.png" not in html  # no curve was measured

@@ -120,6 +120,24 @@ def loss_png(curves: dict[str, Path], path: Path) -> Path:
     return path
 
 
+def curve_png(curve: dict[str, dict[str, float]], path: Path) -> Path:
+    """Held-out accuracy against training steps, one line per model (``curve[model][step] = accuracy``)."""
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, points in curve.items():
+        steps = sorted(points, key=int)
+        ax.plot([int(s) for s in steps], [points[s] for s in steps], marker="o", label=name)
+    ax.axhline(0.99, color="#999", linestyle=":", linewidth=1, label="99%")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def table_html(rows: Sequence[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
@@ -132,7 +150,8 @@ def format_cell(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def write_demo_report(out: Path, cfg: Any, rows: Sequence[dict], sft: dict, data: Path) -> Path:
+def write_demo_report(out: Path, cfg: Any, rows: Sequence[dict], sft: dict, data: Path,
+                      curve: dict[str, dict[str, float]] | None = None) -> Path:
     from transformers import AutoTokenizer
 
     from .format import TokenFormat, split_requests
@@ -143,6 +162,11 @@ def write_demo_report(out: Path, cfg: Any, rows: Sequence[dict], sft: dict, data
     sections = [f"<h2>Results</h2>{table_html(rows)}"
                 "<p>token_speedup = sequential model's mean T / this model's mean L (critical path). "
                 "wall_speedup = sequential wall clock per problem / this one's.</p>"]
+    if curve:
+        curve_png(curve, assets / "accuracy_curve.png")
+        sections.append("<h2>Held-out accuracy vs training steps</h2><p>Intermediate checkpoints of both models on "
+                        "the same held-out problems; the step budget ends training, not the clock.</p>"
+                        "<img src='report_assets/accuracy_curve.png'>")
     hist = out / "eval_parallel" / "speedup_hist.png"
     if hist.exists():
         shutil.copy(hist, assets / "speedup_hist.png")

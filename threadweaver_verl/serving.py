@@ -66,6 +66,9 @@ class VLLMServerConfig:
     """More command-line arguments for the server, as is."""
     work_dir: str | None = None
     """Folder for the server log and caches; None: a fresh temporary folder (removed on exit)."""
+    weight_reload: bool = False
+    """Allow :meth:`VLLMServer.reload_weights` (serve another checkpoint of the same architecture without a
+    restart). It turns on vLLM's development endpoints (``VLLM_SERVER_DEV_MODE=1``): loopback use only."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -127,6 +130,8 @@ class VLLMServer:
         env.setdefault("VLLM_CACHE_ROOT", str(work / "vllm-cache"))
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
+        if self.config.weight_reload:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         return env
 
     def start(self) -> "VLLMServer":
@@ -189,6 +194,26 @@ class VLLMServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+    def reload_weights(self, model_dir: str | os.PathLike, timeout_s: float = 600.0) -> None:
+        """Load the weights of ``model_dir`` (an HF folder or ``checkpoint-N`` of the same architecture and
+        tokenizer) into the running server, and empty its prefix cache (cached KV came from the old weights)."""
+        if not self.config.weight_reload:
+            raise RuntimeError("this server was started without weight_reload=True; start it with "
+                               "VLLMServerConfig(weight_reload=True) to reload weights in place")
+        if self.process is None:
+            raise RuntimeError("the server is not running; start() it first")
+        path = Path(model_dir)
+        if not any(path.glob("*.safetensors")):
+            raise FileNotFoundError(f"no *.safetensors weights in {path}; pass an HF model or checkpoint folder")
+        with httpx.Client(timeout=timeout_s) as client:
+            for endpoint, body in (("collective_rpc", {"method": "reload_weights",
+                                                       "kwargs": {"weights_path": str(path.resolve())}}),
+                                   ("reset_prefix_cache", None)):
+                reply = client.post(f"{self.url}/{endpoint}", json=body)
+                if reply.status_code != 200:
+                    raise RuntimeError(f"vLLM /{endpoint} failed with HTTP {reply.status_code} while loading "
+                                       f"{path}: {reply.text[:500]}. Log {self.log_path}")
 
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines) if self.log_path else ""

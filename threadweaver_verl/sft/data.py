@@ -81,12 +81,19 @@ def example_tries(examples: Iterable[SFTExample], layout: str) -> list[Trie]:
     return [chain(r) for e in examples for r in e.requests if r.completion_ids]
 
 
-def build_rows(examples: Sequence[SFTExample], layout: str, max_tokens: int) -> list[Trie]:
-    """Training rows: tries (or Request chains) packed up to ``max_tokens`` tokens each."""
+def build_rows(examples: Sequence[SFTExample], layout: str, max_tokens: int, pack_rows: bool = True) -> list[Trie]:
+    """Training rows: tries (or Request chains) packed up to ``max_tokens`` tokens each, or one per row
+    (``pack_rows=False``; still at most ``max_tokens``)."""
     tries = example_tries(examples, layout)
     if layout == "trie":
         for e, t in zip(examples, tries):
             if len(t) > max_tokens:
                 raise SFTDataError(f"{e.source}: its trie has {len(t)} tokens, more than the row budget "
                                    f"{max_tokens}; raise the budget (max_tokens / data.max_length)")
+    if not pack_rows:
+        for t in tries:
+            if len(t) > max_tokens:
+                raise SFTDataError(f"a training row needs {len(t)} tokens, more than max_tokens={max_tokens}; "
+                                   "raise the budget")
+        return tries
     return [row for row, _ in pack(tries, max_tokens)]

@@ -9,6 +9,10 @@ load it with transformers or serve it with vLLM), ``loss_curve.csv`` (step,
 epoch, elapsed_s, loss, learning_rate, grad_norm), ``sft_summary.json``,
 ``sft.yaml`` (the settings) and, with ``save_steps > 0``, HF ``checkpoint-N``
 folders (``resume=true`` continues from the last one).
+
+Training ends at its step (or epoch) budget, so the same settings give the same model on any
+machine. ``time_limit_minutes`` is only a safety stop: a run it ends is reported as such
+(``stopped_by="time_limit"``, exit status 1), never as a normal result.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback
 
 from .batch import ATTENTION_CHOICES, TrieCollator, forward_logprobs, row_features
 from .data import LAYOUTS, SFTExample, build_rows, load_examples
@@ -39,21 +45,18 @@ class SFTConfig:
     val_files: list[str] = field(default_factory=list)  # optional: mean loss reported at the end
     output_dir: str = ""  # everything goes here; the final model in output_dir/model
     layout: str = "trie"  # trie (one trie per trajectory) | expanded (one chain per Request)
-    max_tokens: int = 1024  # token budget of one packed row (sdpa's bool mask costs O(N^2) per row: keep it short)
+    max_tokens: int = 1024  # token budget of one row (sdpa's bool mask costs O(N^2) per row: keep it short)
+    pack: bool = True  # several tries per row up to max_tokens; false: one trie (trajectory) per row
     batch_size: int = 4  # rows per optimizer step (per device)
+    batch_tokens: int = 0  # > 0: rows per step = batch_tokens // the longest row's length (replaces batch_size)
     grad_accum: int = 1  # micro-batches per optimizer step (each micro-batch's loss is its own token mean)
     max_steps: int = -1  # stop after this many optimizer steps (-1: run `epochs`)
     epochs: float = 1.0  # passes over the data when max_steps is -1
-    minutes: float = 0.0  # wall-clock budget for training; 0 = none (whichever of steps/minutes ends first)
+    time_limit_minutes: float = 0.0  # safety stop, not a budget: a run it ends fails loudly (0: no limit)
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    lr_scheduler: str = "cosine"  # any HF scheduler name: cosine | linear | constant | constant_with_warmup ...
-    # What the schedule's progress counts: steps (HF's usual), time (elapsed / minutes; for cosine, linear,
-    # constant, constant_with_warmup) or auto (time when `minutes` is set, else steps). With a time budget
-    # that ends training before max_steps, a step-based schedule never anneals; a time-based one reaches
-    # its end exactly when the budget does (progress = the larger of steps and time done).
-    schedule_by: str = "auto"
+    lr_scheduler: str = "cosine"  # any HF scheduler name (over the step budget): cosine | linear | constant ...
     max_grad_norm: float = 1.0
     attention: str = "auto"  # auto | sdpa (4-D bool mask) | flex (BlockMask, GPU only for training)
     flex_min_tokens: int = 4096  # auto uses flex for rows at least this long (on a GPU; a CPU stays on sdpa)
@@ -63,6 +66,7 @@ class SFTConfig:
     logging_steps: int = 10
     save_steps: int = 0  # HF checkpoint-N every N steps (0: only the final model)
     save_total_limit: Optional[int] = 2
+    save_only_model: bool = False  # checkpoint-N holds only the weights (no optimizer state: cannot resume)
     resume: bool = False  # continue from the last checkpoint-N in output_dir
     num_workers: int = 0  # dataloader workers
 
@@ -78,8 +82,10 @@ class SFTResult:
     trajectories: int
     row_tokens: int
     loss_tokens: int
-    stopped_by: str  # "steps" | "epochs" | "time"
+    stopped_by: str  # "steps" | "epochs" | "time_limit" (the safety stop: not a finished run)
     loss_curve: str
+    batch_size: int = 0  # rows per optimizer step actually used
+    longest_row: int = 0  # tokens of the longest row
 
 
 class RowDataset(Dataset):
@@ -95,26 +101,6 @@ class RowDataset(Dataset):
         return row_features(self.rows[i])
 
 
-TIME_SCHEDULES = {"cosine", "linear", "constant", "constant_with_warmup"}
-
-
-def _time_schedule(cfg: SFTConfig) -> bool:
-    return cfg.schedule_by == "time" or (cfg.schedule_by == "auto" and cfg.minutes > 0)
-
-
-def lr_factor(name: str, step: int, warmup_steps: int, progress: float) -> float:
-    """Multiplier of the peak learning rate: linear warm-up over ``warmup_steps``, then ``name``'s shape over
-    ``progress`` in [0, 1] (the fraction of the run done)."""
-    if warmup_steps > 0 and step < warmup_steps and name != "constant":
-        return (step + 1) / warmup_steps
-    p = min(max(progress, 0.0), 1.0)
-    if name == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * p))
-    if name == "linear":
-        return 1.0 - p
-    return 1.0
-
-
 def check_config(cfg: SFTConfig) -> None:
     problems = []
     if not cfg.model:
@@ -127,13 +113,10 @@ def check_config(cfg: SFTConfig) -> None:
         problems.append(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
     if cfg.attention not in ATTENTION_CHOICES:
         problems.append(f"attention must be one of {ATTENTION_CHOICES}, got {cfg.attention!r}")
-    if cfg.schedule_by not in ("auto", "steps", "time"):
-        problems.append(f"schedule_by must be auto, steps or time, got {cfg.schedule_by!r}")
-    if cfg.schedule_by == "time" and cfg.minutes <= 0:
-        problems.append("schedule_by=time needs minutes > 0 (the budget the schedule spans)")
-    if _time_schedule(cfg) and cfg.lr_scheduler not in TIME_SCHEDULES:
-        problems.append(f"a time-based schedule supports lr_scheduler in {sorted(TIME_SCHEDULES)}, got "
-                        f"{cfg.lr_scheduler!r}; set schedule_by=steps to use it")
+    if cfg.time_limit_minutes < 0:
+        problems.append(f"time_limit_minutes must be >= 0 (0: no limit), got {cfg.time_limit_minutes}")
+    if cfg.batch_tokens < 0:
+        problems.append(f"batch_tokens must be >= 0 (0: use batch_size), got {cfg.batch_tokens}")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         problems.append("set max_steps > 0 or epochs > 0")
     for name in ("max_tokens", "batch_size", "grad_accum"):
@@ -161,70 +144,51 @@ def mean_loss(model: Any, rows: Sequence[Trie], pad_token_id: int, batch_size: i
     return total / max(count, 1)
 
 
-def _make_trainer_classes():
-    from transformers import Trainer, TrainerCallback
+class TrieTrainer(Trainer):
+    """HF Trainer whose loss is the parent-gathered trie NLL."""
 
-    class TrieTrainer(Trainer):
-        """HF Trainer whose loss is the parent-gathered trie NLL."""
+    def __init__(self, *args, attention: str = "auto", flex_min_tokens: int = 4096, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attention = attention
+        self.flex_min_tokens = flex_min_tokens
+        self.model_accepts_loss_kwargs = False  # the loss is a token mean per micro-batch
 
-        def __init__(self, *args, attention: str = "auto", flex_min_tokens: int = 4096,
-                     time_schedule: Optional[tuple[str, int, float, float]] = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.attention = attention
-            self.flex_min_tokens = flex_min_tokens
-            self.time_schedule = time_schedule  # (name, warmup_steps, budget_s, clock start) or None
-            self.model_accepts_loss_kwargs = False  # the loss is a token mean per micro-batch
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        lp = forward_logprobs(model, inputs, self.attention, self.flex_min_tokens)
+        loss = mean_nll(lp, inputs["loss_mask"].to(lp.device))
+        return (loss, {"logprobs": lp}) if return_outputs else loss
 
-        def create_scheduler(self, num_training_steps: int, optimizer=None):
-            if self.time_schedule is None:
-                return super().create_scheduler(num_training_steps, optimizer)
-            name, warmup, budget_s, start = self.time_schedule
 
-            def factor(step: int) -> float:
-                progress = max(step / max(num_training_steps, 1), (time.monotonic() - start) / budget_s)
-                return lr_factor(name, step, warmup, progress)
+class TimeLimitAndCurve(TrainerCallback):
+    """The safety stop (``time_limit_minutes``), and every log appended to the loss curve CSV."""
 
-            if self.lr_scheduler is None:
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
-            return self.lr_scheduler
+    FIELDS = ("step", "epoch", "elapsed_s", "loss", "learning_rate", "grad_norm")
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            lp = forward_logprobs(model, inputs, self.attention, self.flex_min_tokens)
-            loss = mean_nll(lp, inputs["loss_mask"].to(lp.device))
-            return (loss, {"logprobs": lp}) if return_outputs else loss
+    def __init__(self, minutes: float, curve: Path, append: bool):
+        self.limit_s = minutes * 60.0
+        self.curve = curve
+        self.start = time.monotonic()
+        self.hit_time_limit = False
+        if not append or not curve.exists():
+            with curve.open("w", newline="") as f:
+                csv.writer(f).writerow(self.FIELDS)
 
-    class BudgetAndCurve(TrainerCallback):
-        """Stops at the time budget; appends every log to the loss curve CSV."""
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.limit_s > 0 and time.monotonic() - self.start >= self.limit_s:
+            self.hit_time_limit = True
+            control.should_training_stop = True
+            control.should_log = True
+        return control
 
-        FIELDS = ("step", "epoch", "elapsed_s", "loss", "learning_rate", "grad_norm")
-
-        def __init__(self, minutes: float, curve: Path, append: bool):
-            self.budget = minutes * 60.0
-            self.curve = curve
-            self.start = time.monotonic()
-            self.stopped_by_time = False
-            if not append or not curve.exists():
-                with curve.open("w", newline="") as f:
-                    csv.writer(f).writerow(self.FIELDS)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.budget > 0 and time.monotonic() - self.start >= self.budget:
-                self.stopped_by_time = True
-                control.should_training_stop = True
-                control.should_log = True
-            return control
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if "loss" not in logs:
-                return
-            row = {"step": state.global_step, "epoch": logs.get("epoch", state.epoch),
-                   "elapsed_s": round(time.monotonic() - self.start, 3), "loss": logs.get("loss"),
-                   "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
-            with self.curve.open("a", newline="") as f:
-                csv.writer(f).writerow([row[k] for k in self.FIELDS])
-
-    return TrieTrainer, BudgetAndCurve
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        row = {"step": state.global_step, "epoch": logs.get("epoch", state.epoch),
+               "elapsed_s": round(time.monotonic() - self.start, 3), "loss": logs.get("loss"),
+               "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
+        with self.curve.open("a", newline="") as f:
+            csv.writer(f).writerow([row[k] for k in self.FIELDS])
 
 
 def _last_checkpoint(out: Path) -> Optional[str]:
@@ -251,13 +215,16 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
     fmt = TokenFormat.from_tokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos_ids[0]
     examples: list[SFTExample] = load_examples(cfg.train_files, tokenizer, fmt, cfg.max_samples)
-    rows = build_rows(examples, cfg.layout, cfg.max_tokens)
-    val_rows = build_rows(load_examples(cfg.val_files, tokenizer, fmt), cfg.layout, cfg.max_tokens) \
+    rows = build_rows(examples, cfg.layout, cfg.max_tokens, cfg.pack)
+    val_rows = build_rows(load_examples(cfg.val_files, tokenizer, fmt), cfg.layout, cfg.max_tokens, cfg.pack) \
         if cfg.val_files else []
     row_tokens = sum(len(r) for r in rows)
     loss_tokens = sum(r.num_loss_tokens for r in rows)
+    longest = max(len(r) for r in rows)
+    batch_size = max(1, cfg.batch_tokens // longest) if cfg.batch_tokens > 0 else cfg.batch_size
     console.print(f"[bold]sft[/bold] {len(examples)} trajectories -> {len(rows)} {cfg.layout} rows "
-                  f"({row_tokens} tokens, {loss_tokens} with loss, budget {cfg.max_tokens}/row)")
+                  f"({row_tokens} tokens, {loss_tokens} with loss, longest {longest}, budget {cfg.max_tokens}/row), "
+                  f"{batch_size} rows per step")
 
     use_cpu = not torch.cuda.is_available()
     if use_cpu and cfg.attention == "flex":
@@ -266,7 +233,7 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa")
     args = TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.epochs if cfg.max_steps <= 0 else 1.0,
@@ -282,22 +249,20 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
         save_total_limit=cfg.save_total_limit,
+        save_only_model=cfg.save_only_model,
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=cfg.num_workers,
         use_cpu=use_cpu,
         disable_tqdm=False,
     )
-    TrieTrainer, BudgetAndCurve = _make_trainer_classes()
     curve_path = out / "loss_curve.csv"
     resume_from = _last_checkpoint(out) if cfg.resume else None
-    budget = BudgetAndCurve(cfg.minutes, curve_path, append=resume_from is not None)
+    limit = TimeLimitAndCurve(cfg.time_limit_minutes, curve_path, append=resume_from is not None)
     trainer = TrieTrainer(
         model=model, args=args, train_dataset=RowDataset(rows), data_collator=TrieCollator(pad_id),
-        processing_class=tokenizer, callbacks=[budget],
+        processing_class=tokenizer, callbacks=[limit],
         attention=cfg.attention, flex_min_tokens=cfg.flex_min_tokens,
-        time_schedule=(cfg.lr_scheduler, cfg.warmup_steps, cfg.minutes * 60.0, budget.start)
-        if _time_schedule(cfg) else None,
     )
     start = time.monotonic()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -309,12 +274,13 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
     val_loss = mean_loss(model, val_rows, pad_id, cfg.batch_size, cfg.attention, cfg.flex_min_tokens) \
         if val_rows else None
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    stopped_by = "time" if budget.stopped_by_time else ("steps" if cfg.max_steps > 0 else "epochs")
+    stopped_by = "time_limit" if limit.hit_time_limit else ("steps" if cfg.max_steps > 0 else "epochs")
     res = SFTResult(
         model_dir=str(model_dir), steps=int(trainer.state.global_step), seconds=round(seconds, 2),
         final_loss=float(history[-1]) if history else float(result.training_loss),
         val_loss=val_loss, rows=len(rows), trajectories=len(examples), row_tokens=row_tokens,
         loss_tokens=loss_tokens, stopped_by=stopped_by, loss_curve=str(curve_path),
+        batch_size=batch_size, longest_row=longest,
     )
     (out / "sft_summary.json").write_text(json.dumps({"config": asdict(cfg), "result": asdict(res)}, indent=2))
     _print_summary(console, res)
@@ -338,5 +304,16 @@ def main(argv: Sequence[str] = ()) -> int:
     from ..config import load_config
 
     cfg = load_config(SFTConfig, argv)
-    train(cfg)
+    res = train(cfg)
+    if res.stopped_by == "time_limit":
+        print(time_limit_message(res.steps, cfg.max_steps, cfg.time_limit_minutes), file=sys.stderr)
+        return 1
     return 0
+
+
+def time_limit_message(steps: int, max_steps: int, minutes: float) -> str:
+    """What a run ended by the safety stop says (the model is saved, but it is not the budgeted result)."""
+    budget = f"{max_steps}" if max_steps > 0 else "the epoch budget"
+    return (f"stopped by the time limit ({minutes:g} min) at step {steps} of {budget}: the result is not the "
+            "reference result. The machine is slower or busier than the limit allows; raise "
+            "time_limit_minutes (0: no limit) and rerun.")
