@@ -3,15 +3,19 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast lint
 setup:
 	@bash scripts/setup_env.sh
 
 demo: setup
 	$(PY) -m threadweaver_verl demo $(ARGS)
 
-test: setup
+test: lint
 	$(PY) -m pytest -q -ra $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -33,8 +33,11 @@ def fragment_ids(fmt, text: str) -> list[int]:
 
 
 def outline_block(k: int) -> str:
-    return "<Parallel>\n<Outlines>\n" + "".join(f"<Outline>{i}: part {i}</Outline>\n" for i in range(1, k + 1)) \
+    return (
+        "<Parallel>\n<Outlines>\n"
+        + "".join(f"<Outline>{i}: part {i}</Outline>\n" for i in range(1, k + 1))
         + "</Outlines>"
+    )
 
 
 class ZeroLatencyEngine:
@@ -56,7 +59,7 @@ class ZeroLatencyEngine:
         tail = prompt_ids[-4:]
         if self.thread_open in tail:
             return Completion(self.thread, "stop")
-        done = sum(1 for i in prompt_ids[self.prompt_len:] if i == self.close_id)
+        done = sum(1 for i in prompt_ids[self.prompt_len :] if i == self.close_id)
         return Completion(self.block if done < self.blocks else self.end, "stop")
 
 
@@ -68,8 +71,9 @@ def bench_overhead(fmt, prompt, console) -> list[tuple]:
     rows = []
     for k, blocks, thread_len in ((2, 1, 32), (4, 4, 64), (8, 4, 96), (8, 8, 32)):
         engine = ZeroLatencyEngine(fmt, len(prompt), k, blocks, thread_len)
-        ctrl = ForkJoinController(fmt, ControllerConfig(max_response_tokens=16384, max_blocks=blocks + 1,
-                                                        max_requests=256))
+        ctrl = ForkJoinController(
+            fmt, ControllerConfig(max_response_tokens=16384, max_blocks=blocks + 1, max_requests=256)
+        )
         asyncio.run(ctrl.run(engine, prompt, routing_key="warm"))
         times, calls, total = [], 0, 0
         for r in range(5):
@@ -90,8 +94,17 @@ def bench_overhead(fmt, prompt, console) -> list[tuple]:
         b = statistics.median(base)
         rows.append((k, blocks, total, calls, t * 1e3, t / calls * 1e6, t / total * 1e6, b * 1e3, t / b))
     table = Table(title="controller overhead, zero-latency engine (median of 5)")
-    for col in ("threads/block", "blocks", "T (tokens)", "requests", "ms / trajectory", "us / request",
-                "us / response token", "ms to read it once", "overhead / one read"):
+    for col in (
+        "threads/block",
+        "blocks",
+        "T (tokens)",
+        "requests",
+        "ms / trajectory",
+        "us / request",
+        "us / response token",
+        "ms to read it once",
+        "overhead / one read",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(*(f"{x:.1f}" if isinstance(x, float) else str(x) for x in r))
@@ -115,8 +128,9 @@ class SteeredEngine:
             if self.n_main == 1:
                 return Completion(list(self.block_ids), "stop")
             return Completion([self.eos], "stop")
-        return await self.real.complete(prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
-                                        routing_key=routing_key, sampling=sampling)
+        return await self.real.complete(
+            prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids, routing_key=routing_key, sampling=sampling
+        )
 
     thread_close: int = -1
 
@@ -130,8 +144,12 @@ async def _fork_join(fmt, url, prompt, k, thread_tokens, sampling, key):
     from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine
 
     block_ids = fragment_ids(fmt, outline_block(k))
-    cfg = ControllerConfig(max_response_tokens=k * (thread_tokens + 16) + 256, max_thread_tokens=thread_tokens + 1,
-                           close_reserve_tokens=0, max_threads_per_block=8)
+    cfg = ControllerConfig(
+        max_response_tokens=k * (thread_tokens + 16) + 256,
+        max_thread_tokens=thread_tokens + 1,
+        close_reserve_tokens=0,
+        max_threads_per_block=8,
+    )
     async with OpenAICompletionsEngine(base_url=url) as real:
         engine = SteeredEngine(real, block_ids, fmt.eos_ids[0])
         engine.thread_close = fmt.tag_id(Tag.THREAD_CLOSE)
@@ -155,9 +173,18 @@ async def _concurrent(fmt, url, context, k, tokens, sampling, key):
 
     async with OpenAICompletionsEngine(base_url=url) as engine:
         t0 = time.perf_counter()
-        comps = await asyncio.gather(*(engine.complete(fmt.fork_context(context, n), max_tokens=tokens,
-                                                       stop_token_ids=[], routing_key=key, sampling=sampling)
-                                       for n in range(1, k + 1)))
+        comps = await asyncio.gather(
+            *(
+                engine.complete(
+                    fmt.fork_context(context, n),
+                    max_tokens=tokens,
+                    stop_token_ids=[],
+                    routing_key=key,
+                    sampling=sampling,
+                )
+                for n in range(1, k + 1)
+            )
+        )
         wall = time.perf_counter() - t0
     assert all(len(c.token_ids) == tokens for c in comps)
     return wall
@@ -169,7 +196,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
 
     from threadweaver_verl.data.chat import PromptStyle, prompt_ids
     from threadweaver_verl.format import THREAD
-    from threadweaver_verl.serving import VLLMServer
+    from threadweaver_verl.rollout.vllm_server import VLLMServer
 
     prompt = prompt_ids(tokenizer, PromptStyle().messages("Multiply 4821 by 37, digit by digit. " * 8))
     digits = sorted({*fmt.encode("0123456789 ")})
@@ -188,8 +215,9 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
                 seq, fj, raw, ratio_tl, hits = [], [], [], [], []
                 for r in tqdm(range(repeats), desc=f"k={k}"):
                     seq.append(asyncio.run(_sequential(fmt, server.url, context, total, sampling, f"s{k}{r}")))
-                    raw.append(asyncio.run(_concurrent(fmt, server.url, context, k, thread_tokens, sampling,
-                                                       f"c{k}{r}")))
+                    raw.append(
+                        asyncio.run(_concurrent(fmt, server.url, context, k, thread_tokens, sampling, f"c{k}{r}"))
+                    )
                     res = asyncio.run(_fork_join(fmt, server.url, prompt, k, thread_tokens, sampling, f"f{k}{r}"))
                     threads = [c for c in res.calls if c.kind == THREAD]
                     assert len(threads) == k and all(c.completion_tokens == thread_tokens for c in threads), threads
@@ -198,13 +226,42 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
                     hits.append(sum(c.cached_tokens or 0 for c in threads) / sum(c.prompt_tokens for c in threads))
                 s, f, c = statistics.median(seq), statistics.median(fj), statistics.median(raw)
                 achieved = s / f
-                rows.append((k, thread_tokens, total, s, c, f, s / c, achieved, float(k), achieved / k, c / f,
-                             statistics.median(ratio_tl), statistics.median(hits)))
-    table = Table(title=f"vLLM CPU (tiny model): k-thread fork/join vs one sequential request, "
-                        f"same generated tokens (median of {repeats})")
-    for col in ("k", "tokens/thread", "total tokens", "sequential s", "k plain requests s", "fork/join s",
-                "server speedup (seq / plain)", "achieved speedup (seq / fork-join)", "ideal (k)", "share of ideal",
-                "controller efficiency (plain / fork-join)", "trajectory T/L", "thread prefix-cache hit"):
+                rows.append(
+                    (
+                        k,
+                        thread_tokens,
+                        total,
+                        s,
+                        c,
+                        f,
+                        s / c,
+                        achieved,
+                        float(k),
+                        achieved / k,
+                        c / f,
+                        statistics.median(ratio_tl),
+                        statistics.median(hits),
+                    )
+                )
+    table = Table(
+        title=f"vLLM CPU (tiny model): k-thread fork/join vs one sequential request, "
+        f"same generated tokens (median of {repeats})"
+    )
+    for col in (
+        "k",
+        "tokens/thread",
+        "total tokens",
+        "sequential s",
+        "k plain requests s",
+        "fork/join s",
+        "server speedup (seq / plain)",
+        "achieved speedup (seq / fork-join)",
+        "ideal (k)",
+        "share of ideal",
+        "controller efficiency (plain / fork-join)",
+        "trajectory T/L",
+        "thread prefix-cache hit",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(*(f"{x:.3g}" if isinstance(x, float) else str(x) for x in r))
@@ -218,13 +275,14 @@ def main(argv: list[str]) -> int:
 
     from threadweaver_verl.data.chat import PromptStyle, prompt_ids
     from threadweaver_verl.format import TokenFormat
-    from threadweaver_verl.tiny import build_tiny_model
+    from threadweaver_verl.models.tiny import build_tiny_model
 
     args = dict(a.split("=", 1) for a in argv)
     thread_tokens = int(args.get("thread_tokens", 128))
     repeats = int(args.get("repeats", 3))
     console = Console(width=200)
     import os
+
     console.print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
         model_dir = build_tiny_model(Path(tmp) / "model")

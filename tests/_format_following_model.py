@@ -84,7 +84,7 @@ def build_format_following_model(src_dir: str | Path, out_dir: str | Path, margi
         for k, (cur, nexts) in enumerate(links.items()):
             emb[cur] = basis[:, k] * scale
             for nxt in nexts:  # final RMSNorm turns emb[cur] into sqrt(dim) * basis[:, k]
-                head[nxt] += basis[:, k] * (margin / dim ** 0.5)
+                head[nxt] += basis[:, k] * (margin / dim**0.5)
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(head)
     out = Path(out_dir)

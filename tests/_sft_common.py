@@ -60,9 +60,11 @@ SEQUENTIAL = """<think>
 
 def three_threads(t2: str = "2: 57 * 2 = 114") -> str:
     """One block of three threads; ``t2`` is thread 2's text (to test leakage)."""
-    return ("<think>\nWork on 57.\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
-            "<Outline>3: c</Outline>\n</Outlines>\n<Thread>\n1: 57 + 1 = 58\n</Thread>\n<Thread>\n"
-            f"{t2}\n</Thread>\n<Thread>\n3: 57 - 7 = 50\n</Thread>\n</Parallel>\ndone 222\n</think>\n\\boxed{{222}}")
+    return (
+        "<think>\nWork on 57.\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n"
+        "<Outline>3: c</Outline>\n</Outlines>\n<Thread>\n1: 57 + 1 = 58\n</Thread>\n<Thread>\n"
+        f"{t2}\n</Thread>\n<Thread>\n3: 57 - 7 = 50\n</Thread>\n</Parallel>\ndone 222\n</think>\n\\boxed{{222}}"
+    )
 
 
 def load_model(model_dir):
@@ -93,8 +95,9 @@ def write_sft_parquet(path: Path, items: list[tuple[str, str]]) -> Path:
     """An SFT parquet file (data.schema) of (question, response text) pairs."""
     from threadweaver_verl.data.schema import sft_row, write_sft
 
-    rows = [sft_row(data_source="test", question=q, response=r, index=i, split="train")
-            for i, (q, r) in enumerate(items)]
+    rows = [
+        sft_row(data_source="test", question=q, response=r, index=i, split="train") for i, (q, r) in enumerate(items)
+    ]
     return write_sft(rows, path)
 
 
@@ -106,4 +109,4 @@ def reference_logprobs(m, request):
     with torch.no_grad():
         logits = m(input_ids=ids).logits[0].float()
     lp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
-    return lp[len(request.context_ids) - 1:]
+    return lp[len(request.context_ids) - 1 :]

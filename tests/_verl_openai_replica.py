@@ -31,9 +31,18 @@ class OpenAIReplica:
     async def set_global_steps(self, global_steps: int) -> None:
         self.global_steps = global_steps
 
-    async def generate(self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str,
-                       image_data=None, video_data=None, audio_data=None, mm_processor_kwargs=None,
-                       priority: int = 0, **kwargs: Any) -> TokenOutput:
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        request_id: str,
+        image_data=None,
+        video_data=None,
+        audio_data=None,
+        mm_processor_kwargs=None,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> TokenOutput:
         if self.engine is None:  # created in the actor's own event loop
             self.engine = OpenAICompletionsEngine(OpenAIEngineConfig(base_url=self.base_url, logprobs=False))
         params = dict(sampling_params)
@@ -44,13 +53,18 @@ class OpenAIReplica:
         stops = params.pop("stop_token_ids", [])
         params["logprobs"] = bool(params.pop("logprobs", False))
         self.served.append([int(i) for i in prompt_ids])
-        comp = await self.engine.complete(prompt_ids, max_tokens=max_tokens, stop_token_ids=stops,
-                                          routing_key=request_id, sampling=params)
+        comp = await self.engine.complete(
+            prompt_ids, max_tokens=max_tokens, stop_token_ids=stops, routing_key=request_id, sampling=params
+        )
         extra = {"global_steps": self.global_steps, "num_cached_tokens": comp.cached_tokens}
         if comp.finish == FINISH_ABORT:
             return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields=extra)
-        return TokenOutput(token_ids=comp.token_ids, log_probs=comp.logprobs if params["logprobs"] else None,
-                           stop_reason="completed", extra_fields=extra)
+        return TokenOutput(
+            token_ids=comp.token_ids,
+            log_probs=comp.logprobs if params["logprobs"] else None,
+            stop_reason="completed",
+            extra_fields=extra,
+        )
 
     async def served_prompts(self) -> list[list[int]]:
         return self.served

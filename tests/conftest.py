@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tok():
     """The tiny tokenizer (every format tag one token), without building a model."""
-    from threadweaver_verl.tiny import build_tokenizer
+    from threadweaver_verl.models.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -29,7 +29,7 @@ def fmt(tok):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from threadweaver_verl.tiny import build_tiny_model
+    from threadweaver_verl.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
@@ -52,9 +52,10 @@ def tiny_fmt(tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir, tmp_path_factory):
-    from threadweaver_verl.serving import VLLMServer, VLLMServerConfig
+    from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
-    config = VLLMServerConfig(model=str(tiny_model_dir), work_dir=str(tmp_path_factory.mktemp("vllm")),
-                              max_model_len=4096)
+    config = VLLMServerConfig(
+        model=str(tiny_model_dir), work_dir=str(tmp_path_factory.mktemp("vllm")), max_model_len=4096
+    )
     with VLLMServer(config) as server:
         yield server

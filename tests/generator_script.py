@@ -55,25 +55,30 @@ def make_sample(kind: str, k: int) -> dict:
         trace = "\n\n".join(paras) + f" \\boxed{{{claimed}}}"
     else:
         trace = "\n\n".join(paras) + f"\n</think>\nThe answer is \\boxed{{{claimed}}}."
-    return {"question": f"Problem {kind}-{k}: what is {a}*{b} + {c}*{d}?", "trace": trace, "answer": str(total),
-            "id": f"{kind}-{k}"}
+    return {
+        "question": f"Problem {kind}-{k}: what is {a}*{b} + {c}*{d}?",
+        "trace": trace,
+        "answer": str(total),
+        "id": f"{kind}-{k}",
+    }
 
 
 def good_answer(step: str, k: int) -> dict:
     a, b, c, d = numbers(k)
     if step == prompts.STRUCTURE:
-        return {"steps": [
-            {"step": 1, "units": [1, 1], "purpose": "plan", "relies_on": []},
-            {"step": 2, "units": [2, 2], "purpose": "first product", "relies_on": [1]},
-            {"step": 3, "units": [3, 3], "purpose": "second product", "relies_on": [1]},
-            {"step": 4, "units": [4, 4], "purpose": "sum", "relies_on": [2, 3]},
-            {"step": 5, "units": [5, 6], "purpose": "check and conclude", "relies_on": [4]},
-        ]}
+        return {
+            "steps": [
+                {"step": 1, "units": [1, 1], "purpose": "plan", "relies_on": []},
+                {"step": 2, "units": [2, 2], "purpose": "first product", "relies_on": [1]},
+                {"step": 3, "units": [3, 3], "purpose": "second product", "relies_on": [1]},
+                {"step": 4, "units": [4, 4], "purpose": "sum", "relies_on": [2, 3]},
+                {"step": 5, "units": [5, 6], "purpose": "check and conclude", "relies_on": [4]},
+            ]
+        }
     if step == prompts.BLOCKS:
         return {"blocks": [{"threads": [[2, 2], [3, 3]]}]}
     if step == prompts.EDITS:
-        return {"blocks": [{"threads": [f"First product: {a}*{b} = {a * b}.",
-                                        f"Second product: {c}*{d} = {c * d}."]}]}
+        return {"blocks": [{"threads": [f"First product: {a}*{b} = {a * b}.", f"Second product: {c}*{d} = {c * d}."]}]}
     if step == prompts.OUTLINES:
         return {"blocks": [{"outlines": [f"Compute {a}*{b}.", f"Compute {c}*{d}."]}]}
     raise AssertionError(step)
@@ -92,8 +97,18 @@ def bad_answer(kind: str, step: str, k: int) -> str | None:
     if kind == "noblocks" and step == prompts.BLOCKS:
         return json.dumps({"blocks": []})
     if kind == "rewritten" and step == prompts.EDITS:
-        return json.dumps({"blocks": [{"threads": ["Something else entirely, unrelated to the products here.",
-                                                   "A different text with no overlap at all really."]}]})
+        return json.dumps(
+            {
+                "blocks": [
+                    {
+                        "threads": [
+                            "Something else entirely, unrelated to the products here.",
+                            "A different text with no overlap at all really.",
+                        ]
+                    }
+                ]
+            }
+        )
     if kind == "tagged" and step == prompts.OUTLINES:
         return json.dumps({"blocks": [{"outlines": ["Compute <Thread> one", "Compute two"]}]})
     return None

@@ -18,9 +18,10 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Union
+from typing import Union
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Status:
 @dataclass
 class Slow:
     seconds: float
-    then: "Action" = field(default_factory=lambda: Status(500))
+    then: Action = field(default_factory=lambda: Status(500))
 
 
 Action = Union[Reply, TokenReply, Status, Slow]
@@ -57,8 +58,11 @@ def body_key(body: dict) -> str:
 
 
 class ScriptedOpenAI:
-    def __init__(self, script: Callable[[dict, int], Action] | None = None,
-                 completions: Callable[[dict, int], Action] | None = None):
+    def __init__(
+        self,
+        script: Callable[[dict, int], Action] | None = None,
+        completions: Callable[[dict, int], Action] | None = None,
+    ):
         self.scripts = {"/v1/chat/completions": script, "/v1/completions": completions}
         self.lock = threading.Lock()
         self.received: list[dict] = []  # every request body, in arrival order
@@ -89,19 +93,29 @@ class ScriptedOpenAI:
                     return self._send(action.code, action.body)
                 if isinstance(action, TokenReply):
                     ids = list(action.token_ids)
-                    answer = {"id": f"cmpl-{len(owner.received)}", "object": "text_completion",
-                              "choices": [{"index": 0, "text": "", "token_ids": ids,
-                                           "finish_reason": action.finish_reason}],
-                              "usage": {"prompt_tokens": len(body.get("prompt") or []), "completion_tokens": len(ids)}}
+                    answer = {
+                        "id": f"cmpl-{len(owner.received)}",
+                        "object": "text_completion",
+                        "choices": [{"index": 0, "text": "", "token_ids": ids, "finish_reason": action.finish_reason}],
+                        "usage": {"prompt_tokens": len(body.get("prompt") or []), "completion_tokens": len(ids)},
+                    }
                     return self._send(200, json.dumps(answer))
                 answer = {
                     "id": f"chatcmpl-{len(owner.received)}",
                     "object": "chat.completion",
                     "model": body.get("model"),
-                    "choices": [{"index": 0, "finish_reason": action.finish_reason,
-                                 "message": {"role": "assistant", "content": action.content}}],
-                    "usage": {"prompt_tokens": action.prompt_tokens, "completion_tokens": action.completion_tokens,
-                              "total_tokens": action.prompt_tokens + action.completion_tokens},
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": action.finish_reason,
+                            "message": {"role": "assistant", "content": action.content},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": action.prompt_tokens,
+                        "completion_tokens": action.completion_tokens,
+                        "total_tokens": action.prompt_tokens + action.completion_tokens,
+                    },
                 }
                 self._send(200, json.dumps(answer))
 
@@ -131,7 +145,7 @@ class ScriptedOpenAI:
         self.server.shutdown()
         self.server.server_close()
 
-    def __enter__(self) -> "ScriptedOpenAI":
+    def __enter__(self) -> ScriptedOpenAI:
         return self
 
     def __exit__(self, *exc) -> None:

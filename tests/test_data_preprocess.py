@@ -19,21 +19,37 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "examples" / "data_preprocess"
 
 MATH500 = [
-    {"problem": "Convert $(0,3)$ to polar coordinates.", "solution": "... $\\boxed{(3,\\frac{\\pi}{2})}$.",
-     "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
-     "unique_id": "test/precalculus/807.json"},
-    {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "answer": "2", "subject": "Prealgebra",
-     "level": 1, "unique_id": "test/prealgebra/1.json"},
+    {
+        "problem": "Convert $(0,3)$ to polar coordinates.",
+        "solution": "... $\\boxed{(3,\\frac{\\pi}{2})}$.",
+        "answer": "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "subject": "Precalculus",
+        "level": 2,
+        "unique_id": "test/precalculus/807.json",
+    },
+    {
+        "problem": "What is $1+1$?",
+        "solution": "It is $\\boxed{2}$.",
+        "answer": "2",
+        "subject": "Prealgebra",
+        "level": 1,
+        "unique_id": "test/prealgebra/1.json",
+    },
 ]
-AIME = [{"ID": "2024-I-1", "Problem": "Find the number of ...", "Solution": "... so 204.", "Answer": 204},
-        {"ID": "2024-I-2", "Problem": "Find xy.", "Solution": "...", "Answer": 25}]
-GSM8K = [{"question": "Natalia sold clips to 48 friends...", "answer": "48/2 = 24\n48+24 = 72\n#### 72"},
-         {"question": "A shop sells 1,000 pens...", "answer": "so 1,250 in total\n#### 1,250"}]
+AIME = [
+    {"ID": "2024-I-1", "Problem": "Find the number of ...", "Solution": "... so 204.", "Answer": 204},
+    {"ID": "2024-I-2", "Problem": "Find xy.", "Solution": "...", "Answer": 25},
+]
+GSM8K = [
+    {"question": "Natalia sold clips to 48 friends...", "answer": "48/2 = 24\n48+24 = 72\n#### 72"},
+    {"question": "A shop sells 1,000 pens...", "answer": "so 1,250 in total\n#### 1,250"},
+]
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 def test_math500_parquet_via_script(tmp_path):
@@ -45,12 +61,17 @@ def test_math500_parquet_via_script(tmp_path):
     rows = read_rl(out)  # the project's schema reader checks every row
     assert [r["reward_model"] for r in rows] == [
         {"style": "rule", "ground_truth": "\\left( 3, \\frac{\\pi}{2} \\right)"},  # `answer` wins over `solution`
-        {"style": "rule", "ground_truth": "2"}]
+        {"style": "rule", "ground_truth": "2"},
+    ]
     first = rows[0]
     assert first["data_source"] == "math500" and first["agent_name"] == "threadweaver"
     assert first["prompt"] == [{"role": "user", "content": f"{MATH500[0]['problem']}\n\n{DEFAULT_INSTRUCTION}"}]
-    assert first["extra_info"] == {"index": 0, "split": "test", "question": MATH500[0]["problem"],
-                                   "source_id": "test/precalculus/807.json"}
+    assert first["extra_info"] == {
+        "index": 0,
+        "split": "test",
+        "question": MATH500[0]["problem"],
+        "source_id": "test/precalculus/807.json",
+    }
 
 
 def test_aime_jsonl_via_script(tmp_path):
@@ -77,9 +98,23 @@ def test_gsm8k_jsonl_via_script(tmp_path):
 def test_generic_cli_json_list_solution_only(tmp_path):
     src, out = tmp_path / "sol.json", tmp_path / "sol.parquet"
     src.write_text(json.dumps({"data": [{"question": "Q1", "solution": "so \\boxed{\\frac{1}{2}} done"}]}))
-    res = subprocess.run([sys.executable, "-m", "threadweaver_verl", "preprocess", f"input={src}",
-                          f"output={out}", "data_source=mine", "instruction=null", "system=Be brief."],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "threadweaver_verl",
+            "preprocess",
+            f"input={src}",
+            f"output={out}",
+            "data_source=mine",
+            "instruction=null",
+            "system=Be brief.",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     [row] = read_rl(out)
     assert row["reward_model"]["ground_truth"] == "\\frac{1}{2}"  # last \boxed{} of the solution
@@ -96,15 +131,18 @@ def test_explicit_keys_and_formats():
     assert P.ground_truth_of({"answer": "#### 5"}, plain) == "#### 5"
 
 
-@pytest.mark.parametrize("record,match", [
-    ({"text": "q", "answer": "1"}, "no question field found"),
-    ({"problem": "q"}, "no answer field found"),
-    ({"problem": "  ", "answer": "1"}, "question field 'problem' is empty"),
-    ({"problem": "q", "answer": None}, "answer field 'answer' is None"),
-    ({"problem": "q", "answer": "  "}, "empty ground truth"),
-    ({"problem": "q", "solution": "no box here"}, "no complete \\\\boxed"),
-    ({"question": "q", "answer": "no hashes"}, "without '####'"),
-])
+@pytest.mark.parametrize(
+    "record,match",
+    [
+        ({"text": "q", "answer": "1"}, "no question field found"),
+        ({"problem": "q"}, "no answer field found"),
+        ({"problem": "  ", "answer": "1"}, "question field 'problem' is empty"),
+        ({"problem": "q", "answer": None}, "answer field 'answer' is None"),
+        ({"problem": "q", "answer": "  "}, "empty ground truth"),
+        ({"problem": "q", "solution": "no box here"}, "no complete \\\\boxed"),
+        ({"question": "q", "answer": "no hashes"}, "without '####'"),
+    ],
+)
 def test_bad_records_are_named(record, match):
     fmt = "gsm8k" if record.get("answer") == "no hashes" else "auto"
     with pytest.raises(SchemaError, match=match):
@@ -113,8 +151,11 @@ def test_bad_records_are_named(record, match):
 
 def test_errors_name_the_record_or_skip_and_count(tmp_path):
     src = tmp_path / "mixed.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in [{"problem": "a", "answer": "1"}, {"problem": "b"},
-                                                     {"problem": "c", "answer": "3"}]))
+    src.write_text(
+        "\n".join(
+            json.dumps(r) for r in [{"problem": "a", "answer": "1"}, {"problem": "b"}, {"problem": "c", "answer": "3"}]
+        )
+    )
     cfg = P.PreprocessConfig(input=str(src), output=str(tmp_path / "o.parquet"), data_source="d")
     with pytest.raises(SchemaError, match=r"mixed.jsonl, record 1: no answer field.*skip_invalid=true"):
         P.run(cfg, progress=False)

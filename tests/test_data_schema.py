@@ -16,8 +16,13 @@ def _rl(i=0, **kw):
 
 
 def _sft(i=0, **kw):
-    args = dict(data_source="src", question=f"What is {i} * 3?", response=f"<think>\nx\n</think>\n\\boxed{{{3 * i}}}",
-                index=i, split="train")
+    args = dict(
+        data_source="src",
+        question=f"What is {i} * 3?",
+        response=f"<think>\nx\n</think>\n\\boxed{{{3 * i}}}",
+        index=i,
+        split="train",
+    )
     args.update(kw)
     return schema.sft_row(**args)
 
@@ -25,8 +30,10 @@ def _sft(i=0, **kw):
 def test_rl_row_is_verls_layout():
     row = _rl(4, style=PromptStyle(instruction=DEFAULT_INSTRUCTION, system="be brief"), extra={"digits": [1, 1]})
     assert list(row) == list(schema.RL_COLUMNS)
-    assert row["prompt"] == [{"role": "system", "content": "be brief"},
-                             {"role": "user", "content": f"What is 4 * 3?\n\n{DEFAULT_INSTRUCTION}"}]
+    assert row["prompt"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": f"What is 4 * 3?\n\n{DEFAULT_INSTRUCTION}"},
+    ]
     assert row["reward_model"] == {"style": "rule", "ground_truth": "12"}
     assert row["extra_info"] == {"index": 4, "split": "train", "question": "What is 4 * 3?", "digits": [1, 1]}
     assert row["agent_name"] == schema.DEFAULT_AGENT_NAME and row["ability"] == "math"
@@ -42,18 +49,23 @@ def test_round_trips(tmp_path):
     assert list(pd.read_parquet(tmp_path / "rl.parquet").columns) == list(schema.RL_COLUMNS)
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda r: r.pop("reward_model"), r"missing column\(s\) \['reward_model'\]"),
-    (lambda r: r.update(prompt="What is 2?"), "column 'prompt'.*list of chat messages"),
-    (lambda r: r.update(prompt=[{"role": "bot", "content": "hi"}]), "role 'bot'"),
-    (lambda r: r.update(prompt=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
-     "last message must be the user"),
-    (lambda r: r.update(reward_model={"style": "model", "ground_truth": "1"}), "column 'reward_model'"),
-    (lambda r: r.update(reward_model={"style": "rule", "ground_truth": 12}), "column 'reward_model'"),
-    (lambda r: r["extra_info"].pop("index"), r"column 'extra_info'.*lacks key\(s\) \['index'\]"),
-    (lambda r: r.update(data_source=""), "column 'data_source'"),
-    (lambda r: r.update(agent_name=None), "column 'agent_name'"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda r: r.pop("reward_model"), r"missing column\(s\) \['reward_model'\]"),
+        (lambda r: r.update(prompt="What is 2?"), "column 'prompt'.*list of chat messages"),
+        (lambda r: r.update(prompt=[{"role": "bot", "content": "hi"}]), "role 'bot'"),
+        (
+            lambda r: r.update(prompt=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
+            "last message must be the user",
+        ),
+        (lambda r: r.update(reward_model={"style": "model", "ground_truth": "1"}), "column 'reward_model'"),
+        (lambda r: r.update(reward_model={"style": "rule", "ground_truth": 12}), "column 'reward_model'"),
+        (lambda r: r["extra_info"].pop("index"), r"column 'extra_info'.*lacks key\(s\) \['index'\]"),
+        (lambda r: r.update(data_source=""), "column 'data_source'"),
+        (lambda r: r.update(agent_name=None), "column 'agent_name'"),
+    ],
+)
 def test_rl_checks_name_the_bad_column(mutate, match, tmp_path):
     rows = [_rl(0), _rl(1)]
     mutate(rows[1])

@@ -26,11 +26,19 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
         assert r["mean_T"] >= r["mean_L"] > 0
         assert r["token_speedup"] > 0 and r["wall_s_per_problem"] > 0
     assert rows["sequential"]["mean_T"] == pytest.approx(rows["sequential"]["mean_L"])  # no forks
-    for artefact in ("data/train.parquet", "data/test.parquet", "sft_parallel/model/config.json",
-                     "sft_sequential/model/config.json", "eval_parallel/trajectories.jsonl",
-                     "eval_sequential/trajectories.jsonl", "curve/parallel_step20/summary.json",
-                     "curve/sequential_step20/summary.json", "report.html", "report_assets/loss.png",
-                     "report_assets/accuracy_curve.png"):
+    for artefact in (
+        "data/train.parquet",
+        "data/test.parquet",
+        "sft_parallel/model/config.json",
+        "sft_sequential/model/config.json",
+        "eval_parallel/trajectories.jsonl",
+        "eval_sequential/trajectories.jsonl",
+        "curve/parallel_step20/summary.json",
+        "curve/sequential_step20/summary.json",
+        "report.html",
+        "report_assets/loss.png",
+        "report_assets/accuracy_curve.png",
+    ):
         assert (out / artefact).exists(), artefact
     # the step budget ended both trainings; the curve has the checkpoint and the final model
     for kind in ("parallel", "sequential"):
@@ -49,8 +57,8 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
 def test_the_yaml_config_mirrors_the_demo_defaults():
     from pathlib import Path
 
+    from threadweaver_verl.cli.demo import DemoConfig
     from threadweaver_verl.config import load_config
-    from threadweaver_verl.demo import DemoConfig
 
     yaml = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     assert load_config(DemoConfig, ["--config", str(yaml)]) == DemoConfig()

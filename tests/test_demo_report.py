@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
+from threadweaver_verl.cli.demo import DemoConfig
 from threadweaver_verl.data.chat import PromptStyle, prompt_ids
-from threadweaver_verl.demo import DemoConfig
-from threadweaver_verl.evaluate import write_report
-from threadweaver_verl.report import pick_trajectory, write_demo_report
+from threadweaver_verl.eval.evaluate import write_report
+from threadweaver_verl.eval.report import pick_trajectory, write_demo_report
 from threadweaver_verl.tasks import multiplication as mul
 
 
@@ -16,15 +16,22 @@ def _record(fmt, tok, sample, i, **over):
     prompt = prompt_ids(tok, PromptStyle().messages(sample.problem.question))
     response = fmt.encode_text(sample.parallel) + [tok.eos_token_id]
     st = fmt.stats(fmt.parse(response))
-    rec = {"problem": f"p{i}", "error": None, "valid": True, "correct": True, "prompt_ids": prompt,
-           "response_ids": response, "stats": {"total_tokens": st.total_tokens, "critical_path": st.critical_path,
-                                                "num_threads": st.num_threads}}
+    rec = {
+        "problem": f"p{i}",
+        "error": None,
+        "valid": True,
+        "correct": True,
+        "prompt_ids": prompt,
+        "response_ids": response,
+        "stats": {"total_tokens": st.total_tokens, "critical_path": st.critical_path, "num_threads": st.num_threads},
+    }
     return {**rec, **over}
 
 
 def test_report_shows_table_histogram_threads_mask_and_loss(tiny_model_dir, tiny_tokenizer, tiny_fmt, tmp_path):
-    samples = {name: mul.make_samples(mul.Difficulty.parse(name), 1, seed=0, split="test")[0]
-               for name in ("3x2", "3x3")}
+    samples = {
+        name: mul.make_samples(mul.Difficulty.parse(name), 1, seed=0, split="test")[0] for name in ("3x2", "3x3")
+    }
     out = tmp_path / "demo"
     (out / "eval_parallel").mkdir(parents=True)
     records = [
@@ -42,11 +49,15 @@ def test_report_shows_table_histogram_threads_mask_and_loss(tiny_model_dir, tiny
         path = tmp_path / f"{kind}.csv"
         path.write_text("step,epoch,elapsed_s,loss,learning_rate,grad_norm\n1,0,1,5.0,0.001,1\n10,0,9,1.0,0.001,1\n")
         curves[kind] = {"model_dir": str(tiny_model_dir), "loss_curve": str(path)}
-    rows = [{"model": "sequential", "accuracy": 1.0, "mean_L": 212.8},
-            {"model": "parallel (fork/join)", "accuracy": 1.0, "mean_L": 164.8}]
+    rows = [
+        {"model": "sequential", "accuracy": 1.0, "mean_L": 212.8},
+        {"model": "parallel (fork/join)", "accuracy": 1.0, "mean_L": 164.8},
+    ]
 
-    accuracy = {"sequential": {"600": 0.62, "1200": 1.0, "1800": 1.0}, "parallel": {"600": 0.4, "1200": 0.995,
-                                                                                    "1800": 1.0}}
+    accuracy = {
+        "sequential": {"600": 0.62, "1200": 1.0, "1800": 1.0},
+        "parallel": {"600": 0.4, "1200": 0.995, "1800": 1.0},
+    }
     page = write_demo_report(out, DemoConfig(), rows, curves, tmp_path, accuracy)
 
     html = page.read_text()
@@ -67,9 +78,15 @@ def test_report_says_so_when_no_trajectory_is_valid(tiny_model_dir, tiny_tokeniz
     out = tmp_path / "demo"
     (out / "eval_parallel").mkdir(parents=True)
     (out / "eval_parallel" / "trajectories.jsonl").write_text(
-        json.dumps(_record(tiny_fmt, tiny_tokenizer, sample, 0, valid=False)) + "\n")
-    page = write_demo_report(out, DemoConfig(), [{"model": "parallel (fork/join)", "accuracy": 0.0}],
-                             {"parallel": {"model_dir": str(tiny_model_dir)}}, tmp_path)
+        json.dumps(_record(tiny_fmt, tiny_tokenizer, sample, 0, valid=False)) + "\n"
+    )
+    page = write_demo_report(
+        out,
+        DemoConfig(),
+        [{"model": "parallel (fork/join)", "accuracy": 0.0}],
+        {"parallel": {"model_dir": str(tiny_model_dir)}},
+        tmp_path,
+    )
     html = page.read_text()
     assert "No format-valid trajectory to show." in html and "trie_mask.png" not in html
     assert "accuracy_curve.png" not in html  # no curve was measured

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from threadweaver_verl.evaluate import speedup_bins, write_report
+from threadweaver_verl.eval.evaluate import speedup_bins, write_report
 
 
 def test_near_equal_speedups_share_one_visible_bin():

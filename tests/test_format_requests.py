@@ -16,7 +16,7 @@ from threadweaver_verl.format import (
     TagVocab,
     split_requests,
 )
-from threadweaver_verl.tiny import build_tokenizer
+from threadweaver_verl.models.tiny import build_tokenizer
 
 
 def block(outlines: list[str], threads: list[str]) -> str:
@@ -25,8 +25,13 @@ def block(outlines: list[str], threads: list[str]) -> str:
     return f"<Parallel>\n<Outlines>\n{o}</Outlines>\n{t}\n</Parallel>"
 
 
-NESTED = ("<think>\nsplit it" + block(["a", "b"], [" left " + block(["p", "q"], [" 11 ", " 22 "]) + " after", " right 7\n"])
-          + "\nthen " + block(["c"], [" only\n"]) + "\ndone</think>\n\\boxed{42}")
+NESTED = (
+    "<think>\nsplit it"
+    + block(["a", "b"], [" left " + block(["p", "q"], [" 11 ", " 22 "]) + " after", " right 7\n"])
+    + "\nthen "
+    + block(["c"], [" only\n"])
+    + "\ndone</think>\n\\boxed{42}"
+)
 
 
 def replay(prompt: list[int], requests) -> list[int]:
@@ -37,7 +42,7 @@ def replay(prompt: list[int], requests) -> list[int]:
         if r.kind == SEQUENTIAL:
             assert list(r.context_ids[: len(main)]) == main[: len(r.context_ids)]
             main = list(r.context_ids) + list(r.completion_ids)
-    return main[len(prompt):]
+    return main[len(prompt) :]
 
 
 def test_tags_are_single_tokens_and_missing_tags_fail_loudly(tok, fmt):
@@ -54,7 +59,10 @@ def test_split_nested_trajectory(tok, fmt):
     kinds = [(r.kind, r.path) for r in reqs]
     assert kinds == [
         (SEQUENTIAL, ()),
-        (THREAD, (1, 1)), (THREAD, (1, 1, 1, 1)), (THREAD, (1, 1, 1, 2)), (THREAD, (1, 1)),
+        (THREAD, (1, 1)),
+        (THREAD, (1, 1, 1, 1)),
+        (THREAD, (1, 1, 1, 2)),
+        (THREAD, (1, 1)),
         (THREAD, (1, 2)),
         (SEQUENTIAL, ()),
         (THREAD, (2, 1)),
@@ -74,7 +82,8 @@ def test_split_nested_trajectory(tok, fmt):
     assert replay(prompt, reqs) == ids
     # every response token is a completion token of exactly one main-line or thread request, once
     assert sum(len(r.completion_ids) for r in reqs) == len(ids) - sum(
-        len(fmt.thread_header(1)) + 1 for _ in range(5)) - 3 * (1 + 1)  # headers+gaps inserted per thread, join gaps per block
+        len(fmt.thread_header(1)) + 1 for _ in range(5)
+    ) - 3 * (1 + 1)  # headers+gaps inserted per thread, join gaps per block
 
 
 def test_splitter_never_retokenizes_joined_text(tok, fmt):
@@ -111,7 +120,12 @@ _piece = st.text(alphabet="ab 12:\n", min_size=1, max_size=5)
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.lists(_piece, min_size=1, max_size=3), _piece), min_size=0, max_size=3), _piece)
 def test_replaying_requests_rebuilds_any_valid_trajectory(fmt, blocks, tail):
-    text = "<think>" + "".join(pre + block([f"o{i}" for i in range(len(th))], th) for th, pre in blocks) + tail + "</think>"
+    text = (
+        "<think>"
+        + "".join(pre + block([f"o{i}" for i in range(len(th))], th) for th, pre in blocks)
+        + tail
+        + "</think>"
+    )
     ids = response_ids(fmt, text)
     reqs = split_requests([1, 2], ids, fmt)
     assert replay([1, 2], reqs) == ids

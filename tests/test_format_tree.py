@@ -47,17 +47,42 @@ def test_good_trajectory_is_valid_and_round_trips():
 @pytest.mark.parametrize(
     "text, rule",
     [
-        ("<Parallel>\n<Outlines>\n<Outline>2: a</Outline>\n</Outlines>\n<Thread>\n2: x</Thread>\n</Parallel>", V.OUTLINE_NUMBERING),
-        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n2: x</Thread>\n</Parallel>", V.THREAD_NUMBERING),
-        ("<Parallel>\n<Outlines>\n<Outline>a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>", V.OUTLINE_NUMBER),
-        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\nx</Thread>\n</Parallel>", V.THREAD_NUMBER),
-        ("<Parallel>\n<Outlines>\n<Outline>1: a<think></Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>", V.STRAY_TAG),
+        (
+            "<Parallel>\n<Outlines>\n<Outline>2: a</Outline>\n</Outlines>\n<Thread>\n2: x</Thread>\n</Parallel>",
+            V.OUTLINE_NUMBERING,
+        ),
+        (
+            "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n2: x</Thread>\n</Parallel>",
+            V.THREAD_NUMBERING,
+        ),
+        (
+            "<Parallel>\n<Outlines>\n<Outline>a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>",
+            V.OUTLINE_NUMBER,
+        ),
+        (
+            "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\nx</Thread>\n</Parallel>",
+            V.THREAD_NUMBER,
+        ),
+        (
+            "<Parallel>\n<Outlines>\n<Outline>1: a<think></Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>",
+            V.STRAY_TAG,
+        ),
         ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n", V.UNCLOSED),
         ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x\n</Parallel>", V.UNCLOSED),
         ("<Parallel>\n<Thread>\n1: x</Thread>\n</Parallel>", V.NO_OUTLINES),
-        ("<Parallel>\nhello<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>", V.TEXT_IN_BLOCK),
-        ("<Parallel>\n<Outlines>\nhi<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>", V.TEXT_IN_OUTLINES),
-        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n<Outlines>\n</Outlines></Parallel>", V.MULTIPLE_OUTLINES),
+        (
+            "<Parallel>\nhello<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>",
+            V.TEXT_IN_BLOCK,
+        ),
+        (
+            "<Parallel>\n<Outlines>\nhi<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>",
+            V.TEXT_IN_OUTLINES,
+        ),
+        (
+            "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n"
+            "<Outlines>\n</Outlines></Parallel>",
+            V.MULTIPLE_OUTLINES,
+        ),
         ("a </Thread> b", V.STRAY_TAG),
         ("a </Outlines> b", V.STRAY_TAG),
         ("</think><think>", V.THINK_ORDER),
@@ -82,7 +107,9 @@ def test_error_names_position_and_path():
 def nested(depth: int) -> str:
     inner = "x"
     for _ in range(depth):
-        inner = f"<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: {inner}</Thread>\n</Parallel>"
+        inner = (
+            f"<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: {inner}</Thread>\n</Parallel>"
+        )
     return inner
 
 
@@ -105,12 +132,23 @@ def test_deep_untrusted_nesting_does_not_exhaust_the_stack():
 
 # ----------------------------------------------------------------------------- stats
 
+
 def test_stats_hand_worked_flat():
     # ids: each content token is one int; tags count one token each
     vocab = TagVocab({t: 1000 + i for i, t in enumerate(ALL_TAGS)})
-    P, p, OS, os_, O, o, T, t = (vocab.id(x) for x in (Tag.PARALLEL_OPEN, Tag.PARALLEL_CLOSE, Tag.OUTLINES_OPEN,
-                                                        Tag.OUTLINES_CLOSE, Tag.OUTLINE_OPEN, Tag.OUTLINE_CLOSE,
-                                                        Tag.THREAD_OPEN, Tag.THREAD_CLOSE))
+    P, p, OS, os_, O, o, T, t = (
+        vocab.id(x)
+        for x in (
+            Tag.PARALLEL_OPEN,
+            Tag.PARALLEL_CLOSE,
+            Tag.OUTLINES_OPEN,
+            Tag.OUTLINES_CLOSE,
+            Tag.OUTLINE_OPEN,
+            Tag.OUTLINE_CLOSE,
+            Tag.THREAD_OPEN,
+            Tag.THREAD_CLOSE,
+        )
+    )
     ids = [1, 2, 3, P, OS, O, 4, o, O, 5, o, os_, T, 6, 6, 6, 6, t, T, 7, 7, t, p, 8, 9]
     s = compute_stats(parse_ids(ids, vocab))
     assert s.total_tokens == len(ids) == 25
@@ -124,13 +162,44 @@ def test_stats_hand_worked_flat():
 def test_stats_hand_worked_nested_and_truncated():
     vocab = TagVocab({t: 1000 + i for i, t in enumerate(ALL_TAGS)})
     g = {tag: vocab.id(tag) for tag in ALL_TAGS}
-    inner = [g[Tag.PARALLEL_OPEN], g[Tag.OUTLINES_OPEN], g[Tag.OUTLINES_CLOSE],
-             g[Tag.THREAD_OPEN], 1, 1, 1, g[Tag.THREAD_CLOSE], g[Tag.THREAD_OPEN], 1, g[Tag.THREAD_CLOSE],
-             g[Tag.PARALLEL_CLOSE]]  # own 4, longest thread 5 -> L 9, T 12
-    ids = [g[Tag.PARALLEL_OPEN], g[Tag.OUTLINES_OPEN], g[Tag.OUTLINES_CLOSE],
-           g[Tag.THREAD_OPEN], 2, *inner, 2, g[Tag.THREAD_CLOSE],  # thread A: 2 tags + 2 + inner L 9 = 13 (T 16)
-           g[Tag.THREAD_OPEN], 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, g[Tag.THREAD_CLOSE],  # thread B: 13
-           g[Tag.PARALLEL_CLOSE]]
+    inner = [
+        g[Tag.PARALLEL_OPEN],
+        g[Tag.OUTLINES_OPEN],
+        g[Tag.OUTLINES_CLOSE],
+        g[Tag.THREAD_OPEN],
+        1,
+        1,
+        1,
+        g[Tag.THREAD_CLOSE],
+        g[Tag.THREAD_OPEN],
+        1,
+        g[Tag.THREAD_CLOSE],
+        g[Tag.PARALLEL_CLOSE],
+    ]  # own 4, longest thread 5 -> L 9, T 12
+    ids = [
+        g[Tag.PARALLEL_OPEN],
+        g[Tag.OUTLINES_OPEN],
+        g[Tag.OUTLINES_CLOSE],
+        g[Tag.THREAD_OPEN],
+        2,
+        *inner,
+        2,
+        g[Tag.THREAD_CLOSE],  # thread A: 2 tags + 2 + inner L 9 = 13 (T 16)
+        g[Tag.THREAD_OPEN],
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        g[Tag.THREAD_CLOSE],  # thread B: 13
+        g[Tag.PARALLEL_CLOSE],
+    ]
     s = compute_stats(parse_ids(ids, vocab))
     assert s.total_tokens == len(ids) == 4 + 16 + 13
     assert s.critical_path == 4 + 13
@@ -144,13 +213,18 @@ def test_stats_hand_worked_nested_and_truncated():
 
 # ----------------------------------------------------------------------------- properties
 
-_text = st.text(alphabet="ab1 :\n<>/x", min_size=1, max_size=6).filter(lambda s: not parse_text(s).blocks and
-                                                                     render_text(parse_text(s)) == s and
-                                                                     all(isinstance(n, Span) for n in parse_text(s).body))
+_text = st.text(alphabet="ab1 :\n<>/x", min_size=1, max_size=6).filter(
+    lambda s: (
+        not parse_text(s).blocks
+        and render_text(parse_text(s)) == s
+        and all(isinstance(n, Span) for n in parse_text(s).body)
+    )
+)
 
 
 def _line(children):
     """A line (top level / thread body) in parser-normal form: no two Spans side by side."""
+
     def norm(items):
         out = []
         for it in items:
@@ -159,13 +233,16 @@ def _line(children):
             else:
                 out.append(it)
         return tuple(out)
+
     return st.lists(st.one_of(_text.map(Span), children), max_size=4).map(norm)
 
 
 def _block(line):
     def make(args):
         n, bodies = args
-        outlines = Outlines(tuple(x for i in range(1, n + 1) for x in (Span("\n"), Outline((Span(f"{i}: o"),)))) + (Span("\n"),))
+        outlines = Outlines(
+            tuple(x for i in range(1, n + 1) for x in (Span("\n"), Outline((Span(f"{i}: o"),)))) + (Span("\n"),)
+        )
         parts = [Span("\n"), outlines, Span("\n")]
         for i, body in enumerate(bodies[:n], start=1):
             head = Span(f"\n{i}:")
@@ -175,6 +252,7 @@ def _block(line):
                 body = (head,) + body
             parts += [Thread(body), Span("\n")]
         return Block(tuple(parts))
+
     return st.tuples(st.integers(1, 3), st.lists(line, min_size=3, max_size=3)).map(make)
 
 
@@ -193,7 +271,9 @@ def test_valid_trees_round_trip(tree):
     assert parse_text(render_text(tree)) == tree
     vocab = TagVocab({t: 10_000 + i for i, t in enumerate(ALL_TAGS)})
     # an id tree: one id per character
-    ids = [vocab.id(a) if isinstance(a, Tag) else ord(c) for a in _atoms(tree) for c in ([a] if isinstance(a, Tag) else a)]
+    ids = [
+        vocab.id(a) if isinstance(a, Tag) else ord(c) for a in _atoms(tree) for c in ([a] if isinstance(a, Tag) else a)
+    ]
     id_tree = parse_ids(ids, vocab)
     assert render_ids(id_tree, vocab) == ids
     assert validate(id_tree, decode=lambda xs: "".join(map(chr, xs))) == []
@@ -202,11 +282,13 @@ def test_valid_trees_round_trip(tree):
 
 def _atoms(tree):
     from threadweaver_verl.format import iter_atoms
+
     return list(iter_atoms(tree))
 
 
-_soup_text = st.lists(st.one_of(st.sampled_from([t.value for t in ALL_TAGS]), st.text(alphabet="1: ab\n", max_size=4)),
-                      max_size=40).map("".join)
+_soup_text = st.lists(
+    st.one_of(st.sampled_from([t.value for t in ALL_TAGS]), st.text(alphabet="1: ab\n", max_size=4)), max_size=40
+).map("".join)
 
 
 @settings(max_examples=300, deadline=None)

@@ -27,9 +27,19 @@ def _slowly(body, attempt):
 
 
 def _args(inp: Path, out: Path, url: str, cache: Path) -> list[str]:
-    return [f"input={inp}", f"out_dir={out}", "id_field=id", "progress=false", "llm.model=scripted-model",
-            f"llm.http.base_url={url}", "llm.http.api_key_env=null", "llm.http.backoff_s=0.01",
-            "llm.http.max_concurrency=2", "samples_in_flight=2", f"llm.cache_path={cache}"]
+    return [
+        f"input={inp}",
+        f"out_dir={out}",
+        "id_field=id",
+        "progress=false",
+        "llm.model=scripted-model",
+        f"llm.http.base_url={url}",
+        "llm.http.api_key_env=null",
+        "llm.http.backoff_s=0.01",
+        "llm.http.max_concurrency=2",
+        "samples_in_flight=2",
+        f"llm.cache_path={cache}",
+    ]
 
 
 def _lines(path: Path) -> list[str]:
@@ -45,8 +55,12 @@ def _key(r: dict) -> tuple:
 
 
 def _cli(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "threadweaver_verl", "generate", "stage=1", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(Path(__file__).parents[1]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "threadweaver_verl", "generate", "stage=1", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=str(Path(__file__).parents[1]),
+    )
 
 
 def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
@@ -54,8 +68,9 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with ScriptedOpenAI(_slowly) as server:
-        reference = run_stage1(load_config(Stage1Config, _args(inp, tmp_path / "ref", server.url,
-                                                                tmp_path / "ref_cache.sqlite")))
+        reference = run_stage1(
+            load_config(Stage1Config, _args(inp, tmp_path / "ref", server.url, tmp_path / "ref_cache.sqlite"))
+        )
         assert reference["records"] == len(rows)
         ref = {r["id"]: _key(r) for r in map(json.loads, _lines(tmp_path / "ref" / "records.jsonl"))}
 
@@ -100,8 +115,10 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
     assert summary["torn_record_bytes_repaired"] > 0
     assert summary["resumed_from_records"] == len(finished_before)
     assert torn is None or (torn not in finished_before and torn in ids)  # the torn record was produced again
-    asked = {next(m["content"] for m in b["messages"] if m["role"] == "user").split("Problem ", 1)[1].split(":")[0]
-             for b in rerun_requests}
+    asked = {
+        next(m["content"] for m in b["messages"] if m["role"] == "user").split("Problem ", 1)[1].split(":")[0]
+        for b in rerun_requests
+    }
     assert not asked & finished_before  # finished samples cost nothing on the rerun
     assert "stage 1: LLM rewriting" in stdout.decode()
 

@@ -23,8 +23,14 @@ from threadweaver_verl.generator.rewrite import (
 
 
 def _steps(n_units: int, relies: list[list[int]]):
-    return check_structure({"steps": [{"step": k, "units": [k, k], "purpose": f"s{k}", "relies_on": r}
-                                      for k, r in enumerate(relies, start=1)]}, n_units)
+    return check_structure(
+        {
+            "steps": [
+                {"step": k, "units": [k, k], "purpose": f"s{k}", "relies_on": r} for k, r in enumerate(relies, start=1)
+            ]
+        },
+        n_units,
+    )
 
 
 def test_split_trace_keeps_the_text_and_the_final_section():
@@ -43,8 +49,12 @@ def test_split_trace_keeps_the_text_and_the_final_section():
 
 def test_json_answers_are_parsed_strictly():
     assert parse_json_object('```json\n{"a": 1}\n```') == {"a": 1}
-    for bad, why in [("", "empty"), ('Here it is: {"a": 1}', "not valid JSON"), ("[1, 2]", "not an object"),
-                     ('{"a": 1} trailing', "not valid JSON")]:
+    for bad, why in [
+        ("", "empty"),
+        ('Here it is: {"a": 1}', "not valid JSON"),
+        ("[1, 2]", "not an object"),
+        ('{"a": 1} trailing', "not valid JSON"),
+    ]:
         with pytest.raises(PlanError, match=why):
             parse_json_object(bad)
 
@@ -62,20 +72,23 @@ def test_structure_and_blocks_contracts():
         check_structure({"steps": [{"step": 1, "units": [1, 1], "purpose": "", "relies_on": []}]}, 2)
 
     assert check_blocks({"blocks": [{"threads": [[2, 2], [3, 3]]}]}, steps, 4) == [BlockPlan(((2, 2), (3, 3)))]
-    for blocks, why in [([{"threads": [[2, 2]]}], "needs 2 to 4"),
-                        ([{"threads": [[2, 2], [4, 4]]}], "without gaps"),
-                        ([{"threads": [[2, 2], [3, 3]]}, {"threads": [[3, 3], [4, 4]]}], "must not overlap"),
-                        ([{"threads": [[3, 3], [4, 4]]}], "relies on step 3, which is in thread 1"),
-                        ([{"threads": [[2, 3], [5, 5]]}], "without gaps"),
-                        ([{"threads": [[3, 3], [5, 6]]}], "without gaps")]:
+    for blocks, why in [
+        ([{"threads": [[2, 2]]}], "needs 2 to 4"),
+        ([{"threads": [[2, 2], [4, 4]]}], "without gaps"),
+        ([{"threads": [[2, 2], [3, 3]]}, {"threads": [[3, 3], [4, 4]]}], "must not overlap"),
+        ([{"threads": [[3, 3], [4, 4]]}], "relies on step 3, which is in thread 1"),
+        ([{"threads": [[2, 3], [5, 5]]}], "without gaps"),
+        ([{"threads": [[3, 3], [5, 6]]}], "without gaps"),
+    ]:
         with pytest.raises(PlanError, match=why):
             check_blocks({"blocks": blocks}, steps, 4)
 
 
 def test_edits_and_outlines_contracts():
     originals = [["alpha beta gamma delta", "one two three four"]]
-    assert check_edits({"blocks": [{"threads": ["alpha beta gamma", "one two three four"]}]}, originals, 0.6) \
-        == [["alpha beta gamma", "one two three four"]]
+    assert check_edits({"blocks": [{"threads": ["alpha beta gamma", "one two three four"]}]}, originals, 0.6) == [
+        ["alpha beta gamma", "one two three four"]
+    ]
     with pytest.raises(PlanError, match="has 1 threads"):
         check_edits({"blocks": [{"threads": ["alpha"]}]}, originals, 0.6)
     with pytest.raises(PlanError, match="not minimally edited"):
@@ -92,8 +105,14 @@ def test_assembly_with_two_blocks_validates_and_keeps_every_sequential_unit():
     split = split_trace(trace)
     steps = _steps(8, [[], [1], [1], [2, 3], [4], [4], [4], [5, 6, 7]])
     plans = check_blocks({"blocks": [{"threads": [[2, 2], [3, 3]]}, {"threads": [[5, 5], [6, 6], [7, 7]]}]}, steps, 4)
-    traj = assemble(split, steps, plans, [["Case A.", "Case B."], ["Part X.", "Part Y.", "Part Z."]],
-                    [["a", "b"], ["x", "y", "z"]], "\\boxed{1}")
+    traj = assemble(
+        split,
+        steps,
+        plans,
+        [["Case A.", "Case B."], ["Part X.", "Part Y.", "Part Z."]],
+        [["a", "b"], ["x", "y", "z"]],
+        "\\boxed{1}",
+    )
     checked = check_trajectory(traj, Limits(4, 1))
     text = checked.text
     assert text.startswith("<think>\nPlan.\n<Parallel>") and text.endswith("</think>\n\\boxed{1}")
@@ -129,16 +148,23 @@ def test_inputs_load_from_parquet_and_jsonl_with_stable_ids(tmp_path):
 
     from threadweaver_verl.generator.inputs import load_samples
 
-    rows = [{"q": "1+1?", "t": "a\n\nb \\boxed{2}", "a": 2}, {"q": "2+2?", "t": "c\n\nd \\boxed{4}", "a": 4},
-            {"q": "1+1?", "t": "a\n\nb \\boxed{2}", "a": 2}]  # an exact duplicate
+    rows = [
+        {"q": "1+1?", "t": "a\n\nb \\boxed{2}", "a": 2},
+        {"q": "2+2?", "t": "c\n\nd \\boxed{4}", "a": 4},
+        {"q": "1+1?", "t": "a\n\nb \\boxed{2}", "a": 2},
+    ]  # an exact duplicate
     pd.DataFrame(rows).to_parquet(tmp_path / "in.parquet")
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
     a, dup_a = load_samples(str(tmp_path / "in.parquet"), "q", "t", "a")
     b, dup_b = load_samples(str(tmp_path / "in.jsonl"), "q", "t", "a")
     assert dup_a == dup_b == 1 and [s.answer for s in a] == ["2", "4"]
     assert {s.id: s.question for s in a} == {s.id: s.question for s in b}  # ids do not depend on row order
-    (tmp_path / "clash.jsonl").write_text(json.dumps({"id": "x", "q": "a", "t": "b", "a": 1}) + "\n"
-                                          + json.dumps({"id": "x", "q": "c", "t": "d", "a": 2}) + "\n")
+    (tmp_path / "clash.jsonl").write_text(
+        json.dumps({"id": "x", "q": "a", "t": "b", "a": 1})
+        + "\n"
+        + json.dumps({"id": "x", "q": "c", "t": "d", "a": 2})
+        + "\n"
+    )
     with pytest.raises(InputError, match="share the id 'x'"):
         load_samples(str(tmp_path / "clash.jsonl"), "q", "t", "a", id_field="id")
     with pytest.raises(InputError, match="use .parquet or .jsonl"):

@@ -29,7 +29,7 @@ from threadweaver_verl.rl.correctness import check_answer
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from threadweaver_verl.tiny import build_tokenizer
+    from threadweaver_verl.models.tiny import build_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     build_tokenizer().save_pretrained(out)
@@ -43,11 +43,24 @@ def _write_input(path: Path, kinds) -> list[dict]:
 
 
 def _config(inp: Path, out: Path, url: str, *extra: str) -> Stage1Config:
-    return load_config(Stage1Config, [
-        f"input={inp}", f"out_dir={out}", "id_field=id", "progress=false", "llm.model=scripted-model",
-        f"llm.http.base_url={url}", "llm.http.api_key_env=null", "llm.http.timeout_s=0.5",
-        "llm.http.backoff_s=0.01", "llm.http.max_retries=2", "llm.price_prompt_per_mtok=2.0",
-        "llm.price_completion_per_mtok=8.0", *extra])
+    return load_config(
+        Stage1Config,
+        [
+            f"input={inp}",
+            f"out_dir={out}",
+            "id_field=id",
+            "progress=false",
+            "llm.model=scripted-model",
+            f"llm.http.base_url={url}",
+            "llm.http.api_key_env=null",
+            "llm.http.timeout_s=0.5",
+            "llm.http.backoff_s=0.01",
+            "llm.http.max_retries=2",
+            "llm.price_prompt_per_mtok=2.0",
+            "llm.price_completion_per_mtok=8.0",
+            *extra,
+        ],
+    )
 
 
 def _records(out: Path) -> list[dict]:
@@ -107,8 +120,14 @@ def test_every_scripted_behaviour_ends_in_the_right_record(tmp_path, tokenizer_d
     fmt = TokenFormat.from_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), limits=Limits(4, 1))
     accepted = [r for r in recs.values() if r["status"] == "accepted"]
     assert summary["accepted"] == len(accepted) == 7
-    assert summary["rejected_by_step"] == {"input": 1, prompts.STRUCTURE: 3, prompts.BLOCKS: 2, prompts.EDITS: 1,
-                                           prompts.OUTLINES: 1, "validate": 0}
+    assert summary["rejected_by_step"] == {
+        "input": 1,
+        prompts.STRUCTURE: 3,
+        prompts.BLOCKS: 2,
+        prompts.EDITS: 1,
+        prompts.OUTLINES: 1,
+        "validate": 0,
+    }
     for r in accepted:
         text = r["response"]
         assert validate(parse_text(text)) == []
@@ -168,8 +187,16 @@ def test_cli_runs_stage1_and_names_bad_settings(tmp_path, capsys):
     _write_input(tmp_path / "in.jsonl", ["good", "noblocks"])
     with ScriptedOpenAI(script) as server:
         cfg = _config(tmp_path / "in.jsonl", tmp_path / "out", server.url)
-        argv = ["stage=1", f"input={cfg.input}", f"out_dir={cfg.out_dir}", "id_field=id", "progress=false",
-                "llm.model=m", f"llm.http.base_url={server.url}", "llm.http.api_key_env=null"]
+        argv = [
+            "stage=1",
+            f"input={cfg.input}",
+            f"out_dir={cfg.out_dir}",
+            "id_field=id",
+            "progress=false",
+            "llm.model=m",
+            f"llm.http.base_url={server.url}",
+            "llm.http.api_key_env=null",
+        ]
         assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert "stage 1: LLM rewriting" in out and "rejected_by_step.blocks" in out
@@ -178,8 +205,19 @@ def test_cli_runs_stage1_and_names_bad_settings(tmp_path, capsys):
     assert "stage=1 or stage=2" in capsys.readouterr().err
     assert cli_main(["stage=1", "llm.model=m", f"out_dir={tmp_path / 'o'}"]) == 2
     assert "needs input=FILE" in capsys.readouterr().err
-    assert cli_main(["stage=1", f"input={tmp_path / 'in.jsonl'}", "trace_field=reasoning", "llm.model=m",
-                     f"out_dir={tmp_path / 'o'}", "llm.http.api_key_env=null"]) == 2
+    assert (
+        cli_main(
+            [
+                "stage=1",
+                f"input={tmp_path / 'in.jsonl'}",
+                "trace_field=reasoning",
+                "llm.model=m",
+                f"out_dir={tmp_path / 'o'}",
+                "llm.http.api_key_env=null",
+            ]
+        )
+        == 2
+    )
     assert "no column 'reasoning'" in capsys.readouterr().err
     assert cli_main(["stage=1", "no_such_setting=1"]) == 2
     assert "no_such_setting" in capsys.readouterr().err
@@ -191,7 +229,7 @@ def test_llm_client_caches_by_every_parameter_and_sends_identical_calls_once(tmp
     from generator_scripted_openai import Reply, Slow
 
     from threadweaver_verl.generator.llm import ChatLLM, LLMConfig
-    from threadweaver_verl.openai_http import OpenAIHTTPConfig
+    from threadweaver_verl.rollout.http import OpenAIHTTPConfig
 
     def answer(body, attempt):
         return Slow(0.2, Reply(f"t={body.get('temperature')}"))

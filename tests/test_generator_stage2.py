@@ -26,22 +26,26 @@ def _block(outlines: list[str], threads: list[str]) -> str:
 
 
 # Problem 1: 12*34 + 5*6 = 438.
-LONG = ("<think>\nTwo products, then the sum.\n"
-        + _block(["12*34", "5*6"], ["12*34 = 12*30 + 12*4 = 360 + 48 = 408.", "5*6 = 30, five sixes."])
-        + "\n408 + 30 = 438.\n</think>\nThe answer is \\boxed{438}.")
-SHORT = ("<think>\nProducts first.\n" + _block(["12*34", "5*6"], ["408.", "30."])
-         + "\nSum 438.\n</think>\n\\boxed{438}")
-WRONG = ("<think>\nGuess.\n" + _block(["a", "b"], ["400.", "31."]) + "\nSum 431.\n</think>\n\\boxed{431}")
-SEQUENTIAL = ("<think>\nFirst 12*34: 12*30 = 360, 12*4 = 48, 360 + 48 = 408. Then 5*6 = 30. "
-              "Finally 408 + 30 = 438.\n</think>\n\\boxed{438}")
+LONG = (
+    "<think>\nTwo products, then the sum.\n"
+    + _block(["12*34", "5*6"], ["12*34 = 12*30 + 12*4 = 360 + 48 = 408.", "5*6 = 30, five sixes."])
+    + "\n408 + 30 = 438.\n</think>\nThe answer is \\boxed{438}."
+)
+SHORT = "<think>\nProducts first.\n" + _block(["12*34", "5*6"], ["408.", "30."]) + "\nSum 438.\n</think>\n\\boxed{438}"
+WRONG = "<think>\nGuess.\n" + _block(["a", "b"], ["400.", "31."]) + "\nSum 431.\n</think>\n\\boxed{431}"
+SEQUENTIAL = (
+    "<think>\nFirst 12*34: 12*30 = 360, 12*4 = 48, 360 + 48 = 408. Then 5*6 = 30. "
+    "Finally 408 + 30 = 438.\n</think>\n\\boxed{438}"
+)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir, tiny_tokenizer, tiny_fmt):
     d = tmp_path_factory.mktemp("stage2")
-    rows = [rl_row(data_source="test/arith", question=q, ground_truth=a, index=i, split="test", style=STYLE)
-            for i, (q, a) in enumerate([("What is 12*34 + 5*6?", "438"), ("What is 7*8?", "56"),
-                                        ("What is 9*9?", "81")])]
+    rows = [
+        rl_row(data_source="test/arith", question=q, ground_truth=a, index=i, split="test", style=STYLE)
+        for i, (q, a) in enumerate([("What is 12*34 + 5*6?", "438"), ("What is 7*8?", "56"), ("What is 9*9?", "81")])
+    ]
     write_rl(rows, d / "prompts.parquet")
     p = [tuple(prompt_ids(tiny_tokenizer, r["prompt"])) for r in rows]
     enc = tiny_fmt.encode
@@ -51,8 +55,9 @@ def setup(tmp_path_factory, tiny_model_dir, tiny_tokenizer, tiny_fmt):
     unclosed = Raw(enc("<think>\nhm") + [eos])
     seq_56 = response_ids(tiny_fmt, "<think>\nthe product is 56\n</think>\n\\boxed{56}")
     # Same text, but "product" spelled letter by letter: not the ids canonical encoding gives.
-    spelled = Raw(enc("<think>\nthe ") + [i for ch in "product" for i in enc(ch)]
-                  + enc(" is 56\n</think>\n\\boxed{56}") + [eos])
+    spelled = Raw(
+        enc("<think>\nthe ") + [i for ch in "product" for i in enc(ch)] + enc(" is 56\n</think>\n\\boxed{56}") + [eos]
+    )
     assert spelled != seq_56 and tiny_fmt.decode(spelled) == tiny_fmt.decode(seq_56)
     wrong = [f"<think>\nmaybe {x}\n</think>\n\\boxed{{{x}}}" for x in (55, 57, 58, 59)]
     candidates = {
@@ -64,9 +69,21 @@ def setup(tmp_path_factory, tiny_model_dir, tiny_tokenizer, tiny_fmt):
 
 
 def _cfg(d: Path, url: str, tok: Path, out: str, *extra: str) -> Stage2Config:
-    return load_config(Stage2Config, [f"data={d / 'prompts.parquet'}", f"server_url={url}", f"tokenizer={tok}",
-                                      f"out_dir={d / out}", "n_samples=5", "progress=false", "temperature=0",
-                                      "engine.max_retries=0", "chunk_size=2", *extra])
+    return load_config(
+        Stage2Config,
+        [
+            f"data={d / 'prompts.parquet'}",
+            f"server_url={url}",
+            f"tokenizer={tok}",
+            f"out_dir={d / out}",
+            "n_samples=5",
+            "progress=false",
+            "temperature=0",
+            "engine.max_retries=0",
+            "chunk_size=2",
+            *extra,
+        ],
+    )
 
 
 def _records(path: Path) -> dict[str, dict]:
@@ -104,8 +121,9 @@ def test_keeps_only_valid_correct_canonical_trajectories_and_resumes(setup, tiny
         oracle.broken.clear()
         before = len(server.received)
         s2 = run_stage2(_cfg(d, server.url, tiny_model_dir, "out"))
-        assert server.received[before:] and all(tuple(b["prompt"][: len(p[2])]) == p[2]
-                                                for b in server.received[before:])
+        assert server.received[before:] and all(
+            tuple(b["prompt"][: len(p[2])]) == p[2] for b in server.received[before:]
+        )
         assert s2["attempted_this_run"] == 1 and s2["problems_done"] == 3 and s2["failed_problems_to_retry"] == 0
         assert s2["kept"] == 2 and s2["accuracy"] == pytest.approx(9 / 15)
         lines = (d / "out" / "round_1" / "records.jsonl").read_text().splitlines()
@@ -114,18 +132,30 @@ def test_keeps_only_valid_correct_canonical_trajectories_and_resumes(setup, tiny
         assert [r["round"] for r in rounds] == [1] and rounds[0]["kept"] == 2
 
 
-@pytest.mark.parametrize("policy, min_blocks, expected", [
-    ("all_correct", 0, {LONG, SHORT, SEQUENTIAL}),
-    ("all_correct", 1, {LONG, SHORT}),
-    ("random_one", 0, None),
-])
+@pytest.mark.parametrize(
+    "policy, min_blocks, expected",
+    [
+        ("all_correct", 0, {LONG, SHORT, SEQUENTIAL}),
+        ("all_correct", 1, {LONG, SHORT}),
+        ("random_one", 0, None),
+    ],
+)
 def test_selection_policies(setup, tiny_model_dir, tiny_fmt, policy, min_blocks, expected):
     d, rows, p, candidates = setup
     picks = []
     for attempt in range(2):
         with ScriptedOpenAI(completions=Oracle(tiny_fmt, candidates)) as server:
-            run_stage2(_cfg(d, server.url, tiny_model_dir, f"sel-{policy}-{min_blocks}-{attempt}",
-                            f"selection={policy}", f"min_blocks={min_blocks}", "max_problems=1"))
+            run_stage2(
+                _cfg(
+                    d,
+                    server.url,
+                    tiny_model_dir,
+                    f"sel-{policy}-{min_blocks}-{attempt}",
+                    f"selection={policy}",
+                    f"min_blocks={min_blocks}",
+                    "max_problems=1",
+                )
+            )
         recs = _records(d / f"sel-{policy}-{min_blocks}-{attempt}" / "round_1" / "records.jsonl")
         picks.append([k["response"] for k in recs["test/arith#0"]["kept"]])
     if expected is not None:
@@ -135,15 +165,22 @@ def test_selection_policies(setup, tiny_model_dir, tiny_fmt, policy, min_blocks,
         assert picks[0] == picks[1]  # seeded per problem: the same pick on every run
 
 
-def test_next_round_data_merges_earlier_sft_files_and_the_cli_reports_rounds(setup, tiny_model_dir, tiny_fmt,
-                                                                             capsys):
+def test_next_round_data_merges_earlier_sft_files_and_the_cli_reports_rounds(setup, tiny_model_dir, tiny_fmt, capsys):
     d, rows, p, candidates = setup
     with ScriptedOpenAI(completions=Oracle(tiny_fmt, candidates)) as server:
         run_stage2(_cfg(d, server.url, tiny_model_dir, "merge", "max_problems=1", "selection=all_correct"))
         first = d / "merge" / "round_1" / "sft.parquet"
-        argv = [f"data={d / 'prompts.parquet'}", f"server_url={server.url}", f"tokenizer={tiny_model_dir}",
-                f"out_dir={d / 'merge'}", "n_samples=5", "progress=false", "max_problems=1", "round=2",
-                f"include_sft=[{first}]"]
+        argv = [
+            f"data={d / 'prompts.parquet'}",
+            f"server_url={server.url}",
+            f"tokenizer={tiny_model_dir}",
+            f"out_dir={d / 'merge'}",
+            "n_samples=5",
+            "progress=false",
+            "max_problems=1",
+            "round=2",
+            f"include_sft=[{first}]",
+        ]
         assert cli_main(["stage=2", *argv]) == 0
     out = capsys.readouterr().out
     assert "stage 2: self-training rounds" in out and "format_valid_rate" in out
@@ -154,6 +191,8 @@ def test_next_round_data_merges_earlier_sft_files_and_the_cli_reports_rounds(set
 
     assert cli_main(["stage=2", f"data={d / 'prompts.parquet'}"]) == 2
     assert "exactly one of model=FOLDER" in capsys.readouterr().err
-    assert cli_main(["stage=2", f"data={d / 'prompts.parquet'}", "server_url=http://x", "tokenizer=t",
-                     "selection=best"]) == 2
+    assert (
+        cli_main(["stage=2", f"data={d / 'prompts.parquet'}", "server_url=http://x", "tokenizer=t", "selection=best"])
+        == 2
+    )
     assert "selection='best'" in capsys.readouterr().err

@@ -22,10 +22,21 @@ pytestmark = pytest.mark.slow
 def test_stage1_with_a_junk_llm_rejects_everything_honestly(tmp_path, vllm_server, tiny_model_dir):
     rows = [make_sample(kind, k) for k, kind in enumerate(["good", "good", "good", "wrongtrace"])]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(Stage1Config, [
-        f"input={tmp_path / 'in.jsonl'}", f"out_dir={tmp_path / 'out'}", "id_field=id", "progress=false",
-        f"llm.model={tiny_model_dir}", f"llm.http.base_url={vllm_server.url}/v1", "llm.http.api_key_env=null",
-        "llm.max_tokens=48", "llm.temperature=1.0", f"tokenizer={tiny_model_dir}"])
+    cfg = load_config(
+        Stage1Config,
+        [
+            f"input={tmp_path / 'in.jsonl'}",
+            f"out_dir={tmp_path / 'out'}",
+            "id_field=id",
+            "progress=false",
+            f"llm.model={tiny_model_dir}",
+            f"llm.http.base_url={vllm_server.url}/v1",
+            "llm.http.api_key_env=null",
+            "llm.max_tokens=48",
+            "llm.temperature=1.0",
+            f"tokenizer={tiny_model_dir}",
+        ],
+    )
     summary = run_stage1(cfg)
 
     recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
@@ -50,13 +61,33 @@ def test_stage1_with_a_junk_llm_rejects_everything_honestly(tmp_path, vllm_serve
 
 def test_stage2_with_the_junk_model_keeps_nothing_invalid(tmp_path, vllm_server, tiny_model_dir, tiny_fmt):
     style = PromptStyle(instruction=DEFAULT_INSTRUCTION)
-    rows = [rl_row(data_source="test/mul", question=f"What is {a}*{b}?", ground_truth=str(a * b), index=i,
-                   split="test", style=style) for i, (a, b) in enumerate([(12, 34), (56, 7), (8, 9)])]
+    rows = [
+        rl_row(
+            data_source="test/mul",
+            question=f"What is {a}*{b}?",
+            ground_truth=str(a * b),
+            index=i,
+            split="test",
+            style=style,
+        )
+        for i, (a, b) in enumerate([(12, 34), (56, 7), (8, 9)])
+    ]
     write_rl(rows, tmp_path / "prompts.parquet")
-    cfg = load_config(Stage2Config, [
-        f"data={tmp_path / 'prompts.parquet'}", f"server_url={vllm_server.url}", f"tokenizer={tiny_model_dir}",
-        f"out_dir={tmp_path / 'out'}", "n_samples=3", "progress=false", "record_responses=true",
-        "controller.max_response_tokens=96", "controller.max_thread_tokens=32", "temperature=1.0"])
+    cfg = load_config(
+        Stage2Config,
+        [
+            f"data={tmp_path / 'prompts.parquet'}",
+            f"server_url={vllm_server.url}",
+            f"tokenizer={tiny_model_dir}",
+            f"out_dir={tmp_path / 'out'}",
+            "n_samples=3",
+            "progress=false",
+            "record_responses=true",
+            "controller.max_response_tokens=96",
+            "controller.max_thread_tokens=32",
+            "temperature=1.0",
+        ],
+    )
     summary = run_stage2(cfg)
 
     recs = [json.loads(x) for x in (tmp_path / "out" / "round_1" / "records.jsonl").read_text().splitlines()]

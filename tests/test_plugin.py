@@ -7,14 +7,16 @@ import sys
 
 import pytest
 
-from threadweaver_verl import plugin
+from threadweaver_verl.integrations.verl import plugin
 
 
 def test_import_verl_registers_every_component():
-    code = ("import verl, threadweaver_verl.plugin as p; "
-            "from verl.trainer.ppo.core_algos import get_adv_estimator_fn; "
-            "get_adv_estimator_fn('p_grpo'); "
-            "print(sorted(p.STATUS.items()))")
+    code = (
+        "import verl, threadweaver_verl.integrations.verl.plugin as p; "
+        "from verl.trainer.ppo.core_algos import get_adv_estimator_fn; "
+        "get_adv_estimator_fn('p_grpo'); "
+        "print(sorted(p.STATUS.items()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in plugin.REGISTRATIONS:
@@ -33,8 +35,9 @@ def test_a_failing_registration_is_printed_and_re_raised_where_used(monkeypatch,
 
 
 def test_doctor_reports_an_active_plugin():
-    out = subprocess.run([sys.executable, "-m", "threadweaver_verl", "doctor"], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "threadweaver_verl", "doctor"], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "plugin active" in out.stdout and "agent_loop:threadweaver" in out.stdout
     # vLLM (the CPU build here) must find its platform, or every server start fails.

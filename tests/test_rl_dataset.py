@@ -20,7 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def tokenizer(tmp_path_factory):
     from verl.utils import hf_tokenizer
 
-    from threadweaver_verl.tiny import build_tiny_model
+    from threadweaver_verl.models.tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny"))
     return hf_tokenizer(str(model_dir))
@@ -31,8 +31,10 @@ def preset_data_config():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = compose(config_name="threadweaver_pgrpo", overrides=["data.max_prompt_length=256",
-                                                                   "data.filter_overlong_prompts_workers=1"])
+        cfg = compose(
+            config_name="threadweaver_pgrpo",
+            overrides=["data.max_prompt_length=256", "data.filter_overlong_prompts_workers=1"],
+        )
     return cfg.data
 
 
@@ -63,7 +65,7 @@ def raw_parquet(tmp_path):
 
 
 def test_raw_rows_get_our_prompt_agent_and_reward(preset_data_config, tokenizer, raw_parquet):
-    from threadweaver_verl.rl.dataset import ThreadWeaverRLDataset
+    from threadweaver_verl.integrations.verl.rl_dataset import ThreadWeaverRLDataset
 
     ds = make(preset_data_config, raw_parquet, tokenizer, **{"threadweaver.data_source": "toy"})
     assert isinstance(ds, ThreadWeaverRLDataset) and len(ds) == 3

@@ -74,12 +74,17 @@ def test_every_key_exists_in_verl_or_is_a_documented_addition(stock, name):
     assert not unknown, f"{name}.yaml sets keys verl 0.9.1's ppo_trainer does not have: {unknown}"
 
 
-@pytest.mark.parametrize("primary,pieces", [
-    ("threadweaver_pgrpo", ["threadweaver/pgrpo"]),
-    ("threadweaver_pgrpo_qwen3_8b", ["threadweaver/pgrpo", "threadweaver/qwen3_8b_node"]),
-    ("sequential_baseline_qwen3_8b", ["threadweaver/pgrpo", "threadweaver/qwen3_8b_node",
-                                      "sequential_baseline_qwen3_8b"]),
-])
+@pytest.mark.parametrize(
+    "primary,pieces",
+    [
+        ("threadweaver_pgrpo", ["threadweaver/pgrpo"]),
+        ("threadweaver_pgrpo_qwen3_8b", ["threadweaver/pgrpo", "threadweaver/qwen3_8b_node"]),
+        (
+            "sequential_baseline_qwen3_8b",
+            ["threadweaver/pgrpo", "threadweaver/qwen3_8b_node", "sequential_baseline_qwen3_8b"],
+        ),
+    ],
+)
 def test_values_arrive_in_the_composed_config(primary, pieces):
     cfg = compose(primary)
     expected: dict = {}
@@ -110,9 +115,15 @@ def test_verl_validate_config_passes(name):
 
     cfg = compose(name, ["actor_rollout_ref.model.path=/models/qwen3-8b-threadweaver"])
     if name == "threadweaver_pgrpo":  # the bare preset leaves batch sizes to the user, as stock verl does
-        cfg = compose(name, ["actor_rollout_ref.model.path=/m", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
-                             "actor_rollout_ref.actor.ppo_mini_batch_size=16",
-                             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1"])
+        cfg = compose(
+            name,
+            [
+                "actor_rollout_ref.model.path=/m",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+                "actor_rollout_ref.actor.ppo_mini_batch_size=16",
+                "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1",
+            ],
+        )
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
     assert rollout.n == 8 and rollout.calculate_log_probs
@@ -123,7 +134,7 @@ def test_verl_loads_our_reward_and_dataset(name):
     from verl.trainer.ppo.reward import get_custom_reward_fn
     from verl.utils.dataset.rl_dataset import get_dataset_class
 
-    from threadweaver_verl.rl.dataset import ThreadWeaverRLDataset, dataset_config
+    from threadweaver_verl.integrations.verl.rl_dataset import ThreadWeaverRLDataset, dataset_config
     from threadweaver_verl.rl.reward import config_from_kwargs
 
     cfg = compose(name)
@@ -141,8 +152,8 @@ def test_our_estimator_and_trainer_names_match_the_code():
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
     from verl.trainer.ppo.v1 import get_trainer_cls
 
-    from threadweaver_verl import plugin
-    from threadweaver_verl.rl.advantage import read_config
+    from threadweaver_verl.integrations.verl import plugin
+    from threadweaver_verl.integrations.verl.advantage import read_config
 
     cfg = compose("threadweaver_pgrpo")
     plugin.require("adv_estimator:p_grpo")
@@ -161,9 +172,14 @@ def test_agent_loop_file_names_the_default_agent():
 
 
 def test_added_keys_override_without_plus():
-    cfg = compose("threadweaver_pgrpo", ["reward.custom_reward_function.reward_kwargs.wrong_score=-1.0",
-                                         "data.threadweaver.agent_name=single_turn_agent",
-                                         "algorithm.p_grpo.norm_adv_by_std=true"])
+    cfg = compose(
+        "threadweaver_pgrpo",
+        [
+            "reward.custom_reward_function.reward_kwargs.wrong_score=-1.0",
+            "data.threadweaver.agent_name=single_turn_agent",
+            "algorithm.p_grpo.norm_adv_by_std=true",
+        ],
+    )
     assert cfg.reward.custom_reward_function.reward_kwargs.wrong_score == -1.0
     assert cfg.data.threadweaver.agent_name == "single_turn_agent"
     assert cfg.algorithm.p_grpo.norm_adv_by_std is True
@@ -184,8 +200,13 @@ def test_sequential_baseline_is_stock_grpo():
     assert cfg.data.threadweaver.agent_name == "single_turn_agent"
     assert cfg.reward.custom_reward_function.reward_kwargs.acceleration == "none"
     pgrpo = compose("threadweaver_pgrpo_qwen3_8b")
-    for same in ("data.train_batch_size", "data.max_response_length", "actor_rollout_ref.rollout.n",
-                 "actor_rollout_ref.actor.optim.lr", "reward.custom_reward_function.reward_kwargs.wrong_score"):
+    for same in (
+        "data.train_batch_size",
+        "data.max_response_length",
+        "actor_rollout_ref.rollout.n",
+        "actor_rollout_ref.actor.optim.lr",
+        "reward.custom_reward_function.reward_kwargs.wrong_score",
+    ):
         assert OmegaConf.select(cfg, same) == OmegaConf.select(pgrpo, same), same
 
 
@@ -193,8 +214,11 @@ SCRIPTS = sorted((CONFIGS.parent / "examples").glob("run_qwen3_8b_*.sh"))
 
 
 def test_example_scripts_exist():
-    assert {p.name for p in SCRIPTS} == {"run_qwen3_8b_pgrpo.sh", "run_qwen3_8b_pgrpo_multinode.sh",
-                                         "run_qwen3_8b_sequential_baseline.sh"}
+    assert {p.name for p in SCRIPTS} == {
+        "run_qwen3_8b_pgrpo.sh",
+        "run_qwen3_8b_pgrpo_multinode.sh",
+        "run_qwen3_8b_sequential_baseline.sh",
+    }
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

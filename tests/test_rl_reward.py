@@ -23,7 +23,7 @@ HANG_ANSWER = "9^{9^{9^{9}}}"  # sympy evaluates the power tower forever (see te
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    from threadweaver_verl.tiny import build_tokenizer
+    from threadweaver_verl.models.tiny import build_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     build_tokenizer().save_pretrained(d)
@@ -59,11 +59,27 @@ def thread(n: str, *body: str) -> tuple[str, ...]:
 
 
 def flat_pieces(answer: str = "7") -> tuple[str, ...]:
-    # <think>\nAA\n | <Parallel><Outlines> 2 outlines (5 each) </Outlines>\n | thread 1 (9) \n thread 2 (7) \n</Parallel>
+    # <think>\nAA\n | <Parallel><Outlines> 2 outlines (5 each) </Outlines>\n | thread 1 (9) \n thread 2 (7)
+    # \n</Parallel>
     # | \nC</think> \boxed{7} (9 chars) | EOS
-    return ("<think>", "\nAA\n", "<Parallel>", "<Outlines>", *outline("1", "x"), *outline("2", "y"), "</Outlines>",
-            "\n", *thread("1", "aaaa"), "\n", *thread("2", "bb"), "\n", "</Parallel>",
-            "\nC", "</think>", f"\\boxed{{{answer}}}")
+    return (
+        "<think>",
+        "\nAA\n",
+        "<Parallel>",
+        "<Outlines>",
+        *outline("1", "x"),
+        *outline("2", "y"),
+        "</Outlines>",
+        "\n",
+        *thread("1", "aaaa"),
+        "\n",
+        *thread("2", "bb"),
+        "\n",
+        "</Parallel>",
+        "\nC",
+        "</think>",
+        f"\\boxed{{{answer}}}",
+    )
 
 
 # T = 5 + 1 + 1 + 5 + 5 + 1 + 1 + 9 + 1 + 7 + 1 + 1 + 2 + 1 + 9 + 1(EOS) = 51
@@ -72,12 +88,35 @@ FLAT_T, FLAT_L = 51, 44
 
 
 def nested_pieces() -> tuple[str, ...]:
-    inner = ("<Parallel>", "<Outlines>", *outline("1", "p"), *outline("2", "q"), "</Outlines>", "\n",
-             *thread("1", "cccccc"), "\n", *thread("2", "dddddd"), "\n", "</Parallel>")  # 14 + 11 + 1 + 11 + 2 = 39
-    return ("<think>", "<Parallel>", "<Outlines>", *outline("1", "x"), *outline("2", "y"), "</Outlines>", "\n",
-            *thread("1", " a", *inner, "e"),  # <Thread> + "\n1: a" (5) + inner (39) + e + </Thread> = 47
-            "\n", *thread("2", "bbbbbbbb"),  # 4 + 8 + 1 = 13
-            "\n", "</Parallel>", "</think>", "\\boxed{7}")
+    inner = (
+        "<Parallel>",
+        "<Outlines>",
+        *outline("1", "p"),
+        *outline("2", "q"),
+        "</Outlines>",
+        "\n",
+        *thread("1", "cccccc"),
+        "\n",
+        *thread("2", "dddddd"),
+        "\n",
+        "</Parallel>",
+    )  # 14 + 11 + 1 + 11 + 2 = 39
+    return (
+        "<think>",
+        "<Parallel>",
+        "<Outlines>",
+        *outline("1", "x"),
+        *outline("2", "y"),
+        "</Outlines>",
+        "\n",
+        *thread("1", " a", *inner, "e"),  # <Thread> + "\n1: a" (5) + inner (39) + e + </Thread> = 47
+        "\n",
+        *thread("2", "bbbbbbbb"),  # 4 + 8 + 1 = 13
+        "\n",
+        "</Parallel>",
+        "</think>",
+        "\\boxed{7}",
+    )
 
 
 # T = 1 + (1 + 1 + 5 + 5 + 1 + 1) + 47 + 1 + 13 + 2 + 1 + 9 + 1(EOS) = 89
@@ -101,8 +140,9 @@ def test_acceleration_forms_exact():
     assert acceleration_bonus(100, 100, code) == 0.0 and acceleration_bonus(100, 100, readme) == 0.0
     assert acceleration_bonus(0, 0, code) == 0.0
     assert acceleration_bonus(51, 44, RewardConfig(acceleration="none")) == 0.0
-    assert approx_eq(acceleration_bonus(10, 8, RewardConfig(acceleration_factor=1.0, acceleration_clip=1.0)),
-                     Fraction(2, 10))
+    assert approx_eq(
+        acceleration_bonus(10, 8, RewardConfig(acceleration_factor=1.0, acceleration_clip=1.0)), Fraction(2, 10)
+    )
     with pytest.raises(ValueError, match="exceeds"):
         acceleration_bonus(10, 11, code)
     with pytest.raises(ValueError, match="acceleration"):
@@ -130,8 +170,15 @@ def test_nested_trajectory_clips(fmt, build, tok_dir):
     r = compute_score("math", "", "7", {"threadweaver": {"response_ids": ids}}, tokenizer=tok_dir)
     assert (r["T"], r["L"], r["blocks"], r["threads"]) == (NESTED_T, NESTED_L, 2, 4)
     assert r["score"] == pytest.approx(1.1) and r["acceleration_bonus"] == pytest.approx(0.1)
-    r = compute_score("math", "", "7", {"threadweaver": {"response_ids": ids}}, tokenizer=tok_dir,
-                      acceleration="ratio_minus_one", acceleration_clip=1.0)
+    r = compute_score(
+        "math",
+        "",
+        "7",
+        {"threadweaver": {"response_ids": ids}},
+        tokenizer=tok_dir,
+        acceleration="ratio_minus_one",
+        acceleration_clip=1.0,
+    )
     assert approx_eq(r["score"], 1 + Fraction(1, 2) * Fraction(24, 65))  # unclipped README form
 
 
@@ -142,10 +189,16 @@ def test_truncated_trajectory(build, tok_dir):
     # T = 29 (through the separator after thread 1) + <Thread> \n 2 : b = 34; thread 2 open (5 tokens):
     # L = 34 - (9 + 5) + 9 = 29
     for wrong, penalty in ((0.0, 0.0), (-1.0, 0.0), (0.0, 0.25)):
-        r = compute_score("math", "", "7", {}, response_ids=ids, tokenizer=tok_dir,
-                          wrong_score=wrong, format_penalty=penalty)
+        r = compute_score(
+            "math", "", "7", {}, response_ids=ids, tokenizer=tok_dir, wrong_score=wrong, format_penalty=penalty
+        )
         assert (r["T"], r["L"]) == (34, 29)
-        assert (r["correct"], r["answer_status"], r["format_ok"], r["termination"]) == (False, "no_answer", False, "no_eos")
+        assert (r["correct"], r["answer_status"], r["format_ok"], r["termination"]) == (
+            False,
+            "no_answer",
+            False,
+            "no_eos",
+        )
         assert r["acceleration_bonus"] == 0.0
         assert r["score"] == pytest.approx(wrong - penalty)
 
@@ -172,8 +225,9 @@ def test_invalid_format_correct_answer(build, tok_dir):
     ids = build(*pieces)
     r = compute_score("math", "", "7", {}, response_ids=ids, tokenizer=tok_dir)
     assert (r["correct"], r["format_ok"], r["acceleration_bonus"], r["score"]) == (True, False, 0.0, 1.0)
-    r = compute_score("math", "", "7", {}, response_ids=ids, tokenizer=tok_dir, bonus_requires_format_ok=False,
-                      format_penalty=0.5)
+    r = compute_score(
+        "math", "", "7", {}, response_ids=ids, tokenizer=tok_dir, bonus_requires_format_ok=False, format_penalty=0.5
+    )
     assert approx_eq(r["score"], 1 + Fraction(7, 102) - Fraction(1, 2))
 
 
@@ -199,12 +253,14 @@ def test_huge_inputs(build, tok_dir):
 def test_math_verify_hang_scores_wrong_and_is_counted(build, tok_dir):
     C.reset_verifier_counters()
     ids = build(*flat_pieces(answer=HANG_ANSWER))
-    r = compute_score("math", "", "117", {}, response_ids=ids, tokenizer=tok_dir, wrong_score=-1.0,
-                      correctness={"timeout_s": 1.0})
+    r = compute_score(
+        "math", "", "117", {}, response_ids=ids, tokenizer=tok_dir, wrong_score=-1.0, correctness={"timeout_s": 1.0}
+    )
     assert (r["score"], r["correct"], r["answer_status"], r["verify_timeout"]) == (-1.0, False, "timeout", 1.0)
     assert C.verifier_counters()["timeout"] == 1
-    r = compute_score("math", "", "7", {}, response_ids=build(*flat_pieces()), tokenizer=tok_dir,
-                      correctness={"timeout_s": 1.0})
+    r = compute_score(
+        "math", "", "7", {}, response_ids=build(*flat_pieces()), tokenizer=tok_dir, correctness={"timeout_s": 1.0}
+    )
     assert r["correct"] and r["verify_timeout"] == 0.0
 
 
@@ -214,8 +270,14 @@ def test_stats_from_extra_fields_and_answer_from_response_text(tok, build):
     stripped = tok.decode(ids, skip_special_tokens=True)  # what verl's naive manager passes as solution_str
     assert "</think>" not in stripped
     full = tok.decode(ids, skip_special_tokens=False)
-    stats = {"total_tokens": FLAT_T, "critical_path": FLAT_L, "num_blocks": 1, "num_threads": 2,
-             "format_ok": True, "termination": "eos"}
+    stats = {
+        "total_tokens": FLAT_T,
+        "critical_path": FLAT_L,
+        "num_blocks": 1,
+        "num_threads": 2,
+        "format_ok": True,
+        "termination": "eos",
+    }
     r = compute_score("math", stripped, "7", {"threadweaver": stats})
     assert (r["answer_status"], r["score"], r["stats_source"]) == ("no_answer", 0.0, "extra_fields")
     r = compute_score("math", stripped, "7", {"threadweaver": {**stats, "response_text": full}})
@@ -256,9 +318,13 @@ def test_loaded_and_scored_by_verl_reward_manager(tok, build):
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base=None):
-        config = compose(config_name="threadweaver_pgrpo", overrides=[
-            "reward.custom_reward_function.reward_kwargs.wrong_score=-1.0",
-            "reward.custom_reward_function.reward_kwargs.acceleration=ratio_minus_one"])
+        config = compose(
+            config_name="threadweaver_pgrpo",
+            overrides=[
+                "reward.custom_reward_function.reward_kwargs.wrong_score=-1.0",
+                "reward.custom_reward_function.reward_kwargs.acceleration=ratio_minus_one",
+            ],
+        )
 
     prompt = [tok.convert_tokens_to_ids("<|im_start|>"), 5, 6]
     cases = [(build(*flat_pieces()), "7"), (build(*flat_pieces(answer="8")), "7")]
@@ -267,16 +333,27 @@ def test_loaded_and_scored_by_verl_reward_manager(tok, build):
         manager = load_reward_manager(config, tok)
         outs = []
         for response, gt in cases:
-            stats = {"total_tokens": FLAT_T, "critical_path": FLAT_L, "num_blocks": 1, "num_threads": 2,
-                     "format_ok": True, "termination": "eos",
-                     "response_text": tok.decode(response, skip_special_tokens=False)}
+            stats = {
+                "total_tokens": FLAT_T,
+                "critical_path": FLAT_L,
+                "num_blocks": 1,
+                "num_threads": 2,
+                "format_ok": True,
+                "termination": "eos",
+                "response_text": tok.decode(response, skip_special_tokens=False),
+            }
             data = DataProto.from_dict(
-                tensors={"prompts": torch.tensor([prompt]), "responses": torch.tensor([response]),
-                         "attention_mask": torch.ones(1, len(prompt) + len(response), dtype=torch.int64)},
-                non_tensors={"data_source": np.array(["math"], dtype=object),
-                             "reward_model": np.array([{"style": "rule", "ground_truth": gt}], dtype=object),
-                             "extra_info": np.array([{"index": 0}], dtype=object),
-                             "tool_extra_fields": np.array([{"threadweaver": stats}], dtype=object)},
+                tensors={
+                    "prompts": torch.tensor([prompt]),
+                    "responses": torch.tensor([response]),
+                    "attention_mask": torch.ones(1, len(prompt) + len(response), dtype=torch.int64),
+                },
+                non_tensors={
+                    "data_source": np.array(["math"], dtype=object),
+                    "reward_model": np.array([{"style": "rule", "ground_truth": gt}], dtype=object),
+                    "extra_info": np.array([{"index": 0}], dtype=object),
+                    "tool_extra_fields": np.array([{"threadweaver": stats}], dtype=object),
+                },
             )
             outs.append(await manager.run_single(data))
         return type(manager).__name__, outs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -38,8 +38,14 @@ class ScriptedEngine:
     part of the request's prompt. An answer may be a str (encoded, then cut at the first stop id and at
     max_tokens like vLLM does), an exception to raise, or a Completion returned as is (to misbehave)."""
 
-    def __init__(self, fmt: TokenFormat, prompt: list[int], respond: Callable[[str], object],
-                 delay: float = 0.0, logprob: float = -0.25):
+    def __init__(
+        self,
+        fmt: TokenFormat,
+        prompt: list[int],
+        respond: Callable[[str], object],
+        delay: float = 0.0,
+        logprob: float = -0.25,
+    ):
         self.fmt, self.prompt, self.respond, self.delay, self.logprob = fmt, prompt, respond, delay, logprob
         self.calls: list[dict] = []
         self.in_flight = 0
@@ -48,9 +54,16 @@ class ScriptedEngine:
     async def complete(self, prompt_ids, *, max_tokens, stop_token_ids, routing_key, sampling=None):
         assert max_tokens >= 1
         assert list(prompt_ids[: len(self.prompt)]) == list(self.prompt)
-        text = self.fmt.decode(prompt_ids[len(self.prompt):])
-        self.calls.append({"text": text, "max_tokens": max_tokens, "stops": list(stop_token_ids),
-                           "routing_key": routing_key, "sampling": sampling})
+        text = self.fmt.decode(prompt_ids[len(self.prompt) :])
+        self.calls.append(
+            {
+                "text": text,
+                "max_tokens": max_tokens,
+                "stops": list(stop_token_ids),
+                "routing_key": routing_key,
+                "sampling": sampling,
+            }
+        )
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -80,8 +93,9 @@ def block(*outlines: str) -> str:
 
 def run(fmt, prompt, respond, config=None, *, delay=0.0, sampling=None, key="traj-1"):
     engine = ScriptedEngine(fmt, prompt, respond, delay)
-    result = asyncio.run(ForkJoinController(fmt, config or ControllerConfig()).run(
-        engine, prompt, routing_key=key, sampling=sampling))
+    result = asyncio.run(
+        ForkJoinController(fmt, config or ControllerConfig()).run(engine, prompt, routing_key=key, sampling=sampling)
+    )
     return result, engine
 
 
@@ -103,8 +117,10 @@ def check(result, engine, fmt, prompt, config=None):
         if r.logprobs is not None:
             assert len(r.logprobs) == len(r.completion_ids) - r.forced
         if r.kind == THREAD:
-            assert r.completion_ids and r.completion_ids[-1] in (fmt.tag_id(Tag.THREAD_CLOSE),
-                                                                  fmt.tag_id(Tag.OUTLINES_CLOSE))
+            assert r.completion_ids and r.completion_ids[-1] in (
+                fmt.tag_id(Tag.THREAD_CLOSE),
+                fmt.tag_id(Tag.OUTLINES_CLOSE),
+            )
     # the main line's last request ends the response, or a join does (no request after it)
     mains = [r for r in result.requests if r.kind == SEQUENTIAL]
     full = list(prompt) + list(result.response_ids)
@@ -125,6 +141,7 @@ def text(fmt, result) -> str:
 
 # --------------------------------------------------------------------------- normal trajectories
 
+
 def two_thread_script(t: str) -> str:
     if t.endswith("<Thread>\n1:"):
         return " six</Thread>"
@@ -141,7 +158,11 @@ def test_fork_join_matches_splitter_threads_concurrent(fmt, prompt):
     assert result.valid and result.ended_normally and result.terminations == []
     assert result.requests == split_requests(prompt, result.response_ids, fmt)
     assert [(r.kind, r.path) for r in result.requests] == [
-        (SEQUENTIAL, ()), (THREAD, (1, 1)), (THREAD, (1, 2)), (SEQUENTIAL, ())]
+        (SEQUENTIAL, ()),
+        (THREAD, (1, 1)),
+        (THREAD, (1, 2)),
+        (SEQUENTIAL, ()),
+    ]
     assert engine.max_in_flight == 2  # both threads in flight at once
     a, b = [c for c in result.calls if c.kind == THREAD]
     assert a.started_s < b.ended_s and b.started_s < a.ended_s
@@ -178,8 +199,14 @@ def test_nested_blocks(fmt, prompt):
     check(result, engine, fmt, prompt)
     assert result.valid and result.ended_normally
     assert [(r.kind, r.path) for r in result.requests] == [
-        (SEQUENTIAL, ()), (THREAD, (1, 1)), (THREAD, (1, 1, 1, 1)), (THREAD, (1, 1, 1, 2)), (THREAD, (1, 1)),
-        (THREAD, (1, 2)), (SEQUENTIAL, ())]
+        (SEQUENTIAL, ()),
+        (THREAD, (1, 1)),
+        (THREAD, (1, 1, 1, 1)),
+        (THREAD, (1, 1, 1, 2)),
+        (THREAD, (1, 1)),
+        (THREAD, (1, 2)),
+        (SEQUENTIAL, ()),
+    ]
     assert result.stats.num_blocks == 2 and result.stats.max_depth == 2
     # a thread of a nested block may not nest again (max_depth=2): </Outlines> is no stop there
     nested_calls = [c for c in engine.calls if c["text"].count("<Parallel>") == 2 and c["text"].endswith(":")]
@@ -222,6 +249,7 @@ def test_sequential_baseline(fmt, prompt):
 
 
 # --------------------------------------------------------------------------- adversarial model output
+
 
 def test_thread_that_never_closes(fmt, prompt):
     cfg = ControllerConfig(max_thread_tokens=24)
@@ -273,23 +301,28 @@ def outline_script(*outlines: str):
         if t.endswith("</Parallel>"):
             return " end<|im_end|>"
         return block(*outlines)
+
     return script
 
 
 def thread_numbers(fmt, result) -> list[int]:
     from threadweaver_verl.format import leading_number
+
     traj = fmt.parse(result.response_ids)
     return [leading_number(th.body, fmt.decode) for th in traj.blocks[0].threads]
 
 
-@pytest.mark.parametrize("outlines,threads,reasons", [
-    (("1: a", "1: b", "2: c"), [1, 2], [C.OUTLINE_NUMBERS_DEDUPLICATED]),
-    (("1: a", "3: c"), [1], [C.OUTLINE_NUMBERS_DROPPED]),
-    (("one: a", "2: b"), [2], [C.OUTLINE_NUMBERS_DROPPED]),
-    (("1: a", "1000: b"), [1], [C.OUTLINE_NUMBERS_DROPPED]),
-    (("x", "y"), [], [C.OUTLINE_NUMBERS_DROPPED]),
-    ((), [], []),
-])
+@pytest.mark.parametrize(
+    "outlines,threads,reasons",
+    [
+        (("1: a", "1: b", "2: c"), [1, 2], [C.OUTLINE_NUMBERS_DEDUPLICATED]),
+        (("1: a", "3: c"), [1], [C.OUTLINE_NUMBERS_DROPPED]),
+        (("one: a", "2: b"), [2], [C.OUTLINE_NUMBERS_DROPPED]),
+        (("1: a", "1000: b"), [1], [C.OUTLINE_NUMBERS_DROPPED]),
+        (("x", "y"), [], [C.OUTLINE_NUMBERS_DROPPED]),
+        ((), [], []),
+    ],
+)
 def test_bad_outline_numbers(fmt, prompt, outlines, threads, reasons):
     result, engine = run(fmt, prompt, outline_script(*outlines))
     check(result, engine, fmt, prompt)
@@ -395,9 +428,9 @@ def test_elements_ended_without_their_closing_tag(fmt, prompt):
     result, engine = run(fmt, prompt, script)
     check(result, engine, fmt, prompt)
     assert result.valid and result.terminations == [C.IMPLICIT_CLOSE]
-    assert result.requests[0].forced == 1 and fmt.decode(result.requests[0].completion_ids).endswith(
-        "1: a</Outline>")
+    assert result.requests[0].forced == 1 and fmt.decode(result.requests[0].completion_ids).endswith("1: a</Outline>")
     assert thread_numbers(fmt, result) == [1, 2]
+
     # the model starts the threads itself without closing the outline list: the controller closes
     # outline and list, which is a fork point, and forks
     def script2(t):
@@ -449,6 +482,7 @@ def test_stop_without_stop_id(fmt, prompt):
 
 
 # --------------------------------------------------------------------------- budgets
+
 
 def test_budget_max_response_tokens_truncates_inside_an_outline(fmt, prompt):
     cfg = ControllerConfig(max_response_tokens=30)
@@ -524,7 +558,9 @@ def test_budget_max_requests(fmt, prompt):
     forced = [r for r in result.requests if r.finish == C.FINISH_FORCED]
     # thread 3 got no call (its </Thread> is inserted); the main line after the join is closed
     assert [(r.path, r.completion_ids) for r in forced] == [
-        ((1, 3), (fmt.tag_id(Tag.THREAD_CLOSE),)), ((), (fmt.tag_id(Tag.THINK_CLOSE),))]
+        ((1, 3), (fmt.tag_id(Tag.THREAD_CLOSE),)),
+        ((), (fmt.tag_id(Tag.THINK_CLOSE),)),
+    ]
     assert result.valid and result.requests == split_requests(prompt, result.response_ids, fmt)
 
 
@@ -536,6 +572,7 @@ def test_budget_max_threads_per_block(fmt, prompt):
 
 
 # --------------------------------------------------------------------------- engine failures
+
 
 def test_engine_exception_fails_the_trajectory(fmt, prompt):
     def script(t):
@@ -570,6 +607,7 @@ def test_engine_abort_fails_the_trajectory(fmt, prompt):
 
 # --------------------------------------------------------------------------- bad input
 
+
 def test_bad_input_is_refused_clearly(fmt, prompt):
     engine = ScriptedEngine(fmt, prompt, lambda t: "")
     ctrl = ForkJoinController(fmt)
@@ -589,13 +627,36 @@ def test_bad_input_is_refused_clearly(fmt, prompt):
 
 # --------------------------------------------------------------------------- random model output
 
-PIECES = ["<think>", "</think>", "<Parallel>", "</Parallel>", "<Outlines>", "</Outlines>", "<Outline>",
-          "</Outline>", "<Thread>", "</Thread>", "<|im_end|>", "1:", "2:", "3:", "x", " 7", "\n", ""]
+PIECES = [
+    "<think>",
+    "</think>",
+    "<Parallel>",
+    "</Parallel>",
+    "<Outlines>",
+    "</Outlines>",
+    "<Outline>",
+    "</Outline>",
+    "<Thread>",
+    "</Thread>",
+    "<|im_end|>",
+    "1:",
+    "2:",
+    "3:",
+    "x",
+    " 7",
+    "\n",
+    "",
+]
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), budget=st.integers(8, 200), max_requests=st.integers(1, 12),
-       fork=st.booleans(), reserve=st.integers(0, 4))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    budget=st.integers(8, 200),
+    max_requests=st.integers(1, 12),
+    fork=st.booleans(),
+    reserve=st.integers(0, 4),
+)
 def test_random_model_output_always_terminates_well_formed(fmt, prompt, seed, budget, max_requests, fork, reserve):
     rng = random.Random(seed)
 
@@ -604,8 +665,14 @@ def test_random_model_output_always_terminates_well_formed(fmt, prompt, seed, bu
         weights = [1] * 10 + [1, 4, 3, 2, 6, 6, 4, 1]
         return "".join(rng.choices(PIECES, weights=weights, k=n))
 
-    cfg = ControllerConfig(max_response_tokens=budget, max_thread_tokens=max(4, budget // 3),
-                           max_requests=max_requests, max_blocks=3, fork=fork, close_reserve_tokens=reserve)
+    cfg = ControllerConfig(
+        max_response_tokens=budget,
+        max_thread_tokens=max(4, budget // 3),
+        max_requests=max_requests,
+        max_blocks=3,
+        fork=fork,
+        close_reserve_tokens=reserve,
+    )
     result, engine = run(fmt, prompt, script, cfg)
     check(result, engine, fmt, prompt, cfg)
 
@@ -643,12 +710,22 @@ def grammar_script(rng: random.Random):
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), budget=st.integers(30, 400), max_requests=st.integers(2, 30),
-       reserve=st.integers(0, 4), join_reserve=st.integers(0, 40))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    budget=st.integers(30, 400),
+    max_requests=st.integers(2, 30),
+    reserve=st.integers(0, 4),
+    join_reserve=st.integers(0, 40),
+)
 def test_random_format_following_model(fmt, prompt, seed, budget, max_requests, reserve, join_reserve):
-    cfg = ControllerConfig(max_response_tokens=budget, max_thread_tokens=max(8, budget // 2),
-                           max_requests=max_requests, max_blocks=4, close_reserve_tokens=reserve,
-                           join_reserve_tokens=join_reserve)
+    cfg = ControllerConfig(
+        max_response_tokens=budget,
+        max_thread_tokens=max(8, budget // 2),
+        max_requests=max_requests,
+        max_blocks=4,
+        close_reserve_tokens=reserve,
+        join_reserve_tokens=join_reserve,
+    )
     result, engine = run(fmt, prompt, grammar_script(random.Random(seed)), cfg)
     check(result, engine, fmt, prompt, cfg)
 

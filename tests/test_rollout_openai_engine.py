@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from _scripted_http import served  # noqa: F401  (fixture)
+
 from threadweaver_verl.rollout.engine import EngineError
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
 
@@ -27,6 +27,7 @@ def complete(url, server="vllm", **kw):
     async def go():
         async with OpenAICompletionsEngine(OpenAIEngineConfig(base_url=url, server=server, backoff_s=0.01)) as e:
             return await e.complete([1, 2, 3], max_tokens=8, stop_token_ids=[7, 9], routing_key="traj-9", **kw)
+
     return asyncio.run(go())
 
 

@@ -6,10 +6,10 @@ import asyncio
 import socket
 
 import pytest
-
 from _scripted_http import served  # noqa: F401  (fixture)
-from threadweaver_verl.openai_http import OpenAIHTTP, OpenAIHTTPConfig, OpenAIHTTPError
+
 from threadweaver_verl.rollout.engine import EngineError
+from threadweaver_verl.rollout.http import OpenAIHTTP, OpenAIHTTPConfig, OpenAIHTTPError
 
 
 def _run(coro):

@@ -37,11 +37,17 @@ class SteeredEngine:
     async def complete(self, prompt_ids, *, max_tokens, stop_token_ids, routing_key, sampling=None):
         if not self.steered:
             self.steered = True
-            await self.real.complete(list(prompt_ids) + self.block_ids, max_tokens=1, stop_token_ids=[],
-                                     routing_key=routing_key, sampling=sampling)
+            await self.real.complete(
+                list(prompt_ids) + self.block_ids,
+                max_tokens=1,
+                stop_token_ids=[],
+                routing_key=routing_key,
+                sampling=sampling,
+            )
             return Completion(list(self.block_ids), "stop")
-        return await self.real.complete(prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
-                                        routing_key=routing_key, sampling=sampling)
+        return await self.real.complete(
+            prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids, routing_key=routing_key, sampling=sampling
+        )
 
 
 def long_question() -> str:
@@ -62,12 +68,16 @@ def test_fork_join_on_vllm(vllm_server, tiny_tokenizer, tiny_fmt):
     async def go():
         async with OpenAICompletionsEngine(base_url=vllm_server.url) as real:
             engine = SteeredEngine(real, block_ids)
-            return await ForkJoinController(fmt, cfg).run(engine, prompt, routing_key="vllm-traj-1",
-                                                           sampling=sampling)
+            return await ForkJoinController(fmt, cfg).run(engine, prompt, routing_key="vllm-traj-1", sampling=sampling)
 
     result = asyncio.run(go())
     assert [(r.kind, r.path) for r in result.requests] == [
-        (SEQUENTIAL, ()), (THREAD, (1, 1)), (THREAD, (1, 2)), (THREAD, (1, 3)), (SEQUENTIAL, ())]
+        (SEQUENTIAL, ()),
+        (THREAD, (1, 1)),
+        (THREAD, (1, 2)),
+        (THREAD, (1, 3)),
+        (SEQUENTIAL, ()),
+    ]
     # every thread ran on the real server, all in flight together, then were joined in outline order
     threads = [c for c in result.calls if c.kind == THREAD]
     assert len(threads) == 3
@@ -107,8 +117,9 @@ def test_random_model_on_vllm_terminates_well_formed(vllm_server, tiny_tokenizer
     async def go():
         async with OpenAICompletionsEngine(base_url=vllm_server.url) as engine:
             ctrl = ForkJoinController(fmt, cfg)
-            return await asyncio.gather(*(ctrl.run(engine, prompt, routing_key=f"rand-{i}",
-                                                   sampling={"temperature": 1.0}) for i in range(6)))
+            return await asyncio.gather(
+                *(ctrl.run(engine, prompt, routing_key=f"rand-{i}", sampling={"temperature": 1.0}) for i in range(6))
+            )
 
     for result in asyncio.run(go()):
         assert len(result.response_ids) <= 200 and result.num_engine_calls <= 16
@@ -118,13 +129,22 @@ def test_random_model_on_vllm_terminates_well_formed(vllm_server, tiny_tokenizer
 
 
 def test_eval_command_on_vllm(vllm_server, tiny_model_dir, tmp_path, capsys):
-    from threadweaver_verl.evaluate import main
+    from threadweaver_verl.eval.evaluate import main
 
-    rows = [rl_row(data_source="tiny/mult", question=f"What is {a} * {b}?", ground_truth=str(a * b), index=i,
-                   split="test") for i, (a, b) in enumerate([(3, 4), (12, 5), (7, 8)])]
+    rows = [
+        rl_row(data_source="tiny/mult", question=f"What is {a} * {b}?", ground_truth=str(a * b), index=i, split="test")
+        for i, (a, b) in enumerate([(3, 4), (12, 5), (7, 8)])
+    ]
     data = write_rl(rows, tmp_path / "test.parquet")
-    common = [f"data={data}", f"server_url={vllm_server.url}", f"tokenizer={tiny_model_dir}", "n_samples=2",
-              "controller.max_response_tokens=96", "controller.max_thread_tokens=32", "progress=false"]
+    common = [
+        f"data={data}",
+        f"server_url={vllm_server.url}",
+        f"tokenizer={tiny_model_dir}",
+        "n_samples=2",
+        "controller.max_response_tokens=96",
+        "controller.max_thread_tokens=32",
+        "progress=false",
+    ]
     seq = tmp_path / "seq"
     assert main(common + [f"out_dir={seq}", "controller.fork=false"]) == 0
     out = tmp_path / "fj"
@@ -149,7 +169,7 @@ def test_eval_command_on_vllm(vllm_server, tiny_model_dir, tmp_path, capsys):
 
 
 def test_server_that_fails_to_start_reports_its_log(tiny_model_dir, tmp_path):
-    from threadweaver_verl.serving import ServerStartError, VLLMServer
+    from threadweaver_verl.rollout.vllm_server import ServerStartError, VLLMServer
 
     with pytest.raises(ServerStartError, match="exited with code .*last lines"):
         with VLLMServer(str(tiny_model_dir), work_dir=str(tmp_path), extra_args=["--no-such-flag"]):

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _sft_common import (
+    NESTED,
+    SEQUENTIAL,
+    load_model,
+    multiplication_texts,
+    reference_logprobs,
+    requests_of,
+    three_threads,
+)
 
-from _sft_common import (NESTED, SEQUENTIAL, load_model, multiplication_texts, reference_logprobs, requests_of,
-                         three_threads)
 from threadweaver_verl.sft.batch import TrieCollator, forward_logprobs, row_features
 from threadweaver_verl.sft.loss import mean_nll
 from threadweaver_verl.sft.trie import build_trie, chain, pack
@@ -26,8 +33,11 @@ def split(tiny_tokenizer, tiny_fmt):
 
 
 def trajectories():
-    out = [("nested", NESTED, "What is 12 * 34?"), ("three", three_threads(), "57?"),
-           ("sequential", SEQUENTIAL, "What is 12 * 34?")]
+    out = [
+        ("nested", NESTED, "What is 12 * 34?"),
+        ("three", three_threads(), "57?"),
+        ("sequential", SEQUENTIAL, "What is 12 * 34?"),
+    ]
     out += [(f"mul{i}", r, q) for i, (q, r) in enumerate(multiplication_texts(1, "3x3"))]
     return out
 
@@ -41,7 +51,7 @@ def worst_diff(m, rows_and_requests, attention="sdpa"):
     for b, (row, reqs) in enumerate(rows_and_requests):
         for r in reqs:
             idx = _index_in_packed(row, r)
-            got = lp[b, idx[len(r.context_ids):]]
+            got = lp[b, idx[len(r.context_ids) :]]
             ref = reference_logprobs(m, r)
             worst = max(worst, (got - ref).abs().max().item())
             count += len(r.completion_ids)
@@ -82,10 +92,16 @@ def test_changing_a_sibling_thread_leaves_a_threads_logits_unchanged(split, tiny
     b_reqs = split(three_threads("2: 9 9 9 carry 1 row 4 4 = 0"), "57?")
     ta, tb = build_trie(a_reqs), build_trie(b_reqs)
     with torch.no_grad():
-        la = tiny(input_ids=torch.as_tensor(ta.input_ids)[None], position_ids=torch.as_tensor(ta.position_ids)[None],
-                  attention_mask=_mask(ta)).logits[0]
-        lb = tiny(input_ids=torch.as_tensor(tb.input_ids)[None], position_ids=torch.as_tensor(tb.position_ids)[None],
-                  attention_mask=_mask(tb)).logits[0]
+        la = tiny(
+            input_ids=torch.as_tensor(ta.input_ids)[None],
+            position_ids=torch.as_tensor(ta.position_ids)[None],
+            attention_mask=_mask(ta),
+        ).logits[0]
+        lb = tiny(
+            input_ids=torch.as_tensor(tb.input_ids)[None],
+            position_ids=torch.as_tensor(tb.position_ids)[None],
+            attention_mask=_mask(tb),
+        ).logits[0]
     for ra, rb in zip(a_reqs, b_reqs):
         if ra.path in ((1, 1), (1, 3)):  # threads 1 and 3: their own branches
             assert ra.ids == rb.ids
@@ -96,8 +112,8 @@ def test_changing_a_sibling_thread_leaves_a_threads_logits_unchanged(split, tiny
     t3 = [r for r in a_reqs if r.path == (1, 3)][0].completion_ids
     sa, sb = _find(seq_a, t3), _find(seq_b, t3)
     with torch.no_grad():
-        fa = tiny(input_ids=torch.tensor(seq_a)[None]).logits[0, sa:sa + len(t3)]
-        fb = tiny(input_ids=torch.tensor(seq_b)[None]).logits[0, sb:sb + len(t3)]
+        fa = tiny(input_ids=torch.tensor(seq_a)[None]).logits[0, sa : sa + len(t3)]
+        fb = tiny(input_ids=torch.tensor(seq_b)[None]).logits[0, sb : sb + len(t3)]
     assert (fa - fb).abs().max().item() > 1e-3
 
 
@@ -117,8 +133,9 @@ def test_trie_of_two_trajectories_of_one_prompt_and_why_targets_come_from_parent
     batch = TrieCollator()([row_features(t)])
     with torch.no_grad():
         lp = forward_logprobs(tiny, batch, "sdpa")[0]
-        logits = tiny(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                      attention_mask=_mask(t)).logits[0]
+        logits = tiny(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=_mask(t)).logits[
+            0
+        ]
     flat = torch.log_softmax(logits[:-1], -1).gather(-1, batch["input_ids"][0, 1:, None])[:, 0]
     jumps = [i for i in range(1, len(t)) if t.parent[i] != i - 1 and t.loss_mask[i]]
     assert jumps  # loss tokens whose previous flat token is not their parent
@@ -133,7 +150,7 @@ def _mask(t):
 
 def _find(hay, needle):
     hay, needle = list(hay), list(needle)
-    return next(s for s in range(len(hay)) if hay[s:s + len(needle)] == needle)
+    return next(s for s in range(len(hay)) if hay[s : s + len(needle)] == needle)
 
 
 def test_training_on_the_trie_gives_the_gradient_of_training_on_the_requests(split, tiny_model_dir):

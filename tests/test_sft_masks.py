@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from _sft_common import requests_of
+
 from threadweaver_verl.sft.batch import TrieCollator, row_features
 from threadweaver_verl.sft.masks import ancestor_mask_mod, block_mask, block_mask_bytes, bool_mask, bool_mask_bytes
 from threadweaver_verl.sft.synthetic import TrajectoryShape, random_trajectory
@@ -16,9 +16,14 @@ from threadweaver_verl.sft.trie import build_trie, pack
 
 def random_rows(tok, fmt, seed: int, n_traj: int = 3, budget: int = 2000):
     rng = random.Random(seed)
-    tries = [build_trie(requests_of(tok, fmt, random_trajectory(rng, TrajectoryShape(tokens=60, blocks=2, max_threads=3,
-                                                                           nested_prob=0.6))))
-             for _ in range(n_traj)]
+    tries = [
+        build_trie(
+            requests_of(
+                tok, fmt, random_trajectory(rng, TrajectoryShape(tokens=60, blocks=2, max_threads=3, nested_prob=0.6))
+            )
+        )
+        for _ in range(n_traj)
+    ]
     return TrieCollator()([row_features(r) for r, _ in pack(tries, budget)] + [row_features(tries[0])])
 
 
@@ -82,5 +87,5 @@ def test_block_mask_refuses_rows_not_in_depth_first_layout():
 
 
 def test_memory_formulas():
-    assert bool_mask_bytes(32768) == 2 ** 30  # 1 GiB per 32k row: the reason flex exists
-    assert block_mask_bytes(32768) < 2 * 2 ** 20  # under 2 MiB
+    assert bool_mask_bytes(32768) == 2**30  # 1 GiB per 32k row: the reason flex exists
+    assert block_mask_bytes(32768) < 2 * 2**20  # under 2 MiB

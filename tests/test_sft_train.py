@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from _sft_common import NESTED, multiplication_texts, three_threads, write_sft_parquet
+
 from threadweaver_verl.__main__ import main as cli
 
 
@@ -24,9 +24,20 @@ def test_cli_trains_and_writes_a_loadable_checkpoint_and_a_loss_curve(tiny_model
     from threadweaver_verl.format import TokenFormat
 
     out = tmp_path / "run"
-    rc = cli(["sft", f"model={tiny_model_dir}", f"train_files=[{parquet}]", f"val_files=[{parquet}]",
-              f"output_dir={out}", "max_steps=4", "batch_size=2", "max_tokens=1200", "logging_steps=1",
-              "learning_rate=0.003"])
+    rc = cli(
+        [
+            "sft",
+            f"model={tiny_model_dir}",
+            f"train_files=[{parquet}]",
+            f"val_files=[{parquet}]",
+            f"output_dir={out}",
+            "max_steps=4",
+            "batch_size=2",
+            "max_tokens=1200",
+            "logging_steps=1",
+            "learning_rate=0.003",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "sft_summary.json").read_text())["result"]
     assert summary["steps"] == 4 and summary["stopped_by"] == "steps" and summary["rows"] >= 2
@@ -49,8 +60,19 @@ def test_cli_trains_and_writes_a_loadable_checkpoint_and_a_loss_curve(tiny_model
 
 def test_time_limit_is_a_loud_safety_stop(tiny_model_dir, parquet, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli(["sft", f"model={tiny_model_dir}", f"train_files=[{parquet}]", f"output_dir={out}", "max_steps=1000",
-              "time_limit_minutes=0.0001", "layout=expanded", "max_tokens=800", "batch_size=2"])
+    rc = cli(
+        [
+            "sft",
+            f"model={tiny_model_dir}",
+            f"train_files=[{parquet}]",
+            f"output_dir={out}",
+            "max_steps=1000",
+            "time_limit_minutes=0.0001",
+            "layout=expanded",
+            "max_tokens=800",
+            "batch_size=2",
+        ]
+    )
     assert rc == 1
     assert "stopped by the time limit" in capsys.readouterr().err
     summary = json.loads((out / "sft_summary.json").read_text())["result"]
@@ -66,9 +88,22 @@ def test_the_step_budget_not_the_clock_ends_training(tiny_model_dir, parquet, tm
     weights = []
     for limit in (30, 90):
         out = tmp_path / f"limit{limit}"
-        rc = cli(["sft", f"model={tiny_model_dir}", f"train_files=[{parquet}]", f"output_dir={out}", "max_steps=6",
-                  f"time_limit_minutes={limit}", "pack=false", "batch_tokens=1600", "max_tokens=1200",
-                  "learning_rate=0.003", "warmup_steps=2", "logging_steps=1"])
+        rc = cli(
+            [
+                "sft",
+                f"model={tiny_model_dir}",
+                f"train_files=[{parquet}]",
+                f"output_dir={out}",
+                "max_steps=6",
+                f"time_limit_minutes={limit}",
+                "pack=false",
+                "batch_tokens=1600",
+                "max_tokens=1200",
+                "learning_rate=0.003",
+                "warmup_steps=2",
+                "logging_steps=1",
+            ]
+        )
         assert rc == 0
         summary = json.loads((out / "sft_summary.json").read_text())["result"]
         assert summary["stopped_by"] == "steps" and summary["steps"] == 6
@@ -114,12 +149,22 @@ def test_vllm_serves_the_checkpoints_and_agrees_with_transformers(tiny_model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from threadweaver_verl.data.chat import PromptStyle, prompt_ids
-    from threadweaver_verl.serving import VLLMServer, VLLMServerConfig
+    from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
     from threadweaver_verl.sft.train import SFTConfig, train
 
-    res = train(SFTConfig(model=str(tiny_model_dir), train_files=[str(parquet)], output_dir=str(tmp_path / "run"),
-                          max_steps=3, batch_size=2, max_tokens=1200, learning_rate=0.003, save_steps=3,
-                          save_only_model=True))
+    res = train(
+        SFTConfig(
+            model=str(tiny_model_dir),
+            train_files=[str(parquet)],
+            output_dir=str(tmp_path / "run"),
+            max_steps=3,
+            batch_size=2,
+            max_tokens=1200,
+            learning_rate=0.003,
+            save_steps=3,
+            save_only_model=True,
+        )
+    )
     checkpoint = tmp_path / "run" / "checkpoint-3"
     assert (checkpoint / "model.safetensors").exists() and not (checkpoint / "optimizer.pt").exists()
     tok = AutoTokenizer.from_pretrained(res.model_dir)
@@ -128,11 +173,14 @@ def test_vllm_serves_the_checkpoints_and_agrees_with_transformers(tiny_model_dir
     def hf_greedy(folder) -> list[int]:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
-            return hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+            return hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
 
     def served(server) -> list[int]:
-        reply = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
-            "prompt": prompt, "max_tokens": 12, "temperature": 0.0, "return_token_ids": True}).json()
+        reply = httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=120,
+            json={"prompt": prompt, "max_tokens": 12, "temperature": 0.0, "return_token_ids": True},
+        ).json()
         return reply["choices"][0]["token_ids"]
 
     trained, base = hf_greedy(res.model_dir), hf_greedy(tiny_model_dir)
@@ -140,15 +188,16 @@ def test_vllm_serves_the_checkpoints_and_agrees_with_transformers(tiny_model_dir
     cfg = VLLMServerConfig(model=res.model_dir, dtype="float32", work_dir=str(tmp_path / "vllm"))
     with VLLMServer(cfg) as server:
         got = served(server)
-    assert len(got) >= 1 and got == trained[:len(got)]
-    cfg = VLLMServerConfig(model=str(tiny_model_dir), dtype="float32", work_dir=str(tmp_path / "vllm2"),
-                           weight_reload=True)
+    assert len(got) >= 1 and got == trained[: len(got)]
+    cfg = VLLMServerConfig(
+        model=str(tiny_model_dir), dtype="float32", work_dir=str(tmp_path / "vllm2"), weight_reload=True
+    )
     with VLLMServer(cfg) as server:
         before = served(server)
         server.reload_weights(checkpoint)
         after = served(server)
-    assert before == base[:len(before)]
-    assert len(after) >= 1 and after == trained[:len(after)]
+    assert before == base[: len(before)]
+    assert len(after) >= 1 and after == trained[: len(after)]
 
 
 def test_the_yaml_config_mirrors_the_dataclass_defaults():

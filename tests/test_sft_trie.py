@@ -6,8 +6,8 @@ import random
 
 import numpy as np
 import pytest
-
 from _sft_common import NESTED, SEQUENTIAL, requests_of, three_threads
+
 from threadweaver_verl.format import Request
 from threadweaver_verl.sft.data import SFTDataError, SFTExample, build_rows
 from threadweaver_verl.sft.synthetic import TrajectoryShape, random_trajectory
@@ -35,12 +35,12 @@ def test_every_request_is_one_path_with_depth_positions_and_completion_loss(spli
     for r in reqs:
         idx = t.index_of(r.ids)
         assert list(t.position_ids[idx]) == list(range(len(r.ids)))
-        assert t.loss_mask[idx[len(r.context_ids):]].all()
+        assert t.loss_mask[idx[len(r.context_ids) :]].all()
         assert list(t.input_ids[idx]) == list(r.ids)
     # loss exactly once: one loss node per completion token, none elsewhere
     assert t.num_loss_tokens == sum(len(r.completion_ids) for r in reqs)
     assert t.loss_collisions == 0
-    completion_nodes = {i for r in reqs for i in t.index_of(r.ids)[len(r.context_ids):]}
+    completion_nodes = {i for r in reqs for i in t.index_of(r.ids)[len(r.context_ids) :]}
     assert set(np.flatnonzero(t.loss_mask)) == completion_nodes
 
 
@@ -60,7 +60,7 @@ def test_threads_after_the_first_appear_twice_thread_one_once(split):
     final = reqs[-1]  # main line after the join: re-reads all threads as causal context
     final_idx = t.index_of(final.ids)
     for k, r in enumerate(threads, start=1):
-        own = t.index_of(r.ids)[len(r.context_ids):]  # the thread's own branch (with loss)
+        own = t.index_of(r.ids)[len(r.context_ids) :]  # the thread's own branch (with loss)
         assert t.loss_mask[own].all()
         # its own branch starts at the fork point, not after the earlier threads
         assert t.position_ids[own[0]] == len(r.context_ids)
@@ -71,7 +71,7 @@ def test_threads_after_the_first_appear_twice_thread_one_once(split):
             assert inside_join == []  # a second copy, later positions, no loss
             copy = _find_run(t.input_ids[final_idx], r.completion_ids)
             assert copy is not None
-            copy_idx = final_idx[copy:copy + len(r.completion_ids)]
+            copy_idx = final_idx[copy : copy + len(r.completion_ids)]
             assert not t.loss_mask[copy_idx].any()
             assert t.position_ids[copy_idx[0]] > t.position_ids[own[0]]
 
@@ -79,7 +79,7 @@ def test_threads_after_the_first_appear_twice_thread_one_once(split):
 def _find_run(hay, needle):
     hay, needle = list(hay), list(needle)
     for s in range(len(hay) - len(needle) + 1):
-        if hay[s:s + len(needle)] == needle:
+        if hay[s : s + len(needle)] == needle:
             return s
     return None
 

@@ -9,8 +9,8 @@ from functools import partial
 
 import pytest
 import torch
-
 from _sft_common import NESTED, load_model, multiplication_texts, reference_logprobs, three_threads, write_sft_parquet
+
 from threadweaver_verl.sft.batch import TrieCollator, forward_logprobs, row_features
 from threadweaver_verl.sft.loss import mean_nll, token_nll
 
@@ -30,14 +30,14 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def expanded_ds(parquet, tiny_tokenizer):
-    from threadweaver_verl.sft.verl_dataset import ExpandedSFTDataset
+    from threadweaver_verl.integrations.verl.sft_dataset import ExpandedSFTDataset
 
     return ExpandedSFTDataset(str(parquet), tiny_tokenizer, data_config())
 
 
 @pytest.fixture(scope="module")
 def trie_ds(parquet, tiny_tokenizer):
-    from threadweaver_verl.sft.verl_dataset import TrieSFTDataset
+    from threadweaver_verl.integrations.verl.sft_dataset import TrieSFTDataset
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VERL_ENGINE_VENDOR", VENDOR)
@@ -64,9 +64,16 @@ def verl_batch(dataset, indices=None):
 
     indices = list(range(len(dataset))) if indices is None else indices
     batch = SFTTensorCollator("no_padding")([dataset[i] for i in indices])
-    meta = {"use_remove_padding": True, "use_dynamic_bsz": False, "max_token_len_per_gpu": 8192,
-            "micro_batch_size_per_gpu": len(indices), "temperature": 1.0, "global_batch_size": len(indices),
-            "pad_mode": "no_padding", "pad_token_id": dataset.tokenizer.pad_token_id}
+    meta = {
+        "use_remove_padding": True,
+        "use_dynamic_bsz": False,
+        "max_token_len_per_gpu": 8192,
+        "micro_batch_size_per_gpu": len(indices),
+        "temperature": 1.0,
+        "global_batch_size": len(indices),
+        "pad_mode": "no_padding",
+        "pad_token_id": dataset.tokenizer.pad_token_id,
+    }
     data = tu.get_tensordict(tensor_dict=batch, non_tensor_dict=meta)
     tu.assign_non_tensor(data, batch_num_tokens=int(data["loss_mask"].values().sum()), dp_size=1)
     return data
@@ -103,8 +110,8 @@ def test_plugin_registers_the_trie_engine_under_its_own_vendor(monkeypatch):
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-    from threadweaver_verl.plugin import STATUS, require
-    from threadweaver_verl.sft.verl_engine import engine_class, register
+    from threadweaver_verl.integrations.verl.plugin import STATUS, require
+    from threadweaver_verl.integrations.verl.sft_engine import engine_class, register
 
     require("engine:trie")
     assert STATUS["engine:trie"] == "ok"
@@ -120,8 +127,8 @@ def test_plugin_registers_the_trie_engine_under_its_own_vendor(monkeypatch):
 
 
 def test_trie_dataset_refuses_to_run_without_the_trie_engine(tiny_tokenizer, parquet, monkeypatch):
-    from threadweaver_verl.sft.verl_dataset import TrieSFTDataset
-    from threadweaver_verl.sft.verl_engine import TrieEngineError
+    from threadweaver_verl.integrations.verl.sft_dataset import TrieSFTDataset
+    from threadweaver_verl.integrations.verl.sft_engine import TrieEngineError
 
     monkeypatch.delenv("VERL_ENGINE_VENDOR", raising=False)
     with pytest.raises(TrieEngineError, match="VERL_ENGINE_VENDOR=threadweaver_trie"):
@@ -133,14 +140,16 @@ def test_datasets_load_through_verls_own_factory(tiny_tokenizer, parquet, trie_e
     from verl.trainer.sft_trainer import create_sft_dataset
 
     for name in ("ExpandedSFTDataset", "TrieSFTDataset"):
-        cfg = OmegaConf.merge(data_config(), {"custom_cls": {"path": "pkg://threadweaver_verl.sft.verl_dataset",
-                                                             "name": name}})
+        cfg = OmegaConf.merge(
+            data_config(),
+            {"custom_cls": {"path": "pkg://threadweaver_verl.integrations.verl.sft_dataset", "name": name}},
+        )
         ds = create_sft_dataset([str(parquet)], cfg, tiny_tokenizer, None, max_samples=-1)
         assert type(ds).__name__ == name and len(ds) > 0
 
 
 def test_expanded_rows_are_the_requests(expanded_ds, tiny_tokenizer, parquet):
-    from threadweaver_verl.sft.verl_dataset import ExpandedSFTDataset
+    from threadweaver_verl.integrations.verl.sft_dataset import ExpandedSFTDataset
 
     ds = expanded_ds
     reqs = [r for e in ds.examples for r in e.requests if r.completion_ids]
@@ -168,7 +177,7 @@ def test_expanded_rows_on_the_stock_engine_score_each_request_as_alone(expanded_
     reqs = [r for e in ds.examples for r in e.requests if r.completion_ids][:6]
     total, count = 0.0, 0
     for row_lp, r in zip(lp.unbind(), reqs):
-        got = row_lp[len(r.context_ids) - 1:len(r.ids) - 1]  # verl: log_probs[i] scores token i + 1
+        got = row_lp[len(r.context_ids) - 1 : len(r.ids) - 1]  # verl: log_probs[i] scores token i + 1
         ref = reference_logprobs(tiny, r)
         assert (got - ref).abs().max().item() <= 1e-5
         total, count = total - float(ref.sum()), count + len(ref)
@@ -176,7 +185,7 @@ def test_expanded_rows_on_the_stock_engine_score_each_request_as_alone(expanded_
 
 
 def test_trie_rows_on_the_trie_engine_equal_the_hf_path_token_for_token(trie_ds, tiny, monkeypatch):
-    from threadweaver_verl.sft.verl_engine import engine_class
+    from threadweaver_verl.integrations.verl.sft_engine import engine_class
 
     ds = trie_ds
     for idx in (list(range(len(ds))), [len(ds) - 1]):  # a padded multi-row micro-batch, and one row
@@ -188,18 +197,18 @@ def test_trie_rows_on_the_trie_engine_equal_the_hf_path_token_for_token(trie_ds,
         hf_nll = token_nll(hf_lp, batch["loss_mask"])
         for b, row_lp in enumerate(lp.unbind()):
             n = len(ds.rows[idx[b]])
-            verl_nll = -row_lp[:n - 1] * batch["loss_mask"][b, 1:n]  # log_probs[i] scores token i + 1
+            verl_nll = -row_lp[: n - 1] * batch["loss_mask"][b, 1:n]  # log_probs[i] scores token i + 1
             assert (verl_nll - hf_nll[b, 1:n]).abs().max().item() <= 1e-5
         assert abs(loss - float(mean_nll(hf_lp, batch["loss_mask"]))) <= 1e-5
     # and the first trajectory (the first trie of row 0) scores each Request as if run alone
     row0 = run_forward_step(cpu_engine(engine_class(), tiny, monkeypatch), verl_batch(ds, [0]))[1].unbind()[0]
     for r in [r for r in ds.examples[0].requests if r.completion_ids]:
-        nodes = ds.rows[0].index_of(r.ids, 0)[len(r.context_ids):]
+        nodes = ds.rows[0].index_of(r.ids, 0)[len(r.context_ids) :]
         assert (row0[[n - 1 for n in nodes]] - reference_logprobs(tiny, r)).abs().max().item() <= 1e-5
 
 
 def test_trie_engine_refuses_a_model_without_mask_support(trie_ds, tiny, monkeypatch):
-    from threadweaver_verl.sft.verl_engine import TrieEngineError, engine_class
+    from threadweaver_verl.integrations.verl.sft_engine import TrieEngineError, engine_class
 
     eng = cpu_engine(engine_class(), tiny, monkeypatch)
     monkeypatch.setattr(tiny.config, "_attn_implementation", "flash_attention_2")
@@ -208,7 +217,7 @@ def test_trie_engine_refuses_a_model_without_mask_support(trie_ds, tiny, monkeyp
 
 
 def test_trie_engine_passes_ordinary_rows_to_verls_code(expanded_ds, tiny, monkeypatch):
-    from threadweaver_verl.sft.verl_engine import engine_class
+    from threadweaver_verl.integrations.verl.sft_engine import engine_class
 
     eng = cpu_engine(engine_class(), tiny, monkeypatch)
     model_inputs, out_args = eng.prepare_model_inputs(verl_batch(expanded_ds, [0, 1]))
@@ -218,7 +227,7 @@ def test_trie_engine_passes_ordinary_rows_to_verls_code(expanded_ds, tiny, monke
 @pytest.mark.slow
 def test_trie_rows_with_flex_attention_on_the_trie_engine(trie_ds, tiny, monkeypatch):
     """The BlockMask branch (all rows of the micro-batch in one sequence); compiles flex on CPU."""
-    from threadweaver_verl.sft.verl_engine import engine_class
+    from threadweaver_verl.integrations.verl.sft_engine import engine_class
 
     data = verl_batch(trie_ds)
     _, lp_sdpa = run_forward_step(cpu_engine(engine_class(), tiny, monkeypatch), data)

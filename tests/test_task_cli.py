@@ -14,8 +14,8 @@ from threadweaver_verl.config import ConfigError
 from threadweaver_verl.data import schema
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, prompt_ids, response_ids
 from threadweaver_verl.format import TokenFormat, split_requests
+from threadweaver_verl.models.tiny import build_tokenizer
 from threadweaver_verl.tasks import multiplication as mul
-from threadweaver_verl.tiny import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "mul"
-    assert cli(["make-data", "--config", str(REPO / "configs" / "make_data.yaml"), f"out={out}", "preset=4x3",
-                "n_train=300", "n_test=60", "seed=5", "instruction=default"]) == 0
+    assert (
+        cli(
+            [
+                "make-data",
+                "--config",
+                str(REPO / "configs" / "make_data.yaml"),
+                f"out={out}",
+                "preset=4x3",
+                "n_train=300",
+                "n_test=60",
+                "seed=5",
+                "instruction=default",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -36,7 +50,7 @@ def test_files_follow_the_schemas(made):
         for i, r in enumerate(rows):
             assert r["data_source"] == mul.DATA_SOURCE and r["agent_name"] == "threadweaver"
             assert r["extra_info"]["index"] == i and r["extra_info"]["split"] == split
-            factors = [int(x) for x in r["extra_info"]["question"][len("What is "):-1].split(" * ")]
+            factors = [int(x) for x in r["extra_info"]["question"][len("What is ") : -1].split(" * ")]
             assert [len(str(f)) for f in factors] == [4, 3]
             assert r["reward_model"]["ground_truth"] == str(math.prod(factors))
             assert r["prompt"][-1]["content"].endswith(DEFAULT_INSTRUCTION)
@@ -68,8 +82,10 @@ def test_sft_rows_become_training_requests(made):
 
 def test_same_seed_same_files(made, tmp_path):
     again = tmp_path / "again"
-    assert cli(["make-data", f"out={again}", "preset=4x3", "n_train=300", "n_test=60", "seed=5",
-                "instruction=default"]) == 0
+    assert (
+        cli(["make-data", f"out={again}", "preset=4x3", "n_train=300", "n_test=60", "seed=5", "instruction=default"])
+        == 0
+    )
     for name in ("train", "test", "sft_parallel", "sft_sequential"):
         assert (again / f"{name}.parquet").read_bytes() == (made / f"{name}.parquet").read_bytes(), name
     other = tmp_path / "other"

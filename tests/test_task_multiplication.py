@@ -12,7 +12,6 @@ from threadweaver_verl.data.chat import PromptStyle, prompt_ids
 from threadweaver_verl.format import Block, Span, Thread, parse_text, split_requests
 from threadweaver_verl.tasks import multiplication as mul
 
-
 BOXED = re.compile(r"\\boxed\{(\d+)\}")
 
 # Every preset, weighted towards the harder ones; 3000 problems in all.

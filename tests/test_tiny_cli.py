@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from threadweaver_verl.__main__ import main as cli
 from threadweaver_verl.format import ALL_TAGS, TokenFormat
-from threadweaver_verl.tokenizer import check_tags
+from threadweaver_verl.models.tags import check_tags
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["hidden_size=64", "intermediate_size=128", "num_attention_heads=2", "num_key_value_heads=1", "head_dim=32"]
@@ -22,8 +22,19 @@ SMALL = ["hidden_size=64", "intermediate_size=128", "num_attention_heads=2", "nu
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        assert cli(["tiny-model", "--config", str(REPO / "configs" / "tiny_model.yaml"), f"out={root / name}",
-                    f"seed={seed}", *SMALL]) == 0
+        assert (
+            cli(
+                [
+                    "tiny-model",
+                    "--config",
+                    str(REPO / "configs" / "tiny_model.yaml"),
+                    f"out={root / name}",
+                    f"seed={seed}",
+                    *SMALL,
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -45,8 +56,9 @@ def test_loads_offline_in_transformers(built, monkeypatch):
     fmt = TokenFormat.from_tokenizer(tok)
     assert tok.eos_token == "<|im_end|>" and fmt.eos_ids == (tok.eos_token_id,)
     assert len({check_tags(tok).id(t) for t in ALL_TAGS}) == len(ALL_TAGS)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 * 34?"}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12 * 34?"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tok)) and torch.isfinite(logits).all()
@@ -71,13 +83,19 @@ def test_cli_folder_serves_on_vllm_cpu(tmp_path, tiny_model_dir, vllm_server):
     for f in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (tmp_path / "default" / f).read_bytes() == (tiny_model_dir / f).read_bytes(), f
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 * 34?"}], add_generation_prompt=True,
-                                     tokenize=True, return_dict=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12 * 34?"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
     async def go():
         async with OpenAICompletionsEngine(base_url=vllm_server.url) as engine:
-            return await engine.complete(prompt, max_tokens=8, stop_token_ids=[], routing_key="tiny-cli",
-                                         sampling={"temperature": 0.0, "logprobs": True, "ignore_eos": True})
+            return await engine.complete(
+                prompt,
+                max_tokens=8,
+                stop_token_ids=[],
+                routing_key="tiny-cli",
+                sampling={"temperature": 0.0, "logprobs": True, "ignore_eos": True},
+            )
 
     got = asyncio.run(go())
     assert len(got.token_ids) == 8 and got.logprobs is not None

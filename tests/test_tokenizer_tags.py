@@ -10,16 +10,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3
 
 from threadweaver_verl.__main__ import main as cli
 from threadweaver_verl.format import ALL_TAGS, TagTokenError, TokenFormat
+from threadweaver_verl.models.tags import add_tags, check_tags, tag_pieces
+from threadweaver_verl.models.tiny import TinyModelConfig, build_tiny_model, build_tokenizer
 from threadweaver_verl.tasks import multiplication as mul
-from threadweaver_verl.tiny import TinyModelConfig, build_tiny_model, build_tokenizer
-from threadweaver_verl.tokenizer import add_tags, check_tags, tag_pieces
 
 
 def _model(vocab: int, tied: bool) -> Qwen3ForCausalLM:
     torch.manual_seed(0)
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                        tie_word_embeddings=tied))
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=tied,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +73,10 @@ def test_add_tags_initialises_new_rows_as_mean_of_pieces(plain_tokenizer_files, 
         assert torch.allclose(out[i], (old_in if tied else old_out)[pieces[tag]].mean(0))
     assert (out.data_ptr() == inp.data_ptr()) == tied
     # Decoding keeps the tags (added tokens, not special ones), and the format module accepts the tokenizer.
-    assert tok.decode(tok.encode("<think>\n<Parallel>", add_special_tokens=False), skip_special_tokens=True) \
+    assert (
+        tok.decode(tok.encode("<think>\n<Parallel>", add_special_tokens=False), skip_special_tokens=True)
         == "<think>\n<Parallel>"
+    )
     fmt = TokenFormat.from_tokenizer(tok)
     s = mul.make_samples(mul.Difficulty.parse("3x3"), 3, seed=0)[0]
     mul.check_sample(s, fmt)
@@ -95,9 +106,12 @@ def test_special_tags_are_dropped_by_skip_special_tokens(plain_tokenizer_files):
 
 
 def test_prepare_model_cli_round_trip(tmp_path):
-    src = build_tiny_model(tmp_path / "plain", TinyModelConfig(tags=False, hidden_size=32, intermediate_size=64,
-                                                                 num_attention_heads=2, num_key_value_heads=1,
-                                                                 head_dim=16))
+    src = build_tiny_model(
+        tmp_path / "plain",
+        TinyModelConfig(
+            tags=False, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16
+        ),
+    )
     before = AutoModelForCausalLM.from_pretrained(src).get_input_embeddings().weight.detach().clone()
     pieces = tag_pieces(AutoTokenizer.from_pretrained(src))
     config = Path(__file__).resolve().parents[1] / "configs" / "prepare_model.yaml"
@@ -114,8 +128,10 @@ def test_prepare_model_cli_round_trip(tmp_path):
     # The prepared folder serves the format end to end (chat template and EOS kept).
     fmt = TokenFormat.from_tokenizer(tok)
     assert fmt.eos_ids == (tok.convert_tokens_to_ids("<|im_end|>"),)
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) \
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
         == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_prepare_model_cli_errors(tmp_path, capsys):

@@ -15,8 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from threadweaver_verl.rl import advantage as adv
-from threadweaver_verl.rl.advantage import PGRPOConfig, PGRPOError, row_keys, trajectory_advantages
+from threadweaver_verl.integrations.verl import advantage as adv
+from threadweaver_verl.integrations.verl.advantage import row_keys
+from threadweaver_verl.rl.advantage import PGRPOConfig, PGRPOError, trajectory_advantages
 
 # uid -> per session: (reward, number of rows the trajectory produced)
 GROUPS = {
@@ -70,8 +71,15 @@ def _v1_advantages(data, keys, estimator: str, algo=None, norm_adv_by_std_in_grp
     algo = algo if algo is not None else _algo(estimator)
     with row_keys(keys):
         out = compute_advantage_for_multi_trajectories(
-            data, batch_keys=keys, adv_estimator=estimator, gamma=1.0, lam=1.0, num_repeat=3,
-            norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=algo)
+            data,
+            batch_keys=keys,
+            adv_estimator=estimator,
+            gamma=1.0,
+            lam=1.0,
+            num_repeat=3,
+            norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+            config=algo,
+        )
     return out.batch["advantages"]
 
 
@@ -131,7 +139,7 @@ def test_v1_padding_rows_do_not_shift_group_means():
     padded_data, padded_keys = _batch(seed=2, pad_rows=3)
     padded = _v1_advantages(padded_data, padded_keys, "p_grpo")
     torch.testing.assert_close(padded[: len(keys)], plain, rtol=0, atol=0)
-    assert padded[len(keys):].abs().max().item() == 0.0
+    assert padded[len(keys) :].abs().max().item() == 0.0
 
 
 def test_std_normalisation_and_equal_group_settings():
@@ -168,8 +176,9 @@ def test_p_grpo_without_row_keys_fails_loudly():
     with row_keys(list(reversed(keys))), pytest.raises(PGRPOError, match="out of order"):
         compute_advantage_for_multi_trajectories(data, batch_keys=keys, adv_estimator="p_grpo", config=_algo("p_grpo"))
     with row_keys(keys), pytest.raises(PGRPOError, match="algorithm.p_grpo"):
-        compute_advantage_for_multi_trajectories(data, batch_keys=keys, adv_estimator="p_grpo",
-                                                 config=_algo("p_grpo", norm_by_std=True))
+        compute_advantage_for_multi_trajectories(
+            data, batch_keys=keys, adv_estimator="p_grpo", config=_algo("p_grpo", norm_by_std=True)
+        )
     with pytest.raises(PGRPOError, match="uid"):
         trajectory_advantages(torch.zeros(1), ["no-session-key"])
 
@@ -197,24 +206,41 @@ def test_threadweaver_trainers_registered_with_their_base_modes():
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
     t = object.__new__(sync_cls)
-    t.config = OmegaConf.create({"trainer": {"v1": {"trainer_mode": "threadweaver", "sync": {},
-                                                    "sampler": {"max_off_policy_threshold": None,
-                                                                "max_off_policy_strategy": "drop",
-                                                                "sampler_kwargs": {}}}},
-                                 "algorithm": {}, "data": {"train_batch_size": 2},
-                                 "reward": {"reward_model": {"enable": False}}})
+    t.config = OmegaConf.create(
+        {
+            "trainer": {
+                "v1": {
+                    "trainer_mode": "threadweaver",
+                    "sync": {},
+                    "sampler": {
+                        "max_off_policy_threshold": None,
+                        "max_off_policy_strategy": "drop",
+                        "sampler_kwargs": {},
+                    },
+                }
+            },
+            "algorithm": {},
+            "data": {"train_batch_size": 2},
+            "reward": {"reward_model": {"enable": False}},
+        }
+    )
     t.trainer_mode = "threadweaver"
     buffer = t._build_replay_buffer()
     assert t.trainer_mode == "sync" and type(buffer) is ReplayBuffer
 
 
 def test_trajectory_metrics_use_each_sessions_final_row():
-    from threadweaver_verl.rl.trainer import final_row_positions, trajectory_metrics
+    from threadweaver_verl.integrations.verl.trainer import final_row_positions, trajectory_metrics
 
     keys = ["u_0_0", "u_0_1", "u_1_0", "padx_0_0"]
     assert final_row_positions(keys, [False, False, False, True]) == [1, 2]
-    m = trajectory_metrics([{"speedup": 2.0, "threads_per_block": [2, 4], "format_ok": True},
-                            {"speedup": 1.0, "threads_per_block": [], "format_ok": False}, None])
+    m = trajectory_metrics(
+        [
+            {"speedup": 2.0, "threads_per_block": [2, 4], "format_ok": True},
+            {"speedup": 1.0, "threads_per_block": [], "format_ok": False},
+            None,
+        ]
+    )
     assert m["threadweaver/speedup/mean"] == 1.5
     assert m["threadweaver/threads_per_block/mean"] == 3.0
     assert m["threadweaver/format_ok/mean"] == 0.5

@@ -15,15 +15,15 @@ import pytest
 from verl.workers.rollout.replica import TokenOutput
 
 from threadweaver_verl.format import SEQUENTIAL, Tag, TokenFormat
-from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
-from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, EngineError
-from threadweaver_verl.rollout.verl_agent_loop import (
+from threadweaver_verl.integrations.verl.agent_loop import (
     REQUEST_KEY,
     STATS_KEY,
     VerlServerEngine,
     build_outputs,
     controller_config,
 )
+from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
+from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, EngineError
 
 
 def logprob_of(token: int, position: int) -> float:
@@ -36,24 +36,44 @@ class ScriptedServerManager:
     the main line opens a block with two outlines, thread n writes ``thread_text[n]``, and after the
     join the main line answers and ends with EOS."""
 
-    def __init__(self, fmt: TokenFormat, prompt: list[int], thread_text: dict[int, str], blocks: bool = True,
-                 fail: bool = False, abort: bool = False):
+    def __init__(
+        self,
+        fmt: TokenFormat,
+        prompt: list[int],
+        thread_text: dict[int, str],
+        blocks: bool = True,
+        fail: bool = False,
+        abort: bool = False,
+    ):
         self.fmt, self.prompt, self.thread_text = fmt, prompt, thread_text
         self.blocks, self.fail, self.abort = blocks, fail, abort
         self.calls: list[dict] = []
         t = fmt.tag_id
         e = fmt.encode
-        self.opening = ([t(Tag.THINK_OPEN)] + e("\nsplit it") + [t(Tag.PARALLEL_OPEN)] + e("\n")
-                        + [t(Tag.OUTLINES_OPEN)] + e("\n") + [t(Tag.OUTLINE_OPEN)] + e("1: a") + [t(Tag.OUTLINE_CLOSE)]
-                        + e("\n") + [t(Tag.OUTLINE_OPEN)] + e("2: b") + [t(Tag.OUTLINE_CLOSE)] + e("\n")
-                        + [t(Tag.OUTLINES_CLOSE)])
+        self.opening = (
+            [t(Tag.THINK_OPEN)]
+            + e("\nsplit it")
+            + [t(Tag.PARALLEL_OPEN)]
+            + e("\n")
+            + [t(Tag.OUTLINES_OPEN)]
+            + e("\n")
+            + [t(Tag.OUTLINE_OPEN)]
+            + e("1: a")
+            + [t(Tag.OUTLINE_CLOSE)]
+            + e("\n")
+            + [t(Tag.OUTLINE_OPEN)]
+            + e("2: b")
+            + [t(Tag.OUTLINE_CLOSE)]
+            + e("\n")
+            + [t(Tag.OUTLINES_CLOSE)]
+        )
         self.answer = e("\nso ") + e("\\boxed{3}") + [t(Tag.THINK_CLOSE)] + e(" \\boxed{3}") + list(fmt.eos_ids[:1])
         self.sequential = [t(Tag.THINK_OPEN)] + e("\nno fork \\boxed{3}") + [t(Tag.THINK_CLOSE)] + list(fmt.eos_ids[:1])
 
     def script(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
         for n, text in self.thread_text.items():
             header = self.fmt.thread_header(n)
-            if prompt_ids[-len(header):] == header:
+            if prompt_ids[-len(header) :] == header:
                 ids = self.fmt.encode(text)
                 return ids if text.endswith("...") else ids + [self.fmt.tag_id(Tag.THREAD_CLOSE)]
         if prompt_ids == self.prompt:
@@ -61,9 +81,15 @@ class ScriptedServerManager:
         return self.answer
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs) -> TokenOutput:
-        self.calls.append({"request_id": request_id, "prompt_ids": list(prompt_ids),
-                           "sampling_params": sampling_params, "sampling_copy": copy.deepcopy(sampling_params),
-                           "kwargs": kwargs})
+        self.calls.append(
+            {
+                "request_id": request_id,
+                "prompt_ids": list(prompt_ids),
+                "sampling_params": sampling_params,
+                "sampling_copy": copy.deepcopy(sampling_params),
+                "kwargs": kwargs,
+            }
+        )
         if self.fail:
             raise RuntimeError("replica died")
         if self.abort:
@@ -73,21 +99,35 @@ class ScriptedServerManager:
         cut = next((i for i, x in enumerate(ids) if x in stops), None)
         ids = ids if cut is None else ids[: cut + 1]
         sampling_params.pop("max_tokens")  # verl's vLLM server pops keys of the dict it is given
-        return TokenOutput(token_ids=ids, log_probs=[logprob_of(x, i) for i, x in enumerate(ids)],
-                           stop_reason="completed", num_preempted=0,
-                           extra_fields={"global_steps": 3, "min_global_steps": 3, "max_global_steps": 3,
-                                         "num_cached_tokens": len(prompt_ids) - 1})
+        return TokenOutput(
+            token_ids=ids,
+            log_probs=[logprob_of(x, i) for i, x in enumerate(ids)],
+            stop_reason="completed",
+            num_preempted=0,
+            extra_fields={
+                "global_steps": 3,
+                "min_global_steps": 3,
+                "max_global_steps": 3,
+                "num_cached_tokens": len(prompt_ids) - 1,
+            },
+        )
 
 
 def run_trajectory(fmt, manager, prompt, config=None, sampling=None):
-    sampling = sampling if sampling is not None else {"temperature": 1.0, "top_p": 1.0, "top_k": -1,
-                                                      "repetition_penalty": 1.0, "logprobs": True}
+    sampling = (
+        sampling
+        if sampling is not None
+        else {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
+    )
     engine = VerlServerEngine(manager)
     controller = ForkJoinController(fmt, config or ControllerConfig(max_response_tokens=256))
     result = asyncio.run(controller.run(engine, prompt, routing_key="traj-1", sampling=sampling))
-    outputs = build_outputs(result, fmt, extra_fields={"min_global_steps": engine.min_global_steps,
-                                                       "max_global_steps": engine.max_global_steps},
-                            response_length=256)
+    outputs = build_outputs(
+        result,
+        fmt,
+        extra_fields={"min_global_steps": engine.min_global_steps, "max_global_steps": engine.max_global_steps},
+        response_length=256,
+    )
     return result, outputs, sampling
 
 
@@ -158,14 +198,15 @@ def test_outputs_thread_rows_then_final_trajectory_each_token_trained_once(fmt):
 def test_forced_closing_ids_carry_no_loss_and_no_logprob(fmt):
     prompt = fmt.encode("What is 1+2?")
     manager = ScriptedServerManager(fmt, prompt, {1: "one", 2: "7 7 7 7 7 7 7 7 7 7 7 7 ..."})
-    result, outputs, _ = run_trajectory(fmt, manager, prompt, ControllerConfig(max_response_tokens=256,
-                                                                               max_thread_tokens=10))
+    result, outputs, _ = run_trajectory(
+        fmt, manager, prompt, ControllerConfig(max_response_tokens=256, max_thread_tokens=10)
+    )
     assert "truncated" in result.terminations
     truncated = next(r for r in result.requests if r.path and r.forced)
     row = next(o for o in outputs[:-1] if o.extra_fields[REQUEST_KEY]["path"] == list(truncated.path))
     assert row.response_ids[-1] == fmt.tag_id(Tag.THREAD_CLOSE)
-    assert row.response_mask[-truncated.forced:] == [0] * truncated.forced
-    assert row.response_logprobs[-truncated.forced:] == [0.0] * truncated.forced
+    assert row.response_mask[-truncated.forced :] == [0] * truncated.forced
+    assert row.response_logprobs[-truncated.forced :] == [0.0] * truncated.forced
     assert sum(row.response_mask) == len(truncated.completion_ids) - truncated.forced
     assert "truncated" in outputs[-1].extra_fields[STATS_KEY]["termination"]
 
@@ -191,18 +232,20 @@ def test_finish_is_decided_from_the_returned_ids(fmt):
             return TokenOutput(token_ids=self.ids, stop_reason=self.stop_reason)
 
     eos = fmt.eos_ids[0]
-    stop = asyncio.run(VerlServerEngine(OneShot([5, eos])).complete(prompt, max_tokens=8, stop_token_ids=[eos],
-                                                                    routing_key="k"))
+    stop = asyncio.run(
+        VerlServerEngine(OneShot([5, eos])).complete(prompt, max_tokens=8, stop_token_ids=[eos], routing_key="k")
+    )
     assert stop.finish == FINISH_STOP
-    length = asyncio.run(VerlServerEngine(OneShot([5, 6])).complete(prompt, max_tokens=2, stop_token_ids=[eos],
-                                                                    routing_key="k"))
+    length = asyncio.run(
+        VerlServerEngine(OneShot([5, 6])).complete(prompt, max_tokens=2, stop_token_ids=[eos], routing_key="k")
+    )
     assert length.finish == FINISH_LENGTH and length.logprobs is None
-    aborted = asyncio.run(VerlServerEngine(OneShot([], "aborted")).complete(prompt, max_tokens=2,
-                                                                           stop_token_ids=[eos], routing_key="k"))
+    aborted = asyncio.run(
+        VerlServerEngine(OneShot([], "aborted")).complete(prompt, max_tokens=2, stop_token_ids=[eos], routing_key="k")
+    )
     assert aborted.finish == FINISH_ABORT
     with pytest.raises(EngineError, match="at least one token"):
-        asyncio.run(VerlServerEngine(OneShot([])).complete(prompt, max_tokens=0, stop_token_ids=[eos],
-                                                           routing_key="k"))
+        asyncio.run(VerlServerEngine(OneShot([])).complete(prompt, max_tokens=0, stop_token_ids=[eos], routing_key="k"))
 
 
 def test_engine_failures_fail_the_trajectory_loudly(fmt):
@@ -222,7 +265,7 @@ def test_controller_settings_from_the_agent_loop_yaml():
 
     entry = OmegaConf.load(Path(__file__).parents[1] / "configs" / "agent_loop.yaml")[0]
     assert entry.name == "threadweaver"
-    assert entry._target_ == "threadweaver_verl.rollout.verl_agent_loop.ThreadWeaverAgentLoop"
+    assert entry._target_ == "threadweaver_verl.integrations.verl.agent_loop.ThreadWeaverAgentLoop"
     cfg = controller_config(entry.controller, response_length=300)
     assert cfg.max_response_tokens == 300 and cfg.fork is True
     with pytest.raises(ValueError, match="exceeds actor_rollout_ref.rollout.response_length"):
@@ -235,8 +278,10 @@ def test_agent_loop_is_registered_with_verl():
     import verl  # noqa: F401  (loads the plugin)
     from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 
-    from threadweaver_verl import plugin
+    from threadweaver_verl.integrations.verl import plugin
 
     plugin.require("agent_loop:threadweaver")
-    assert _agent_loop_registry["threadweaver"]["_target_"] == \
-        "threadweaver_verl.rollout.verl_agent_loop.ThreadWeaverAgentLoop"
+    assert (
+        _agent_loop_registry["threadweaver"]["_target_"]
+        == "threadweaver_verl.integrations.verl.agent_loop.ThreadWeaverAgentLoop"
+    )

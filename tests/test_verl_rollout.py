@@ -71,10 +71,11 @@ def format_following_model(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ff_vllm_server(format_following_model, tmp_path_factory):
-    from threadweaver_verl.serving import VLLMServer, VLLMServerConfig
+    from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
-    config = VLLMServerConfig(model=str(format_following_model), work_dir=str(tmp_path_factory.mktemp("ff-vllm")),
-                              max_model_len=1024)
+    config = VLLMServerConfig(
+        model=str(format_following_model), work_dir=str(tmp_path_factory.mktemp("ff-vllm")), max_model_len=1024
+    )
     with VLLMServer(config) as server:
         yield server
 
@@ -82,12 +83,11 @@ def ff_vllm_server(format_following_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
     """One V1 rollout step: returns (trainer, batch meta, replicas, LLM client); tears Ray down after."""
+    import _verl_openai_replica
     import pandas as pd
     import ray
     import yaml
     from omegaconf import OmegaConf
-
-    import _verl_openai_replica
 
     work = tmp_path_factory.mktemp("verl-v1")
     data_file = work / "train.parquet"
@@ -100,8 +100,12 @@ def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
     config.transfer_queue.enable = True  # what verl's TaskRunnerV1.run does
     OmegaConf.resolve(config)
 
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFER_QUEUE_ENABLE": "1",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFER_QUEUE_ENABLE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
     ray.cloudpickle.register_pickle_by_value(_verl_openai_replica)
     ray.init(num_cpus=16, include_dashboard=False, runtime_env={"env_vars": env})
     import transfer_queue as tq
@@ -113,11 +117,12 @@ def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
         from verl.workers.rollout.llm_server import LLMServerClient
         from verl.workers.rollout.router import get_router_handle
 
-        from threadweaver_verl.rl.trainer import trainer_class
+        from threadweaver_verl.integrations.verl.trainer import trainer_class
 
         replica_cls = ray.remote(_verl_openai_replica.OpenAIReplica)
-        replicas = {f"replica-{i}": replica_cls.options(max_concurrency=64).remote(ff_vllm_server.url, 1024)
-                    for i in range(2)}
+        replicas = {
+            f"replica-{i}": replica_cls.options(max_concurrency=64).remote(ff_vllm_server.url, 1024) for i in range(2)
+        }
         ray.get([r.set_global_steps.remote(1) for r in replicas.values()])
         client = LLMServerClient(config, load_balancer_handle=get_router_handle(replicas))
 
@@ -126,14 +131,18 @@ def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
         trainer._init_dataloader()  # data.custom_cls -> ThreadWeaverRLDataset
         trainer.reward_loop_manager = RewardLoopManager(config)
         trainer.agent_loop_manager = AgentLoopManagerTQ.create(
-            config=config, llm_client=client, teacher_client=None,
-            reward_loop_worker_handles=trainer.reward_loop_manager.reward_loop_worker_handles)
+            config=config,
+            llm_client=client,
+            teacher_client=None,
+            reward_loop_worker_handles=trainer.reward_loop_manager.reward_loop_worker_handles,
+        )
         trainer.global_steps = 1
 
         trainer._add_batch_to_generate()  # dataloader -> uids -> TransferQueue -> agent loop workers
         wait_for_groups(tq, expected=len(QUESTIONS), timeout_s=600)
-        batch, _ = trainer.replay_buffer.sample(global_steps=1, partition_id="train",
-                                                batch_size=config.data.train_batch_size)
+        batch, _ = trainer.replay_buffer.sample(
+            global_steps=1, partition_id="train", batch_size=config.data.train_batch_size
+        )
         yield trainer, batch, replicas, client
     finally:
         tq.close()
@@ -246,8 +255,9 @@ def test_p_grpo_advantages_through_v1_compute_advantage_with_padding(rollout):
     trainer._compute_old_log_prob(padded, metrics={})  # bypass mode: verl copies the rollout log-probs
     trainer._compute_advantage(padded, metrics={})  # verl's own method, inside the p_grpo row-key context
     got = fetch(padded, ["advantages", "response_mask"])
-    for key, tag, adv, mask in zip(padded.keys, padded.tags, got["advantages"].unbind(0),
-                                   got["response_mask"].unbind(0)):
+    for key, tag, adv, mask in zip(
+        padded.keys, padded.tags, got["advantages"].unbind(0), got["response_mask"].unbind(0)
+    ):
         if tag.get("is_padding"):
             assert adv.abs().max().item() == 0.0
             continue
@@ -294,18 +304,36 @@ def test_v1_compute_advantage_on_trajectories_of_1_to_9_rows(rollout):
                 rm = torch.zeros(length)
                 rm[-1] = reward
                 keys.append(f"{uid}_{s}_{i}")
-                fields.append({"uid": uid, "prompts": torch.arange(3), "responses": torch.arange(length),
-                               "response_mask": torch.ones(length, dtype=torch.int64), "rm_scores": rm,
-                               "input_ids": torch.arange(3 + length),
-                               "attention_mask": torch.ones(3 + length, dtype=torch.int64),
-                               "position_ids": torch.arange(3 + length), "rollout_log_probs": torch.zeros(length)})
-                tags.append({"status": "success", "prompt_len": 3, "response_len": length, "seq_len": 3 + length,
-                             "global_steps": 1, "min_global_steps": 1, "max_global_steps": 1})
+                fields.append(
+                    {
+                        "uid": uid,
+                        "prompts": torch.arange(3),
+                        "responses": torch.arange(length),
+                        "response_mask": torch.ones(length, dtype=torch.int64),
+                        "rm_scores": rm,
+                        "input_ids": torch.arange(3 + length),
+                        "attention_mask": torch.ones(3 + length, dtype=torch.int64),
+                        "position_ids": torch.arange(3 + length),
+                        "rollout_log_probs": torch.zeros(length),
+                    }
+                )
+                tags.append(
+                    {
+                        "status": "success",
+                        "prompt_len": 3,
+                        "response_len": length,
+                        "seq_len": 3 + length,
+                        "global_steps": 1,
+                        "min_global_steps": 1,
+                        "max_global_steps": 1,
+                    }
+                )
     rng.shuffle(order := list(range(len(keys))))
     keys, fields, tags = [keys[i] for i in order], [fields[i] for i in order], [tags[i] for i in order]
     tq.kv_batch_put(keys=keys, partition_id="synthetic", fields=list_of_dict_to_tensordict(fields), tags=tags)
-    batch = upsample_batch_to_divisible_size(KVBatchMeta(keys=keys, tags=tags, partition_id="synthetic"), 8,
-                                             eos_token_id=0)
+    batch = upsample_batch_to_divisible_size(
+        KVBatchMeta(keys=keys, tags=tags, partition_id="synthetic"), 8, eos_token_id=0
+    )
     assert len(batch.keys) % 8 == 0 and len(batch.keys) > len(keys)
     trainer._compute_old_log_prob(batch, metrics={})
     trainer._compute_advantage(batch, metrics={})

@@ -10,8 +10,9 @@ Unknown keys are an error that names the key and the config class.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -60,7 +61,9 @@ def load_config(cls: type[T], argv: Sequence[str] = (), base: dict[str, Any] | N
         if dotlist:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
     except (ConfigKeyError, ValidationError) as e:
-        raise ConfigError(f"bad setting for {cls.__name__}: {e}. Known keys: {[f.name for f in dataclasses.fields(cls)]}") from e
+        raise ConfigError(
+            f"bad setting for {cls.__name__}: {e}. Known keys: {[f.name for f in dataclasses.fields(cls)]}"
+        ) from e
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 

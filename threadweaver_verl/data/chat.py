@@ -3,10 +3,11 @@ encoding happen, for training data, RL prompts and inference alike."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from ..format import TokenFormat
+from threadweaver_verl.format import TokenFormat
 
 # Appended to a user question unless a dataset brings its own instruction.
 DEFAULT_INSTRUCTION = (

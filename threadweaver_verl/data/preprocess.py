@@ -21,7 +21,7 @@ drops them instead and the summary counts them.
 
     python -m threadweaver_verl preprocess input=aime24.jsonl output=data/aime24.parquet data_source=aime24
 
-The RL dataset (:mod:`threadweaver_verl.rl.dataset`) converts raw rows with the same
+The RL dataset (:mod:`threadweaver_verl.integrations.verl.rl_dataset`) converts raw rows with the same
 :func:`to_rl_row`, so a raw problem/answer parquet can also be given to verl directly.
 """
 
@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .chat import DEFAULT_INSTRUCTION, PromptStyle
-from .schema import DEFAULT_AGENT_NAME, SchemaError, _plain, rl_row, write_rl
+from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle
+from threadweaver_verl.data.schema import DEFAULT_AGENT_NAME, SchemaError, _plain, rl_row, write_rl
 
 QUESTION_KEYS = ("problem", "question", "Problem", "Question", "query")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "ground_truth", "expected_answer")
@@ -90,13 +91,17 @@ def load_records(cfg: PreprocessConfig) -> list[dict[str, Any]]:
         try:
             import datasets
         except ImportError as e:
-            raise SchemaError("hub=... needs the `datasets` library: pip install datasets "
-                              "(or download the data and pass input=<file>)") from e
+            raise SchemaError(
+                "hub=... needs the `datasets` library: pip install datasets "
+                "(or download the data and pass input=<file>)"
+            ) from e
         try:
             ds = datasets.load_dataset(cfg.hub, cfg.subset, split=cfg.hub_split)
         except Exception as e:  # noqa: BLE001 - re-raised with the fix
-            raise SchemaError(f"could not load hub dataset {cfg.hub!r} (subset={cfg.subset!r}, split={cfg.hub_split!r}): "
-                              f"{type(e).__name__}: {e}. Offline? Download it and pass input=<file>.") from e
+            raise SchemaError(
+                f"could not load hub dataset {cfg.hub!r} (subset={cfg.subset!r}, split={cfg.hub_split!r}): "
+                f"{type(e).__name__}: {e}. Offline? Download it and pass input=<file>."
+            ) from e
         records = [dict(r) for r in ds]
     else:
         records = read_records(cfg.input)
@@ -141,8 +146,10 @@ def _pick(record: Mapping[str, Any], key: str, candidates: Sequence[str], what: 
     for k in candidates:
         if k in record:
             return k
-    raise SchemaError(f"no {what} field found (looked for {list(candidates)}); the record has {sorted(record)}. "
-                      f"Set {what}_key=<field>")
+    raise SchemaError(
+        f"no {what} field found (looked for {list(candidates)}); the record has {sorted(record)}. "
+        f"Set {what}_key=<field>"
+    )
 
 
 def gsm8k_answer(text: str) -> str:
@@ -167,7 +174,7 @@ def ground_truth_of(record: Mapping[str, Any], conv: RowConversion) -> str:
     if fmt == "gsm8k":
         text = gsm8k_answer(text)
     elif fmt == "boxed":
-        from ..rl.correctness import last_boxed
+        from threadweaver_verl.rl.correctness import last_boxed
 
         boxed = last_boxed(text)
         if boxed is None:
@@ -192,13 +199,26 @@ def to_rl_row(record: Mapping[str, Any], index: int, conv: RowConversion) -> dic
         if k in record and record[k] is not None:
             extra["source_id"] = str(record[k])
             break
-    return rl_row(data_source=str(data_source), question=question.strip(), ground_truth=ground_truth_of(record, conv),
-                  index=index, split=conv.split, style=conv.style(), ability=conv.ability,
-                  agent_name=conv.agent_name, extra=extra)
+    return rl_row(
+        data_source=str(data_source),
+        question=question.strip(),
+        ground_truth=ground_truth_of(record, conv),
+        index=index,
+        split=conv.split,
+        style=conv.style(),
+        ability=conv.ability,
+        agent_name=conv.agent_name,
+        extra=extra,
+    )
 
 
-def convert(records: Sequence[Mapping[str, Any]], conv: RowConversion, skip_invalid: bool = False,
-            source: str = "input", progress: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+def convert(
+    records: Sequence[Mapping[str, Any]],
+    conv: RowConversion,
+    skip_invalid: bool = False,
+    source: str = "input",
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], list[str]]:
     """RL rows of ``records`` and the messages of the skipped ones (only when ``skip_invalid``)."""
     conv.check()
     rows, skipped = [], []
@@ -226,9 +246,15 @@ def run(cfg: PreprocessConfig, progress: bool = True) -> dict[str, Any]:
     if not rows:
         raise SchemaError(f"no usable records in {source} ({len(skipped)} skipped)")
     out = write_rl(rows, cfg.output)
-    return {"source": source, "records": len(records), "rows": len(rows), "skipped": len(skipped),
-            "skipped_examples": skipped[:5], "data_sources": sorted({r["data_source"] for r in rows}),
-            "output": str(out)}
+    return {
+        "source": source,
+        "records": len(records),
+        "rows": len(rows),
+        "skipped": len(skipped),
+        "skipped_examples": skipped[:5],
+        "data_sources": sorted({r["data_source"] for r in rows}),
+        "output": str(out),
+    }
 
 
 def script_main(defaults: Mapping[str, Any], argv: Sequence[str]) -> int:
@@ -246,7 +272,7 @@ def main(argv: Sequence[str] = ()) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..config import load_config
+    from threadweaver_verl.config import load_config
 
     cfg = load_config(PreprocessConfig, list(argv))
     summary = run(cfg)

@@ -23,10 +23,11 @@ the rows and raises :class:`SchemaError` naming the file, row and column.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
-from .chat import PromptStyle
+from threadweaver_verl.data.chat import PromptStyle
 
 # The name the plugin registers its fork/join agent loop under (see plugin.REGISTRATIONS).
 DEFAULT_AGENT_NAME = "threadweaver"
@@ -43,6 +44,7 @@ class SchemaError(ValueError):
 
 # --------------------------------------------------------------------------- builders
 
+
 def _extra(index: int, split: str, question: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
     info: dict[str, Any] = {"index": int(index), "split": str(split), "question": str(question)}
     for k, v in (extra or {}).items():
@@ -52,9 +54,18 @@ def _extra(index: int, split: str, question: str, extra: Mapping[str, Any] | Non
     return info
 
 
-def rl_row(*, data_source: str, question: str, ground_truth: str, index: int, split: str,
-           style: PromptStyle = PromptStyle(), ability: str = "math", agent_name: str = DEFAULT_AGENT_NAME,
-           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def rl_row(
+    *,
+    data_source: str,
+    question: str,
+    ground_truth: str,
+    index: int,
+    split: str,
+    style: PromptStyle = PromptStyle(),
+    ability: str = "math",
+    agent_name: str = DEFAULT_AGENT_NAME,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """One RL row (verl's schema) for a question with a rule-checked answer."""
     row = {
         "data_source": data_source,
@@ -68,8 +79,16 @@ def rl_row(*, data_source: str, question: str, ground_truth: str, index: int, sp
     return row
 
 
-def sft_row(*, data_source: str, question: str, response: str, index: int, split: str,
-            style: PromptStyle = PromptStyle(), extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def sft_row(
+    *,
+    data_source: str,
+    question: str,
+    response: str,
+    index: int,
+    split: str,
+    style: PromptStyle = PromptStyle(),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """One SFT row: the chat prompt of ``question`` and the trajectory text ``response`` (no EOS)."""
     row = {
         "data_source": data_source,
@@ -83,6 +102,7 @@ def sft_row(*, data_source: str, question: str, response: str, index: int, split
 
 # --------------------------------------------------------------------------- checks
 
+
 def _where(i: int | None, source: str | None) -> str:
     parts = [p for p in (source, f"row {i}" if i is not None else None) if p]
     return f" ({', '.join(parts)})" if parts else ""
@@ -92,7 +112,9 @@ def _check_messages(msgs: Any, where: str) -> None:
     if hasattr(msgs, "tolist"):  # numpy array from parquet
         msgs = msgs.tolist()
     if not isinstance(msgs, (list, tuple)) or not msgs:
-        raise SchemaError(f"column 'prompt'{where} must be a non-empty list of chat messages, got {type(msgs).__name__}")
+        raise SchemaError(
+            f"column 'prompt'{where} must be a non-empty list of chat messages, got {type(msgs).__name__}"
+        )
     for k, m in enumerate(msgs):
         if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
             raise SchemaError(f"column 'prompt'{where}: message {k} must be {{role, content}}, got {m!r}")
@@ -130,27 +152,30 @@ def check_rl_row(row: Mapping[str, Any], i: int | None = None, source: str | Non
             raise SchemaError(f"column {col!r}{where} must be a non-empty string, got {row[col]!r}")
 
 
-def check_sft_row(row: Mapping[str, Any], i: int | None = None, source: str | None = None,
-                  eos_token: str | None = None) -> None:
+def check_sft_row(
+    row: Mapping[str, Any], i: int | None = None, source: str | None = None, eos_token: str | None = None
+) -> None:
     where = _where(i, source)
     _check_common(row, SFT_COLUMNS, where)
     resp = row["response"]
     if not isinstance(resp, str) or not resp.strip():
         raise SchemaError(f"column 'response'{where} must be a non-empty trajectory text")
     if eos_token and resp.rstrip().endswith(eos_token):
-        raise SchemaError(f"column 'response'{where} ends with EOS {eos_token!r}; store it without "
-                          "(data.chat.response_ids appends EOS)")
+        raise SchemaError(
+            f"column 'response'{where} ends with EOS {eos_token!r}; store it without "
+            "(data.chat.response_ids appends EOS)"
+        )
 
 
 # --------------------------------------------------------------------------- files
+
 
 def _write(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str]) -> Path:
     import pandas as pd
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame([{c: r[c] for c in columns} | {k: v for k, v in r.items() if k not in columns}
-                          for r in rows])
+    frame = pd.DataFrame([{c: r[c] for c in columns} | {k: v for k, v in r.items() if k not in columns} for r in rows])
     if not len(frame):
         raise SchemaError(f"refusing to write an empty dataset to {out}")
     frame.to_parquet(out, index=False)

@@ -1,11 +1,12 @@
 """The trajectory format: the one implementation of tags, parsing, validation,
 statistics, rendering, token layout and request splitting in the project."""
 
-from .requests import SEQUENTIAL, THREAD, Request, split_requests
-from .stats import TrajectoryStats, compute_stats
-from .tags import ALL_TAGS, TAG_STRINGS, Tag, TagTokenError, TagVocab
-from .tokens import NonCanonicalTrajectory, TokenFormat
-from .tree import (
+from threadweaver_verl.format import validation
+from threadweaver_verl.format.requests import SEQUENTIAL, THREAD, Request, split_requests
+from threadweaver_verl.format.stats import TrajectoryStats, compute_stats
+from threadweaver_verl.format.tags import ALL_TAGS, TAG_STRINGS, Tag, TagTokenError, TagVocab
+from threadweaver_verl.format.tokens import NonCanonicalTrajectory, TokenFormat
+from threadweaver_verl.format.tree import (
     Block,
     Marker,
     Outline,
@@ -21,15 +22,41 @@ from .tree import (
     render_ids,
     render_text,
 )
-from . import validation
-from .validation import FormatError, Limits, is_valid, leading_number, outline_numbers, validate
+from threadweaver_verl.format.validation import FormatError, Limits, is_valid, leading_number, outline_numbers, validate
 
 __all__ = [
-    "ALL_TAGS", "TAG_STRINGS", "Tag", "TagTokenError", "TagVocab",
-    "Block", "Marker", "Outline", "Outlines", "Span", "Stray", "Thread", "Trajectory",
-    "iter_atoms", "node_length", "parse_ids", "parse_text", "render_ids", "render_text",
-    "validation", "FormatError", "Limits", "is_valid", "leading_number", "outline_numbers", "validate",
-    "TrajectoryStats", "compute_stats",
-    "NonCanonicalTrajectory", "TokenFormat",
-    "SEQUENTIAL", "THREAD", "Request", "split_requests",
+    "ALL_TAGS",
+    "TAG_STRINGS",
+    "Tag",
+    "TagTokenError",
+    "TagVocab",
+    "Block",
+    "Marker",
+    "Outline",
+    "Outlines",
+    "Span",
+    "Stray",
+    "Thread",
+    "Trajectory",
+    "iter_atoms",
+    "node_length",
+    "parse_ids",
+    "parse_text",
+    "render_ids",
+    "render_text",
+    "validation",
+    "FormatError",
+    "Limits",
+    "is_valid",
+    "leading_number",
+    "outline_numbers",
+    "validate",
+    "TrajectoryStats",
+    "compute_stats",
+    "NonCanonicalTrajectory",
+    "TokenFormat",
+    "SEQUENTIAL",
+    "THREAD",
+    "Request",
+    "split_requests",
 ]

@@ -11,13 +11,13 @@ controller builds its contexts with.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
-from .tags import Tag
-from .tokens import NonCanonicalTrajectory, TokenFormat
-from .tree import Block, Outlines, Span, Thread, render_ids
-from .validation import leading_number
+from threadweaver_verl.format.tags import Tag
+from threadweaver_verl.format.tokens import NonCanonicalTrajectory, TokenFormat
+from threadweaver_verl.format.tree import Block, Outlines, Span, render_ids
+from threadweaver_verl.format.validation import leading_number
 
 SEQUENTIAL = "sequential"
 THREAD = "thread"
@@ -54,13 +54,14 @@ def split_requests(prompt_ids: Sequence[int], response_ids: Sequence[int], fmt: 
         raise NonCanonicalTrajectory("cannot split an invalid trajectory: " + "; ".join(map(str, errors[:5])))
     out: list[Request] = []
     ctx = _line(list(prompt_ids), traj.body, SEQUENTIAL, (), [], fmt, out)
-    if tuple(ctx[len(prompt_ids):]) != tuple(response_ids):  # pragma: no cover - guarded by construction
+    if tuple(ctx[len(prompt_ids) :]) != tuple(response_ids):  # pragma: no cover - guarded by construction
         raise NonCanonicalTrajectory("replaying the requests does not rebuild the response")
     return out
 
 
-def _line(ctx: list[int], nodes: tuple, kind: str, path: tuple, close: list[int], fmt: TokenFormat,
-          out: list[Request]) -> list[int]:
+def _line(
+    ctx: list[int], nodes: tuple, kind: str, path: tuple, close: list[int], fmt: TokenFormat, out: list[Request]
+) -> list[int]:
     """Emit the requests of one line (main line or thread body); return the context after it."""
     cur: list[int] = []
     nblock = 0
@@ -82,21 +83,25 @@ def _line(ctx: list[int], nodes: tuple, kind: str, path: tuple, close: list[int]
             header = fmt.thread_header(num)[1:]  # the tag is the Thread node itself
             first = t.body[0].content
             if tuple(first[: len(header)]) != tuple(header):
-                raise NonCanonicalTrajectory(f"thread {t_index} of block {nblock} does not start with the header "
-                                             f"ids inference inserts ({header}); got {list(first[:len(header)])}")
-            rest = first[len(header):]
+                raise NonCanonicalTrajectory(
+                    f"thread {t_index} of block {nblock} does not start with the header "
+                    f"ids inference inserts ({header}); got {list(first[: len(header)])}"
+                )
+            rest = first[len(header) :]
             body = ((Span(rest),) if rest else ()) + t.body[1:]
             start = len(out)
             tctx = fmt.fork_context(shared, num)
             end = _line(tctx, body, THREAD, path + (nblock, t_index), [fmt.tag_id(Tag.THREAD_CLOSE)], fmt, out)
             if len(out) == start:  # pragma: no cover - a thread always yields at least its close tag
                 raise NonCanonicalTrajectory("empty thread")
-            threads.append((num, end[len(tctx):]))
+            threads.append((num, end[len(tctx) :]))
         joined = fmt.join(shared, threads)
-        expected = shared + render_ids(Block(n.parts[k + 1:], n.closed), fmt.vocab)[1:]
+        expected = shared + render_ids(Block(n.parts[k + 1 :], n.closed), fmt.vocab)[1:]
         if joined != expected:
-            raise NonCanonicalTrajectory(f"block {nblock}: the text between threads is not the layout inference "
-                                         "inserts (fork gap, thread separator, join gap)")
+            raise NonCanonicalTrajectory(
+                f"block {nblock}: the text between threads is not the layout inference "
+                "inserts (fork gap, thread separator, join gap)"
+            )
         ctx = joined
     cur += close
     if cur or kind == THREAD:

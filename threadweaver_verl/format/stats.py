@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .tree import Block, Thread, Trajectory, node_length
+from threadweaver_verl.format.tree import Block, Thread, Trajectory, node_length
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 
 class Tag(str, enum.Enum):
@@ -68,7 +69,7 @@ class TagVocab:
         return frozenset(self.ids.values())
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> "TagVocab":
+    def from_tokenizer(cls, tokenizer: Any) -> TagVocab:
         """Look every tag up in a HF tokenizer; raise naming the tag if it is not one token."""
         ids: dict[Tag, int] = {}
         for tag in ALL_TAGS:
@@ -77,7 +78,7 @@ class TagVocab:
                 raise TagTokenError(
                     f"tag {tag.value!r} is {len(encoded)} tokens {encoded} in this tokenizer, not one. "
                     "Add the tags first: `python -m threadweaver_verl prepare-model model=DIR out=DIR` "
-                    "(threadweaver_verl.tokenizer.add_tags)."
+                    "(threadweaver_verl.models.tags.add_tags)."
                 )
             ids[tag] = encoded[0]
         return cls(ids)

@@ -20,13 +20,24 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from .stats import TrajectoryStats, compute_stats
-from .tags import Tag, TagVocab
-from .tree import Block, Marker, Outlines, Span, Stray, Thread, Trajectory, parse_ids, parse_text, render_ids
-from .validation import FormatError, Limits, validate
+from threadweaver_verl.format.stats import TrajectoryStats, compute_stats
+from threadweaver_verl.format.tags import Tag, TagVocab
+from threadweaver_verl.format.tree import (
+    Block,
+    Marker,
+    Outlines,
+    Span,
+    Stray,
+    Trajectory,
+    parse_ids,
+    parse_text,
+    render_ids,
+)
+from threadweaver_verl.format.validation import FormatError, Limits, validate
 
 _HEAD = re.compile(r"^\s*(\d{1,6})\s*:")
 
@@ -48,7 +59,7 @@ class TokenFormat:
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, limits: Limits | None = None, **layout: str) -> "TokenFormat":
+    def from_tokenizer(cls, tokenizer: Any, limits: Limits | None = None, **layout: str) -> TokenFormat:
         vocab = TagVocab.from_tokenizer(tokenizer)
         eos = tokenizer.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -133,9 +144,7 @@ class TokenFormat:
     def encode_tree(self, traj: Trajectory) -> list[int]:
         errors = validate(traj, None, self.limits)
         if errors:
-            raise NonCanonicalTrajectory(
-                "cannot encode an invalid trajectory: " + "; ".join(map(str, errors[:5]))
-            )
+            raise NonCanonicalTrajectory("cannot encode an invalid trajectory: " + "; ".join(map(str, errors[:5])))
         out: list[int] = []
         self._encode_line(traj.body, out)
         return out
@@ -163,7 +172,7 @@ class TokenFormat:
             first = t.body[0].content
             m = _HEAD.match(first)
             out += self.thread_header(int(m.group(1)))
-            rest = first[m.end():]
+            rest = first[m.end() :]
             if rest:
                 out += self.encode(rest)
             self._encode_line(t.body[1:], out)
@@ -174,7 +183,7 @@ class TokenFormat:
 
 def render_ids_text(node, fmt: TokenFormat) -> list[int]:
     """Ids of a text node with each content run encoded on its own (tags as ids)."""
-    from .tree import iter_atoms
+    from threadweaver_verl.format.tree import iter_atoms
 
     out: list[int] = []
     for a in iter_atoms(node):

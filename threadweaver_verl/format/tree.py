@@ -11,10 +11,11 @@ validator's question (:mod:`threadweaver_verl.format.validate`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Union
 
-from .tags import TAG_PATTERN, Tag, TagVocab, tag_of_string
+from threadweaver_verl.format.tags import TAG_PATTERN, Tag, TagVocab, tag_of_string
 
 Content = Union[str, tuple]  # str for text trees, tuple[int, ...] for id trees
 Atom = Union[Tag, str, tuple]
@@ -99,13 +100,14 @@ Node = Union[Span, Stray, Marker, Outline, Outlines, Thread, Block]
 
 # --------------------------------------------------------------------------- atoms
 
+
 def text_atoms(text: str) -> list[Atom]:
     """Cut text into tags and the content runs between them."""
     atoms: list[Atom] = []
     pos = 0
     for m in TAG_PATTERN.finditer(text):
         if m.start() > pos:
-            atoms.append(text[pos:m.start()])
+            atoms.append(text[pos : m.start()])
         atoms.append(tag_of_string(m.group(0)))
         pos = m.end()
     if pos < len(text):
@@ -132,6 +134,7 @@ def id_atoms(ids: Sequence[int], vocab: TagVocab) -> list[Atom]:
 
 
 # --------------------------------------------------------------------------- parser
+
 
 class _Parser:
     def __init__(self, atoms: list[Atom]):
@@ -242,6 +245,7 @@ def parse_ids(ids: Sequence[int], vocab: TagVocab) -> Trajectory:
 
 
 # --------------------------------------------------------------------------- render
+
 
 def iter_atoms(node) -> Iterator[Atom]:
     """The atoms of a tree or node, in order (inverse of the parser)."""

@@ -8,11 +8,11 @@ trees) offset where the offending element starts.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-from .tags import Tag
-from .tree import Block, Marker, Outline, Outlines, Span, Stray, Thread, Trajectory, node_length
+from threadweaver_verl.format.tags import Tag
+from threadweaver_verl.format.tree import Block, Marker, Outline, Outlines, Span, Stray, Thread, Trajectory, node_length
 
 _NUMBER = re.compile(r"^\s*(\d{1,6})\s*:")
 
@@ -80,7 +80,9 @@ def _blank(span: Span, decode: Decode | None) -> bool:
     return content_text(span.content, decode).strip() == ""
 
 
-def validate(traj: Trajectory, decode: Decode | None = None, limits: Limits = Limits(), length=len) -> list[FormatError]:
+def validate(
+    traj: Trajectory, decode: Decode | None = None, limits: Limits = Limits(), length=len
+) -> list[FormatError]:
     """All format errors of a trajectory (empty list = valid)."""
     errors: list[FormatError] = []
     state = {"offset": 0}
@@ -162,7 +164,12 @@ def validate(traj: Trajectory, decode: Decode | None = None, limits: Limits = Li
             return
         nums = outline_numbers(b, decode)
         if len(thread_nums) > limits.max_threads_per_block:
-            err(TOO_MANY_THREADS, f"{len(thread_nums)} threads; the limit is {limits.max_threads_per_block}", path, start)
+            err(
+                TOO_MANY_THREADS,
+                f"{len(thread_nums)} threads; the limit is {limits.max_threads_per_block}",
+                path,
+                start,
+            )
         if nums and all(n is not None for n in nums) and nums != list(range(1, len(nums) + 1)):
             err(OUTLINE_NUMBERING, f"outlines are numbered {nums}, expected 1..{len(nums)}", path, start)
         if thread_nums != nums:

@@ -19,7 +19,8 @@ in ``errors.jsonl``) and the next run retries them; 2: bad settings or input.
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 USAGE = "usage: python -m threadweaver_verl generate stage=1|2 [--config FILE.yaml] [key=value ...]"
 
@@ -64,8 +65,16 @@ def print_stage2(summary: dict[str, Any]) -> None:
     table.add_column("")
     for r in rounds:
         table.add_column(f"round {r['round']}", justify="right")
-    for metric in ("prompts", "samples", "format_valid_rate", "accuracy", "valid_and_correct", "mean_speedup",
-                   "mean_speedup_kept", "kept"):
+    for metric in (
+        "prompts",
+        "samples",
+        "format_valid_rate",
+        "accuracy",
+        "valid_and_correct",
+        "mean_speedup",
+        "mean_speedup_kept",
+        "kept",
+    ):
         table.add_row(metric, *(_fmt(r.get(metric)) for r in rounds))
     console.print(table)
     detail = Table(title=f"stage 2 round {summary['round']}: details")
@@ -77,9 +86,9 @@ def print_stage2(summary: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from ..config import ConfigError, load_config
-    from ..data.schema import SchemaError
-    from .inputs import InputError
+    from threadweaver_verl.config import ConfigError, load_config
+    from threadweaver_verl.data.schema import SchemaError
+    from threadweaver_verl.generator.inputs import InputError
 
     args = list(argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -93,12 +102,12 @@ def main(argv: Sequence[str] = ()) -> int:
         return 2
     try:
         if stage == "1":
-            from .stage1 import Stage1Config, run_stage1
+            from threadweaver_verl.generator.stage1 import Stage1Config, run_stage1
 
             summary = run_stage1(load_config(Stage1Config, rest))
             print_stage1(summary)
             return 0 if summary["errors_to_retry"] == 0 else 1
-        from .stage2 import Stage2Config, run_stage2
+        from threadweaver_verl.generator.stage2 import Stage2Config, run_stage2
 
         summary = run_stage2(load_config(Stage2Config, rest))
         print_stage2(summary)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..format.tags import TAG_PATTERN, Tag
+from threadweaver_verl.format.tags import TAG_PATTERN, Tag
 
 
 class InputError(ValueError):
@@ -75,8 +75,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _field(row: dict[str, Any], name: str, path: Path, i: int) -> str:
     if name not in row:
-        raise InputError(f"{path} row {i} has no column {name!r} (columns: {sorted(row)}); "
-                         f"set the matching *_field setting")
+        raise InputError(
+            f"{path} row {i} has no column {name!r} (columns: {sorted(row)}); set the matching *_field setting"
+        )
     value = row[name]
     if value is None or (isinstance(value, float) and value != value):
         raise InputError(f"{path} row {i}: column {name!r} is empty")
@@ -84,12 +85,17 @@ def _field(row: dict[str, Any], name: str, path: Path, i: int) -> str:
 
 
 def sample_id(question: str, trace: str) -> str:
-    return hashlib.sha256(f"{question}\x00{trace}".encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(f"{question}\x00{trace}".encode()).hexdigest()[:16]
 
 
-def load_samples(path: str, question_field: str = "question", trace_field: str = "trace",
-                 answer_field: str = "answer", id_field: str | None = None,
-                 limit: int | None = None) -> tuple[list[SourceSample], int]:
+def load_samples(
+    path: str,
+    question_field: str = "question",
+    trace_field: str = "trace",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[SourceSample], int]:
     """The samples of ``path`` and the number of exact duplicates dropped.
 
     Two rows with one explicit id but different content are an error; identical
@@ -128,7 +134,7 @@ def _cut(text: str, pattern: re.Pattern) -> tuple[list[str], list[str]]:
     seps: list[str] = []
     pos = 0
     for m in pattern.finditer(text):
-        piece = text[pos:m.start()]
+        piece = text[pos : m.start()]
         if piece.strip():
             units.append(piece)
             seps.append(m.group(0))
@@ -148,7 +154,7 @@ def split_trace(trace: str, min_units: int = 6) -> SplitTrace:
     other than a leading ``<think>`` and one ``</think>``."""
     text = trace.strip()
     if text.startswith(Tag.THINK_OPEN.value):
-        text = text[len(Tag.THINK_OPEN.value):]
+        text = text[len(Tag.THINK_OPEN.value) :]
     final: str | None = None
     if Tag.THINK_CLOSE.value in text:
         text, final = text.split(Tag.THINK_CLOSE.value, 1)
@@ -167,7 +173,7 @@ def split_trace(trace: str, min_units: int = 6) -> SplitTrace:
     clean_seps: list[str] = []
     for k, u in enumerate(units):
         lead = u[: len(u) - len(u.lstrip())]
-        trail = u[len(u.rstrip()):]
+        trail = u[len(u.rstrip()) :]
         if lead and clean_seps:
             clean_seps[-1] += lead
         clean_units.append(u.strip())

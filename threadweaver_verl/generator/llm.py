@@ -2,7 +2,7 @@
 
 Transport (concurrency limit, timeouts, retries with backoff on 429/5xx and
 timeouts, the API key from an environment variable) is
-:class:`threadweaver_verl.openai_http.OpenAIHTTP`. This module adds:
+:class:`threadweaver_verl.rollout.http.OpenAIHTTP`. This module adds:
 
 * a persistent request cache (sqlite, one committed row per answered call):
   the key is a hash of model + messages + every other request parameter, so a
@@ -21,14 +21,21 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from ..openai_http import OpenAIHTTP, OpenAIHTTPConfig
+from threadweaver_verl.rollout.http import OpenAIHTTP, OpenAIHTTPConfig
 
 
 def _default_http() -> OpenAIHTTPConfig:
-    return OpenAIHTTPConfig(base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY",
-                            max_concurrency=8, timeout_s=300.0, max_retries=6, backoff_s=2.0, max_backoff_s=60.0)
+    return OpenAIHTTPConfig(
+        base_url="https://api.openai.com/v1",
+        api_key_env="OPENAI_API_KEY",
+        max_concurrency=8,
+        timeout_s=300.0,
+        max_retries=6,
+        backoff_s=2.0,
+        max_backoff_s=60.0,
+    )
 
 
 @dataclass
@@ -39,9 +46,9 @@ class LLMConfig:
     """Model name sent to the API (required)."""
     http: OpenAIHTTPConfig = field(default_factory=_default_http)
     """Server URL, API-key environment variable, concurrency, timeout and retries (see openai_http)."""
-    temperature: Optional[float] = None
+    temperature: float | None = None
     """Sampling temperature; None: not sent (some reasoning models reject it)."""
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
     """Answer length limit; None: not sent. Sent under the name ``max_tokens_field``."""
     max_tokens_field: str = "max_tokens"
     """``max_tokens`` for most servers; ``max_completion_tokens`` for OpenAI reasoning models."""
@@ -49,12 +56,12 @@ class LLMConfig:
     """Send ``response_format: {type: json_object}`` (only for servers that support it)."""
     extra_params: dict[str, Any] = field(default_factory=dict)
     """Further request fields, sent as they are (e.g. ``reasoning_effort``). Part of the cache key."""
-    cache_path: Optional[str] = None
+    cache_path: str | None = None
     """Request cache file (sqlite); None: ``llm_cache.sqlite`` in the output folder. Share it between runs
     to never pay twice."""
-    price_prompt_per_mtok: Optional[float] = None
+    price_prompt_per_mtok: float | None = None
     """Price of one million prompt tokens; with the completion price, the summary reports the cost."""
-    price_completion_per_mtok: Optional[float] = None
+    price_completion_per_mtok: float | None = None
     """Price of one million completion tokens."""
 
 
@@ -108,10 +115,16 @@ class Usage:
         return self._cost(self.saved_prompt_tokens, self.saved_completion_tokens)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "cache_hits": self.cache_hits, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "saved_prompt_tokens": self.saved_prompt_tokens,
-                "saved_completion_tokens": self.saved_completion_tokens, "cost": self.cost,
-                "saved_cost": self.saved_cost}
+        return {
+            "calls": self.calls,
+            "cache_hits": self.cache_hits,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "saved_prompt_tokens": self.saved_prompt_tokens,
+            "saved_completion_tokens": self.saved_completion_tokens,
+            "cost": self.cost,
+            "saved_cost": self.saved_cost,
+        }
 
 
 class RequestCache:
@@ -123,8 +136,10 @@ class RequestCache:
         self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=60.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, request TEXT NOT NULL, "
-                         "answer TEXT NOT NULL, created REAL NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, request TEXT NOT NULL, "
+            "answer TEXT NOT NULL, created REAL NOT NULL)"
+        )
 
     @staticmethod
     def key(payload: dict[str, Any]) -> str:
@@ -135,9 +150,10 @@ class RequestCache:
         return None if row is None else json.loads(row[0])
 
     def put(self, key: str, payload: dict[str, Any], answer: dict[str, Any]) -> None:
-        self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)",
-                         (key, json.dumps(payload, ensure_ascii=False), json.dumps(answer, ensure_ascii=False),
-                          time.time()))
+        self._db.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)",
+            (key, json.dumps(payload, ensure_ascii=False), json.dumps(answer, ensure_ascii=False), time.time()),
+        )
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
@@ -155,8 +171,13 @@ def _reply_of(answer: dict[str, Any], cached: bool) -> ChatReply:
     if content is not None and not isinstance(content, str):
         raise LLMError(f"the API answer's message content is {type(content).__name__}, not a string")
     usage = answer.get("usage") or {}
-    return ChatReply(content or "", choices[0].get("finish_reason"), int(usage.get("prompt_tokens") or 0),
-                     int(usage.get("completion_tokens") or 0), cached)
+    return ChatReply(
+        content or "",
+        choices[0].get("finish_reason"),
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        cached,
+    )
 
 
 class ChatLLM:
@@ -168,8 +189,10 @@ class ChatLLM:
         self.config = config
         self.http = http or OpenAIHTTP(config.http)
         self.cache = RequestCache(cache_path)
-        self.usage = Usage(price_prompt_per_mtok=config.price_prompt_per_mtok,
-                           price_completion_per_mtok=config.price_completion_per_mtok)
+        self.usage = Usage(
+            price_prompt_per_mtok=config.price_prompt_per_mtok,
+            price_completion_per_mtok=config.price_completion_per_mtok,
+        )
         self._inflight: dict[str, asyncio.Future] = {}
 
     def payload(self, messages: list[dict[str, str]]) -> dict[str, Any]:

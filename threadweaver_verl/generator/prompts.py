@@ -6,7 +6,7 @@ Every step asks for a single JSON object and says exactly which keys it wants;
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # Step names, in order (rejections and the scripted test server key on them).
 STRUCTURE = "structure"  # 1: steps of the solution and their dependencies
@@ -15,9 +15,7 @@ EDITS = "edits"  # 3: minimal edits so that no thread depends on a sibling
 OUTLINES = "outlines"  # 4: one outline per thread
 STEPS = (STRUCTURE, BLOCKS, EDITS, OUTLINES)
 
-_JSON_ONLY = (
-    "Answer with one JSON object and nothing else: no explanation before or after it, no Markdown."
-)
+_JSON_ONLY = "Answer with one JSON object and nothing else: no explanation before or after it, no Markdown."
 
 STRUCTURE_SYSTEM = f"""You study worked solutions of math problems to find out how their reasoning is organised.
 
@@ -96,8 +94,9 @@ def structure_messages(question: str, units: Sequence[str]) -> list[dict[str, st
     return [{"role": "system", "content": STRUCTURE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def blocks_messages(question: str, steps: Sequence[dict], step_texts: Sequence[str],
-                    max_threads: int) -> list[dict[str, str]]:
+def blocks_messages(
+    question: str, steps: Sequence[dict], step_texts: Sequence[str], max_threads: int
+) -> list[dict[str, str]]:
     lines = []
     for s, text in zip(steps, step_texts):
         relies = ", ".join(str(r) for r in s["relies_on"]) or "nothing earlier"
@@ -127,17 +126,22 @@ def outlines_messages(question: str, blocks: Sequence[Sequence[str]]) -> list[di
 
 def repair_messages(messages: Sequence[dict[str, str]], reply: str, problem: str) -> list[dict[str, str]]:
     """The conversation so far plus the faulty reply and a request to fix it."""
-    return [*messages, {"role": "assistant", "content": reply},
-            {"role": "user", "content": f"Your answer cannot be used: {problem}\n"
-                                        "Send the corrected JSON object only."}]
+    return [
+        *messages,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": f"Your answer cannot be used: {problem}\nSend the corrected JSON object only."},
+    ]
 
 
 def step_of(messages: Sequence[dict[str, str]]) -> str | None:
     """Which step a conversation belongs to (by its system prompt); None for others."""
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
-    for name, head in ((STRUCTURE, STRUCTURE_SYSTEM[:60]), (BLOCKS, BLOCKS_SYSTEM[:60]),
-                       (EDITS, EDITS_SYSTEM[:60]), (OUTLINES, OUTLINES_SYSTEM[:60])):
+    for name, head in (
+        (STRUCTURE, STRUCTURE_SYSTEM[:60]),
+        (BLOCKS, BLOCKS_SYSTEM[:60]),
+        (EDITS, EDITS_SYSTEM[:60]),
+        (OUTLINES, OUTLINES_SYSTEM[:60]),
+    ):
         if system.startswith(head):
             return name
     return None
-

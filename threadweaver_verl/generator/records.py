@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class RecordStoreError(RuntimeError):
@@ -58,7 +59,7 @@ class RecordStore:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    if data[nl + 1:].strip():
+                    if data[nl + 1 :].strip():
                         raise RecordStoreError(
                             f"{self.path}: line at byte {pos} is not JSON ({e}) and is followed by more records; "
                             "the file was edited by hand or by another program. Fix or remove that line."
@@ -121,7 +122,7 @@ class RecordStore:
         if not self._fh.closed:
             self._fh.close()
 
-    def __enter__(self) -> "RecordStore":
+    def __enter__(self) -> RecordStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from ..format import (
+from threadweaver_verl.format import (
     Block,
     Limits,
     Marker,
@@ -33,8 +34,8 @@ from ..format import (
     render_text,
     validate,
 )
-from ..format.tags import TAG_PATTERN
-from .inputs import SplitTrace
+from threadweaver_verl.format.tags import TAG_PATTERN
+from threadweaver_verl.generator.inputs import SplitTrace
 
 
 class PlanError(ValueError):
@@ -108,6 +109,7 @@ def _text(v: Any, where: str) -> str:
 
 # --------------------------------------------------------------------------- step 1
 
+
 @dataclass(frozen=True)
 class Step:
     number: int  # 1-based
@@ -131,8 +133,10 @@ def check_structure(obj: dict[str, Any], num_units: int) -> list[Step]:
             raise PlanError(f"steps must be numbered 1, 2, 3, ...; entry {k} is numbered {s['step']}")
         a, b = _pair(s["units"], f"{where} 'units'")
         if a != next_unit:
-            raise PlanError(f"{where} starts at unit {a}, but the next uncovered unit is {next_unit}; "
-                            "steps must cover the units in order without gaps or overlaps")
+            raise PlanError(
+                f"{where} starts at unit {a}, but the next uncovered unit is {next_unit}; "
+                "steps must cover the units in order without gaps or overlaps"
+            )
         if b > num_units:
             raise PlanError(f"{where} ends at unit {b}, but there are only {num_units} units")
         relies = tuple(_int(r, f"{where} 'relies_on'") for r in _list(s["relies_on"], f"{where} 'relies_on'"))
@@ -150,6 +154,7 @@ def check_structure(obj: dict[str, Any], num_units: int) -> list[Step]:
 
 
 # --------------------------------------------------------------------------- step 2
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -174,17 +179,22 @@ def check_blocks(obj: dict[str, Any], steps: Sequence[Step], max_threads: int) -
     for b, blk in enumerate(raw, start=1):
         where = f"block {b}"
         _keys(blk, {"threads"}, where)
-        threads = [_pair(t, f"{where} thread {k}") for k, t in
-                   enumerate(_list(blk["threads"], f"{where} 'threads'"), start=1)]
+        threads = [
+            _pair(t, f"{where} thread {k}") for k, t in enumerate(_list(blk["threads"], f"{where} 'threads'"), start=1)
+        ]
         if not 2 <= len(threads) <= max_threads:
             raise PlanError(f"{where} has {len(threads)} thread(s); a block needs 2 to {max_threads}")
         for k in range(1, len(threads)):
             if threads[k][0] != threads[k - 1][1] + 1:
-                raise PlanError(f"{where}: thread {k + 1} starts at step {threads[k][0]} but thread {k} ends at step "
-                                f"{threads[k - 1][1]}; threads must follow each other without gaps")
+                raise PlanError(
+                    f"{where}: thread {k + 1} starts at step {threads[k][0]} but thread {k} ends at step "
+                    f"{threads[k - 1][1]}; threads must follow each other without gaps"
+                )
         if threads[0][0] <= after:
-            raise PlanError(f"{where} starts at step {threads[0][0]}, inside or before the previous block "
-                            f"(which ends at step {after}); blocks must be in order and must not overlap")
+            raise PlanError(
+                f"{where} starts at step {threads[0][0]}, inside or before the previous block "
+                f"(which ends at step {after}); blocks must be in order and must not overlap"
+            )
         if threads[-1][1] > len(steps):
             raise PlanError(f"{where} ends at step {threads[-1][1]}, but there are only {len(steps)} steps")
         owner = {s: k for k, (a, z) in enumerate(threads) for s in range(a, z + 1)}
@@ -192,14 +202,17 @@ def check_blocks(obj: dict[str, Any], steps: Sequence[Step], max_threads: int) -
             for s in range(a, z + 1):
                 for r in steps[s - 1].relies_on:
                     if r in owner and owner[r] != k:
-                        raise PlanError(f"{where}: step {s} (thread {k + 1}) relies on step {r}, which is in thread "
-                                        f"{owner[r] + 1} of the same block; threads must not rely on each other")
+                        raise PlanError(
+                            f"{where}: step {s} (thread {k + 1}) relies on step {r}, which is in thread "
+                            f"{owner[r] + 1} of the same block; threads must not rely on each other"
+                        )
         plans.append(BlockPlan(tuple(threads)))
         after = threads[-1][1]
     return plans
 
 
 # --------------------------------------------------------------------------- steps 3 and 4
+
 
 def similarity(a: str, b: str) -> float:
     """Word-level similarity in [0, 1] (difflib ratio over whitespace-separated words)."""
@@ -231,9 +244,11 @@ def check_edits(obj: dict[str, Any], originals: Sequence[Sequence[str]], min_sim
             text = _text(text, f"block {b} thread {t}")
             sim = similarity(orig, text)
             if sim < min_similarity:
-                raise PlanError(f"block {b} thread {t} was rewritten, not minimally edited (word similarity "
-                                f"{sim:.2f} < {min_similarity}); keep the original text and change only what "
-                                "refers to sibling threads")
+                raise PlanError(
+                    f"block {b} thread {t} was rewritten, not minimally edited (word similarity "
+                    f"{sim:.2f} < {min_similarity}); keep the original text and change only what "
+                    "refers to sibling threads"
+                )
             block.append(text)
         out.append(block)
     return out
@@ -255,6 +270,7 @@ def check_outlines(obj: dict[str, Any], shape: Sequence[int], max_chars: int) ->
 
 # --------------------------------------------------------------------------- assembly
 
+
 @dataclass(frozen=True)
 class Layout:
     """The whitespace fork/join inference inserts (TokenFormat's), so the text decodes from its own ids."""
@@ -265,7 +281,7 @@ class Layout:
     header_template: str = TokenFormat.__dataclass_fields__["header_template"].default
 
     @classmethod
-    def of(cls, fmt: TokenFormat | None) -> "Layout":
+    def of(cls, fmt: TokenFormat | None) -> Layout:
         if fmt is None:
             return cls()
         return cls(fmt.fork_gap, fmt.thread_sep, fmt.join_gap, fmt.header_template)
@@ -281,8 +297,12 @@ def thread_texts(split: SplitTrace, steps: Sequence[Step], plans: Sequence[Block
 
 def text_before_blocks(split: SplitTrace, steps: Sequence[Step], plans: Sequence[BlockPlan]) -> list[str]:
     """The original reasoning before each block (what a thread's worker has read)."""
-    return [split.join(0, unit_range(steps, p.first_step, p.last_step)[0] - 1)
-            if unit_range(steps, p.first_step, p.last_step)[0] > 0 else "" for p in plans]
+    return [
+        split.join(0, unit_range(steps, p.first_step, p.last_step)[0] - 1)
+        if unit_range(steps, p.first_step, p.last_step)[0] > 0
+        else ""
+        for p in plans
+    ]
 
 
 def _block_node(outlines: Sequence[str], threads: Sequence[str], layout: Layout) -> Block:
@@ -298,9 +318,15 @@ def _block_node(outlines: Sequence[str], threads: Sequence[str], layout: Layout)
     return Block(tuple(p for p in parts if not (isinstance(p, Span) and p.content == "")))
 
 
-def assemble(split: SplitTrace, steps: Sequence[Step], plans: Sequence[BlockPlan],
-             threads: Sequence[Sequence[str]], outlines: Sequence[Sequence[str]], final: str,
-             layout: Layout = Layout()) -> Trajectory:
+def assemble(
+    split: SplitTrace,
+    steps: Sequence[Step],
+    plans: Sequence[BlockPlan],
+    threads: Sequence[Sequence[str]],
+    outlines: Sequence[Sequence[str]],
+    final: str,
+    layout: Layout = Layout(),
+) -> Trajectory:
     """The parallel trajectory: ``<think>``, sequential text and blocks in trace order, ``</think>``, ``final``."""
     body: list = [Marker(Tag.THINK_OPEN)]
     pending = "\n"
@@ -322,6 +348,7 @@ def assemble(split: SplitTrace, steps: Sequence[Step], plans: Sequence[BlockPlan
 
 
 # --------------------------------------------------------------------------- step 5
+
 
 @dataclass(frozen=True)
 class Checked:
@@ -346,7 +373,7 @@ def check_trajectory(traj: Trajectory, limits: Limits, fmt: TokenFormat | None =
         raise PlanError("the trajectory has no parallel block")
     ids = None
     if fmt is not None:
-        from ..data.chat import response_ids
+        from threadweaver_verl.data.chat import response_ids
 
         try:
             ids = response_ids(fmt, text)

@@ -27,20 +27,19 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
-from ..config import ConfigError
-from ..data.chat import DEFAULT_INSTRUCTION, PromptStyle
-from ..format import Limits, TokenFormat
-from ..rl.correctness import CorrectnessConfig, check_answer
-from ..rollout.engine import EngineError
-from . import prompts
-from .inputs import InputError, SourceSample, load_samples, split_trace
-from .llm import ChatLLM, LLMConfig, LLMError, Usage
-from .records import RecordStore
-from .rewrite import (
+from threadweaver_verl.config import ConfigError
+from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle
+from threadweaver_verl.format import Limits, TokenFormat
+from threadweaver_verl.generator import prompts
+from threadweaver_verl.generator.inputs import InputError, SourceSample, load_samples, split_trace
+from threadweaver_verl.generator.llm import ChatLLM, LLMConfig, LLMError, Usage
+from threadweaver_verl.generator.records import RecordStore
+from threadweaver_verl.generator.rewrite import (
     Layout,
     PlanError,
     assemble,
@@ -53,6 +52,8 @@ from .rewrite import (
     text_before_blocks,
     thread_texts,
 )
+from threadweaver_verl.rl.correctness import CorrectnessConfig, check_answer
+from threadweaver_verl.rollout.engine import EngineError
 
 INPUT = "input"
 VALIDATE = "validate"
@@ -71,14 +72,14 @@ class Stage1Config:
     """The reasoning; text after a ``</think>`` is kept verbatim as the final answer section."""
     answer_field: str = "answer"
     """The ground truth, checked with math-verify against the trace and the rewrite."""
-    id_field: Optional[str] = None
+    id_field: str | None = None
     """Column holding a unique sample id; None: a hash of question and trace."""
-    limit: Optional[int] = None
+    limit: int | None = None
     """Use only the first N samples of the input."""
     out_dir: str = "runs/generate_stage1"
     """records.jsonl (one record per sample, resumable), errors.jsonl, sft.parquet, rl.parquet, summary.json."""
     llm: LLMConfig = field(default_factory=LLMConfig)
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """HF tokenizer folder with the format tags: stats in tokens and a check that each accepted text
     encodes to training ids (data.chat.response_ids). None: stats in characters, no encoding check."""
     max_threads: int = 4
@@ -104,7 +105,7 @@ class Stage1Config:
     instruction: str = "default"
     """Instruction appended to each question of the written prompts: "none", "default"
     (data.chat.DEFAULT_INSTRUCTION) or the instruction text itself."""
-    system: Optional[str] = None
+    system: str | None = None
     """System message of the written prompts (None: none)."""
     progress: bool = True
 
@@ -121,13 +122,12 @@ class _Run:
     cfg: Stage1Config
     llm: ChatLLM
     store: RecordStore
-    fmt: Optional[TokenFormat]
+    fmt: TokenFormat | None
     limits: Limits
     errors: int = 0
 
 
-async def _ask(run: _Run, step: str, messages: list[dict[str, str]], check: Callable[[dict], Any],
-               usage: Usage) -> Any:
+async def _ask(run: _Run, step: str, messages: list[dict[str, str]], check: Callable[[dict], Any], usage: Usage) -> Any:
     """One LLM step: answer -> strict JSON check; a faulty answer is sent back ``repair_attempts`` times."""
     for attempt in range(run.cfg.repair_attempts + 1):
         reply = await run.llm.chat(messages)
@@ -164,32 +164,59 @@ async def _rewrite(run: _Run, s: SourceSample, usage: Usage, rec: dict[str, Any]
     final = split.final if split.final is not None else cfg.final_template.format(answer=s.answer)
     if cfg.check_input_answer:
         # Judge the trace as a whole response: with </think> by the configured rule, else its last box.
-        rule_cfg = cfg.correctness if split.final is not None else dataclasses.replace(
-            cfg.correctness, answer_rule="last_boxed_anywhere")
+        rule_cfg = (
+            cfg.correctness
+            if split.final is not None
+            else dataclasses.replace(cfg.correctness, answer_rule="last_boxed_anywhere")
+        )
         chk = await _check_answer(s.trace, s.answer, rule_cfg)
         if not chk.correct:
             detail = f": {chk.detail}" if chk.detail else ""
-            raise StepRejected(INPUT, f"the trace's own answer is not the ground truth {s.answer!r} "
-                                      f"(found {chk.extracted!r}, {chk.status}{detail})")
+            raise StepRejected(
+                INPUT,
+                f"the trace's own answer is not the ground truth {s.answer!r} "
+                f"(found {chk.extracted!r}, {chk.status}{detail})",
+            )
 
-    steps = await _ask(run, prompts.STRUCTURE, prompts.structure_messages(s.question, split.units),
-                       lambda obj: check_structure(obj, n), usage)
+    steps = await _ask(
+        run,
+        prompts.STRUCTURE,
+        prompts.structure_messages(s.question, split.units),
+        lambda obj: check_structure(obj, n),
+        usage,
+    )
     rec["steps"] = len(steps)
     step_texts = [split.join(st.first_unit, st.last_unit) for st in steps]
-    plans = await _ask(run, prompts.BLOCKS,
-                       prompts.blocks_messages(s.question, [{"step": st.number, "purpose": st.purpose,
-                                                             "relies_on": st.relies_on} for st in steps],
-                                               step_texts, cfg.max_threads),
-                       lambda obj: check_blocks(obj, steps, cfg.max_threads), usage)
+    plans = await _ask(
+        run,
+        prompts.BLOCKS,
+        prompts.blocks_messages(
+            s.question,
+            [{"step": st.number, "purpose": st.purpose, "relies_on": st.relies_on} for st in steps],
+            step_texts,
+            cfg.max_threads,
+        ),
+        lambda obj: check_blocks(obj, steps, cfg.max_threads),
+        usage,
+    )
     if not plans:
         raise StepRejected(prompts.BLOCKS, "the LLM found no independent spans (no block)")
     rec["blocks"] = [[list(t) for t in p.threads] for p in plans]
     originals = thread_texts(split, steps, plans)
-    edited = await _ask(run, prompts.EDITS,
-                        prompts.edits_messages(s.question, text_before_blocks(split, steps, plans), originals),
-                        lambda obj: check_edits(obj, originals, cfg.min_edit_similarity), usage)
-    outlines = await _ask(run, prompts.OUTLINES, prompts.outlines_messages(s.question, edited),
-                          lambda obj: check_outlines(obj, [len(b) for b in edited], cfg.max_outline_chars), usage)
+    edited = await _ask(
+        run,
+        prompts.EDITS,
+        prompts.edits_messages(s.question, text_before_blocks(split, steps, plans), originals),
+        lambda obj: check_edits(obj, originals, cfg.min_edit_similarity),
+        usage,
+    )
+    outlines = await _ask(
+        run,
+        prompts.OUTLINES,
+        prompts.outlines_messages(s.question, edited),
+        lambda obj: check_outlines(obj, [len(b) for b in edited], cfg.max_outline_chars),
+        usage,
+    )
 
     traj = assemble(split, steps, plans, edited, outlines, final, Layout.of(run.fmt))
     try:
@@ -215,14 +242,17 @@ async def _process(run: _Run, s: SourceSample) -> dict[str, Any] | None:
         run.errors += 1
         run.store.log_error(s.id, "llm", f"{type(e).__name__}: {e}")
         return None
-    rec["llm"] = {"calls": usage.calls, "cache_hits": usage.cache_hits,
-                  "prompt_tokens": usage.prompt_tokens + usage.saved_prompt_tokens,
-                  "completion_tokens": usage.completion_tokens + usage.saved_completion_tokens}
+    rec["llm"] = {
+        "calls": usage.calls,
+        "cache_hits": usage.cache_hits,
+        "prompt_tokens": usage.prompt_tokens + usage.saved_prompt_tokens,
+        "completion_tokens": usage.completion_tokens + usage.saved_completion_tokens,
+    }
     run.store.append(rec)
     return rec
 
 
-def _load_format(path: str | None, max_threads: int) -> tuple[Optional[TokenFormat], Limits]:
+def _load_format(path: str | None, max_threads: int) -> tuple[TokenFormat | None, Limits]:
     limits = Limits(max_threads_per_block=max_threads, max_depth=1)
     if not path:
         return None, limits
@@ -236,8 +266,9 @@ async def run_stage1_async(cfg: Stage1Config) -> dict[str, Any]:
         raise ConfigError("stage 1 needs input=FILE (.parquet or .jsonl with question/trace/answer columns)")
     if not cfg.llm.model:
         raise ConfigError("stage 1 needs the rewriting model: llm.model=NAME (and llm.http.base_url=URL)")
-    samples, duplicates = load_samples(cfg.input, cfg.question_field, cfg.trace_field, cfg.answer_field,
-                                       cfg.id_field, cfg.limit)
+    samples, duplicates = load_samples(
+        cfg.input, cfg.question_field, cfg.trace_field, cfg.answer_field, cfg.id_field, cfg.limit
+    )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fmt, limits = _load_format(cfg.tokenizer, cfg.max_threads)
@@ -269,8 +300,9 @@ async def run_stage1_async(cfg: Stage1Config) -> dict[str, Any]:
         if bar is not None:
             bar.close()
         await llm.aclose()
-    summary = _summarise(cfg, samples, store, len(todo), run.errors, duplicates, llm.usage,
-                         time.monotonic() - started, store.torn_bytes)
+    summary = _summarise(
+        cfg, samples, store, len(todo), run.errors, duplicates, llm.usage, time.monotonic() - started, store.torn_bytes
+    )
     _write_outputs(cfg, samples, store, summary)
     store.close()
     return summary
@@ -292,8 +324,17 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _summarise(cfg: Stage1Config, samples: Sequence[SourceSample], store: RecordStore, attempted: int,
-               errors: int, duplicates: int, usage: Usage, seconds: float, torn_bytes: int) -> dict[str, Any]:
+def _summarise(
+    cfg: Stage1Config,
+    samples: Sequence[SourceSample],
+    store: RecordStore,
+    attempted: int,
+    errors: int,
+    duplicates: int,
+    usage: Usage,
+    seconds: float,
+    torn_bytes: int,
+) -> dict[str, Any]:
     ids = {s.id for s in samples}
     recs = [r for r in store if r["id"] in ids]
     accepted = [r for r in recs if r["status"] == ACCEPTED]
@@ -320,25 +361,48 @@ def _summarise(cfg: Stage1Config, samples: Sequence[SourceSample], store: Record
     }
 
 
-def _write_outputs(cfg: Stage1Config, samples: Sequence[SourceSample], store: RecordStore,
-                   summary: dict[str, Any]) -> None:
+def _write_outputs(
+    cfg: Stage1Config, samples: Sequence[SourceSample], store: RecordStore, summary: dict[str, Any]
+) -> None:
     """sft.parquet (accepted rewrites) and rl.parquet (every input problem), both in the project's schemas."""
-    from ..data.schema import rl_row, sft_row, write_rl, write_sft
+    from threadweaver_verl.data.schema import rl_row, sft_row, write_rl, write_sft
 
     out = Path(cfg.out_dir)
     instruction = {"none": None, "default": DEFAULT_INSTRUCTION}.get(cfg.instruction, cfg.instruction)
     style = PromptStyle(instruction=instruction, system=cfg.system)
     sft, rl = [], []
     for s in samples:
-        rl.append(rl_row(data_source=cfg.data_source, question=s.question, ground_truth=s.answer, index=s.index,
-                         split=cfg.split, style=style, extra={"sample_id": s.id}))
+        rl.append(
+            rl_row(
+                data_source=cfg.data_source,
+                question=s.question,
+                ground_truth=s.answer,
+                index=s.index,
+                split=cfg.split,
+                style=style,
+                extra={"sample_id": s.id},
+            )
+        )
         rec = store.get(s.id)
         if rec is not None and rec["status"] == ACCEPTED:
-            sft.append(sft_row(data_source=cfg.data_source, question=s.question, response=rec["response"],
-                               index=s.index, split=cfg.split, style=style,
-                               extra={"sample_id": s.id, "ground_truth": s.answer, "stage": 1, "round": 0,
-                                      "num_blocks": int(rec["stats"]["num_blocks"]),
-                                      "speedup": float(rec["stats"]["speedup"])}))
+            sft.append(
+                sft_row(
+                    data_source=cfg.data_source,
+                    question=s.question,
+                    response=rec["response"],
+                    index=s.index,
+                    split=cfg.split,
+                    style=style,
+                    extra={
+                        "sample_id": s.id,
+                        "ground_truth": s.answer,
+                        "stage": 1,
+                        "round": 0,
+                        "num_blocks": int(rec["stats"]["num_blocks"]),
+                        "speedup": float(rec["stats"]["speedup"]),
+                    },
+                )
+            )
     if sft:
         summary["outputs"]["sft"] = str(write_sft(sft, out / "sft.parquet"))
     if rl:

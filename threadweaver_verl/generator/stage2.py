@@ -1,7 +1,7 @@
 """Stage 2: self-training. The SFT model samples its own fork/join trajectories; the good ones
 become the next round's SFT data.
 
-Sampling is the ``eval`` command's (:mod:`threadweaver_verl.evaluate`): the same
+Sampling is the ``eval`` command's (:mod:`threadweaver_verl.eval.evaluate`): the same
 settings (:class:`Stage2Config` extends :class:`EvalConfig`), the same vLLM
 launcher or server URL, the same controller, engine and answer check. On top of
 it, per problem:
@@ -37,14 +37,15 @@ import json
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ..config import ConfigError
-from ..evaluate import EvalConfig, _evaluate, problem_key
-from ..serving import VLLMServer, VLLMServerConfig
-from .records import RecordStore
+from threadweaver_verl.config import ConfigError
+from threadweaver_verl.eval.evaluate import EvalConfig, _evaluate, problem_key
+from threadweaver_verl.generator.records import RecordStore
+from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
 SELECTIONS = ("shortest_critical_path", "all_correct", "random_one")
 
@@ -81,9 +82,10 @@ class Stage2Config(EvalConfig):
 
 # --------------------------------------------------------------------------- judging
 
+
 def _judge(rec: dict[str, Any], fmt, record_response: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A sample's summary, and (when it is a candidate for keeping) its text and ids."""
-    from ..data.chat import response_ids
+    from threadweaver_verl.data.chat import response_ids
 
     ids = list(rec.get("response_ids") or [])
     ended_on_eos = bool(ids) and ids[-1] in fmt.eos_ids
@@ -140,8 +142,9 @@ def select(candidates: Sequence[dict[str, Any]], policy: str, seed: int, key: st
     raise ConfigError(f"selection={policy!r}; choose one of {SELECTIONS}")
 
 
-def problem_record(row: dict[str, Any], key: str, samples: Sequence[dict[str, Any]], fmt,
-                   cfg: Stage2Config) -> dict[str, Any]:
+def problem_record(
+    row: dict[str, Any], key: str, samples: Sequence[dict[str, Any]], fmt, cfg: Stage2Config
+) -> dict[str, Any]:
     judged = [_judge(r, fmt, cfg.record_responses) for r in sorted(samples, key=lambda r: r["sample"])]
     candidates = [c for s, c in judged if c is not None and (s["num_blocks"] or 0) >= cfg.min_blocks]
     return {
@@ -156,12 +159,15 @@ def problem_record(row: dict[str, Any], key: str, samples: Sequence[dict[str, An
 
 # --------------------------------------------------------------------------- the round
 
+
 def _check(cfg: Stage2Config) -> None:
     if not cfg.data:
         raise ConfigError("stage 2 needs data=PROMPTS.parquet (RL schema, e.g. stage 1's rl.parquet)")
     if bool(cfg.model) == bool(cfg.server_url):
-        raise ConfigError("stage 2 needs exactly one of model=FOLDER (a vLLM server is launched for the SFT model) "
-                          "or server_url=URL (a running OpenAI-compatible server; then also tokenizer=FOLDER)")
+        raise ConfigError(
+            "stage 2 needs exactly one of model=FOLDER (a vLLM server is launched for the SFT model) "
+            "or server_url=URL (a running OpenAI-compatible server; then also tokenizer=FOLDER)"
+        )
     if cfg.server_url and not cfg.tokenizer:
         raise ConfigError("with server_url, also pass tokenizer=FOLDER (the served model's tokenizer)")
     if cfg.selection not in SELECTIONS:
@@ -169,8 +175,10 @@ def _check(cfg: Stage2Config) -> None:
     if cfg.baseline:
         raise ConfigError("baseline is an eval setting; stage 2 reports T/L of its own trajectories. Remove it.")
     if cfg.fail_on_error:
-        raise ConfigError("fail_on_error is an eval setting; stage 2 logs failed problems and retries them on the "
-                          "next run. Remove it.")
+        raise ConfigError(
+            "fail_on_error is an eval setting; stage 2 logs failed problems and retries them on the "
+            "next run. Remove it."
+        )
     if cfg.n_samples < 1 or cfg.concurrency < 1 or cfg.chunk_size < 1:
         raise ConfigError("n_samples, concurrency and chunk_size must be >= 1")
     for path in cfg.include_sft:
@@ -181,8 +189,8 @@ def _check(cfg: Stage2Config) -> None:
 def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from ..data.schema import read_rl
-    from ..format import TokenFormat
+    from threadweaver_verl.data.schema import read_rl
+    from threadweaver_verl.format import TokenFormat
 
     _check(cfg)
     rows = read_rl(cfg.data)
@@ -208,13 +216,14 @@ def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
     try:
         with contextlib.ExitStack() as stack:
             if todo and cfg.model:
-                server = stack.enter_context(VLLMServer(VLLMServerConfig(
-                    **{**dataclasses.asdict(cfg.vllm), "model": cfg.model})))
+                server = stack.enter_context(
+                    VLLMServer(VLLMServerConfig(**{**dataclasses.asdict(cfg.vllm), "model": cfg.model}))
+                )
                 base_url = server.url
             else:
                 base_url = cfg.server_url or ""
             for start in range(0, len(todo), cfg.chunk_size):
-                chunk = todo[start:start + cfg.chunk_size]
+                chunk = todo[start : start + cfg.chunk_size]
                 samples, _ = asyncio.run(_evaluate(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url))
                 by_problem: dict[str, list[dict]] = {}
                 for rec in samples:
@@ -224,8 +233,11 @@ def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
                     errors = [r["error"] for r in recs if r.get("error")]
                     if errors or len(recs) != cfg.n_samples:
                         failed_problems += 1
-                        store.log_error(key, "sampling", errors[0] if errors else
-                                        f"{len(recs)} of {cfg.n_samples} trajectories came back")
+                        store.log_error(
+                            key,
+                            "sampling",
+                            errors[0] if errors else f"{len(recs)} of {cfg.n_samples} trajectories came back",
+                        )
                     else:
                         store.append(problem_record(row, key, recs, fmt, cfg))
                     if bar is not None:
@@ -244,8 +256,15 @@ def _mean(xs: Sequence[float | None]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def summarize_round(cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str], store: RecordStore,
-                    attempted: int, failed: int, seconds: float) -> dict[str, Any]:
+def summarize_round(
+    cfg: Stage2Config,
+    rows: Sequence[dict],
+    keys: Sequence[str],
+    store: RecordStore,
+    attempted: int,
+    failed: int,
+    seconds: float,
+) -> dict[str, Any]:
     recs = [store.get(k) for k in keys if k in store]
     samples = [s for r in recs for s in r["samples"]]
     valid = [s for s in samples if s["format_valid"]]
@@ -277,26 +296,38 @@ def summarize_round(cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str]
 
 
 def _sft_rows(cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str], store: RecordStore) -> list[dict]:
-    from ..data.schema import check_sft_row, sft_row
+    from threadweaver_verl.data.schema import check_sft_row, sft_row
 
     out = []
     for row, key in zip(rows, keys):
         rec = store.get(key)
-        for k in (rec["kept"] if rec else []):
-            r = sft_row(data_source=cfg.data_source, question=row["extra_info"]["question"], response=k["response"],
-                        index=row["extra_info"]["index"], split=cfg.split,
-                        extra={"sample_id": key, "ground_truth": row["reward_model"]["ground_truth"], "stage": 2,
-                               "round": cfg.round, "num_blocks": int(k["stats"]["num_blocks"]),
-                               "speedup": float(k["stats"]["speedup"]), "response_ids": list(k["response_ids"])})
+        for k in rec["kept"] if rec else []:
+            r = sft_row(
+                data_source=cfg.data_source,
+                question=row["extra_info"]["question"],
+                response=k["response"],
+                index=row["extra_info"]["index"],
+                split=cfg.split,
+                extra={
+                    "sample_id": key,
+                    "ground_truth": row["reward_model"]["ground_truth"],
+                    "stage": 2,
+                    "round": cfg.round,
+                    "num_blocks": int(k["stats"]["num_blocks"]),
+                    "speedup": float(k["stats"]["speedup"]),
+                    "response_ids": list(k["response_ids"]),
+                },
+            )
             r["prompt"] = row["prompt"]  # exactly the messages the trajectory was sampled from
             check_sft_row(r)
             out.append(r)
     return out
 
 
-def _write_outputs(cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str], store: RecordStore,
-                   summary: dict[str, Any]) -> None:
-    from ..data.schema import read_sft, write_rl, write_sft
+def _write_outputs(
+    cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str], store: RecordStore, summary: dict[str, Any]
+) -> None:
+    from threadweaver_verl.data.schema import read_sft, write_rl, write_sft
 
     out = Path(cfg.out_dir) / f"round_{cfg.round}"
     sft = _sft_rows(cfg, rows, keys, store)
@@ -320,6 +351,20 @@ def _write_outputs(cfg: Stage2Config, rows: Sequence[dict], keys: Sequence[str],
         rounds.append(json.loads(p.read_text()))
     rounds.sort(key=lambda s: s["round"])
     (Path(cfg.out_dir) / "rounds.json").write_text(json.dumps(rounds, indent=2))
-    summary["rounds"] = [{k: s.get(k) for k in ("round", "prompts", "samples", "format_valid_rate", "accuracy",
-                                                "valid_and_correct", "mean_speedup", "mean_speedup_kept", "kept")}
-                         for s in rounds]
+    summary["rounds"] = [
+        {
+            k: s.get(k)
+            for k in (
+                "round",
+                "prompts",
+                "samples",
+                "format_valid_rate",
+                "accuracy",
+                "valid_and_correct",
+                "mean_speedup",
+                "mean_speedup_kept",
+                "kept",
+            )
+        }
+        for s in rounds
+    ]

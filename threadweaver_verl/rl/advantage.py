@@ -23,7 +23,7 @@ Semantics (``method.md`` §4):
 
 How it reaches the rows' trajectories: a registered verl estimator receives only
 ``token_level_rewards``, ``response_mask``, ``config`` and ``index`` (the uid),
-not the session. The ThreadWeaver trainer (:mod:`threadweaver_verl.rl.trainer`,
+not the session. The ThreadWeaver trainer (:mod:`threadweaver_verl.integrations.verl.trainer`,
 ``trainer.v1.trainer_mode=threadweaver``) runs verl's own ``_compute_advantage``
 unchanged inside :func:`row_keys`, which hands this estimator the batch's row
 keys in row order; the estimator checks them against ``index`` and fails loudly
@@ -42,18 +42,11 @@ on a command line; see ``configs/``).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
-
-from threadweaver_verl.config import ConfigError, load_config
-
-ESTIMATOR_NAME = "p_grpo"
 
 
 @dataclass
@@ -74,44 +67,12 @@ class PGRPOError(RuntimeError):
     """P-GRPO cannot compute advantages for this batch (names the cause and the fix)."""
 
 
-_ROW_KEYS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("p_grpo_row_keys", default=None)
-
-
-@contextlib.contextmanager
-def row_keys(keys: Sequence[str]) -> Iterator[None]:
-    """Make the batch's row keys (``{uid}_{session}_{index}``, in row order) visible to the estimator."""
-    token = _ROW_KEYS.set(tuple(str(k) for k in keys))
-    try:
-        yield
-    finally:
-        _ROW_KEYS.reset(token)
-
-
 def parse_row_key(key: str) -> tuple[str, str, int]:
     """``{uid}_{session}_{index}`` -> (uid, session, index); a clear error otherwise."""
     parts = str(key).rsplit("_", 2)
     if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
         raise PGRPOError(f"row key {key!r} is not verl V1's '{{uid}}_{{session}}_{{index}}'")
     return parts[0], parts[1], int(parts[2])
-
-
-def read_config(config: Any) -> PGRPOConfig:
-    """The :class:`PGRPOConfig` under ``config.p_grpo`` (``config`` is verl's ``algorithm`` section)."""
-    section = None
-    if config is not None:
-        getter = getattr(config, "get", None)
-        section = getter("p_grpo", None) if getter else getattr(config, "p_grpo", None)
-    if section is None:
-        return PGRPOConfig()
-    if isinstance(section, PGRPOConfig):
-        return section
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        base = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-        return load_config(PGRPOConfig, base=base)
-    except ConfigError as e:
-        raise PGRPOError(f"bad algorithm.p_grpo settings: {e}") from e
 
 
 def trajectory_advantages(scores: torch.Tensor, keys: Sequence[str], cfg: PGRPOConfig | None = None) -> torch.Tensor:
@@ -136,7 +97,7 @@ def trajectory_advantages(scores: torch.Tensor, keys: Sequence[str], cfg: PGRPOC
         group[sess[0]].append(sess)
     session_adv: dict[tuple[str, str], torch.Tensor] = {}
     with torch.no_grad():
-        for uid, sessions in group.items():
+        for sessions in group.values():
             r = torch.stack([scores[final[s][1]] for s in sessions])
             if len(sessions) == 1 or (cfg.zero_equal_groups and bool((r == r[0]).all())):
                 adv = torch.zeros_like(r)
@@ -147,42 +108,3 @@ def trajectory_advantages(scores: torch.Tensor, keys: Sequence[str], cfg: PGRPOC
             for s, a in zip(sessions, adv):
                 session_adv[s] = a
         return torch.stack([session_adv[s] for s in row_session]) if row_session else scores.new_zeros(0)
-
-
-def compute_p_grpo_advantage(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray | None = None,
-    config: Any = None,
-    **_: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl estimator entry point: (advantages, returns), both ``A[row] * response_mask``."""
-    keys = _ROW_KEYS.get()
-    if keys is None:
-        raise PGRPOError(
-            "algorithm.adv_estimator=p_grpo needs each row's trajectory, which verl does not pass to an "
-            "estimator: select the ThreadWeaver trainer (trainer.v1.trainer_mode=threadweaver), or use "
-            "adv_estimator=grpo with algorithm.norm_adv_by_std_in_grpo=False on the stock trainer"
-        )
-    rows = token_level_rewards.shape[0]
-    if len(keys) != rows:
-        raise PGRPOError(f"p_grpo got {rows} rows but {len(keys)} row keys: the batch was reordered or filtered "
-                         "between the trainer and the estimator")
-    if index is not None:
-        for i, key in enumerate(keys):
-            if parse_row_key(key)[0] != str(index[i]):
-                raise PGRPOError(f"row {i}: key {key!r} does not belong to uid {index[i]!r}: rows and keys are "
-                                 "out of order")
-    cfg = read_config(config)
-    adv = trajectory_advantages(token_level_rewards.sum(dim=-1), keys, cfg).to(token_level_rewards.dtype)
-    adv = adv.unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
-    return adv, adv
-
-
-def register() -> None:
-    """Register ``p_grpo`` with verl's estimator registry (idempotent; loud when the name is taken)."""
-    from verl.trainer.ppo import core_algos
-
-    if core_algos.ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR_NAME) is compute_p_grpo_advantage:
-        return
-    core_algos.register_adv_est(ESTIMATOR_NAME)(compute_p_grpo_advantage)

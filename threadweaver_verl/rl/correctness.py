@@ -117,14 +117,14 @@ def last_boxed(text: str) -> str | None:
                 best = (open_pos, m.start())
     if best is None:
         return None
-    return text[best[0] + 1: best[1]]
+    return text[best[0] + 1 : best[1]]
 
 
 def answer_region(text: str, rule: str) -> str | None:
     """The part of the response the answer rule looks in (None: no final answer section)."""
     if rule == "boxed_after_think":
         cut = text.find(THINK_CLOSE)
-        return None if cut < 0 else text[cut + len(THINK_CLOSE):]
+        return None if cut < 0 else text[cut + len(THINK_CLOSE) :]
     if rule == "last_boxed_anywhere":
         return text
     raise ValueError(f"unknown answer rule {rule!r}; choose one of {ANSWER_RULES}")
@@ -156,7 +156,11 @@ class _Verifier:
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "threadweaver_verl.rl.verify_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=env,
+            close_fds=True,
         )
         self._buf = b""
         self._ready = False
@@ -341,19 +345,32 @@ def check_answer(response_text: str, ground_truth: str, config: CorrectnessConfi
         return _finish(AnswerCheck(False, None, BAD_GROUND_TRUTH, "empty ground truth"))
     extracted = extract_answer(response_text, cfg.answer_rule)
     if extracted is None:
-        why = ("no </think> in the response (rule boxed_after_think)"
-               if cfg.answer_rule == "boxed_after_think" and THINK_CLOSE not in response_text
-               else "no complete \\boxed{} where the answer rule looks")
+        why = (
+            "no </think> in the response (rule boxed_after_think)"
+            if cfg.answer_rule == "boxed_after_think" and THINK_CLOSE not in response_text
+            else "no complete \\boxed{} where the answer rule looks"
+        )
         return _finish(AnswerCheck(False, None, NO_ANSWER, why))
     if not extracted.strip():
         return _finish(AnswerCheck(False, extracted, UNPARSEABLE, "empty \\boxed{}"))
     if len(extracted) > cfg.max_answer_chars:
-        return _finish(AnswerCheck(False, extracted[: cfg.max_answer_chars], ANSWER_TOO_LONG,
-                                   f"boxed answer has {len(extracted)} chars > max_answer_chars={cfg.max_answer_chars}"))
+        return _finish(
+            AnswerCheck(
+                False,
+                extracted[: cfg.max_answer_chars],
+                ANSWER_TOO_LONG,
+                f"boxed answer has {len(extracted)} chars > max_answer_chars={cfg.max_answer_chars}",
+            )
+        )
     gold, gold_fallback = _gold_request(str(ground_truth))
-    request = {"gold": gold, "gold_fallback": gold_fallback, "pred": f"\\boxed{{{extracted}}}",
-               "float_rounding": cfg.float_rounding, "numeric_precision": cfg.numeric_precision,
-               "strict": cfg.strict}
+    request = {
+        "gold": gold,
+        "gold_fallback": gold_fallback,
+        "pred": f"\\boxed{{{extracted}}}",
+        "float_rounding": cfg.float_rounding,
+        "numeric_precision": cfg.numeric_precision,
+        "strict": cfg.strict,
+    }
 
     pool = _pool_for(cfg)
     verifier = pool.free.get()
@@ -376,7 +393,9 @@ def check_answer(response_text: str, ground_truth: str, config: CorrectnessConfi
         return _finish(AnswerCheck(False, extracted, ERROR, reply["error"]))
     if not reply["gold_parsed"]:
         logger.warning("math-verify cannot read the ground truth %.80r", ground_truth)
-        return _finish(AnswerCheck(False, extracted, BAD_GROUND_TRUTH, f"math-verify cannot parse ground truth {ground_truth!r}"))
+        return _finish(
+            AnswerCheck(False, extracted, BAD_GROUND_TRUTH, f"math-verify cannot parse ground truth {ground_truth!r}")
+        )
     if not reply["pred_parsed"]:
         return _finish(AnswerCheck(False, extracted, UNPARSEABLE, "math-verify could not parse the boxed answer"))
     return _finish(AnswerCheck(bool(reply["correct"]), extracted, OK))

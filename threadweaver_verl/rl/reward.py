@@ -54,10 +54,11 @@ import dataclasses
 import functools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from .correctness import ERROR, TIMEOUT, AnswerCheck, CorrectnessConfig, check_answer
+from threadweaver_verl.rl.correctness import ERROR, TIMEOUT, AnswerCheck, CorrectnessConfig, check_answer
 
 ACCELERATION_FORMS = ("one_minus_ratio", "ratio_minus_one", "none")
 STATS_KEY = "threadweaver"  # extra_info[STATS_KEY]: the agent loop's per-trajectory stats
@@ -93,12 +94,12 @@ class RewardConfig:
 
 def acceleration_bonus(total_tokens: int, critical_path: int, cfg: RewardConfig) -> float:
     """The bonus for a correct answer with T = ``total_tokens`` and L = ``critical_path``."""
-    t, l = int(total_tokens), int(critical_path)
-    if cfg.acceleration == "none" or t <= 0 or l <= 0:
+    t, cp = int(total_tokens), int(critical_path)
+    if cfg.acceleration == "none" or t <= 0 or cp <= 0:
         return 0.0
-    if l > t:
-        raise ValueError(f"critical path L={l} exceeds total tokens T={t}: the stats are inconsistent")
-    ratio = 1.0 - l / t if cfg.acceleration == "one_minus_ratio" else t / l - 1.0
+    if cp > t:
+        raise ValueError(f"critical path L={cp} exceeds total tokens T={t}: the stats are inconsistent")
+    ratio = 1.0 - cp / t if cfg.acceleration == "one_minus_ratio" else t / cp - 1.0
     return cfg.acceleration_factor * min(ratio, cfg.acceleration_clip)
 
 
@@ -141,7 +142,7 @@ def config_from_kwargs(kwargs: dict[str, Any]) -> RewardConfig:
 def _token_format(tokenizer_path: str):
     from transformers import AutoTokenizer
 
-    from ..format import TokenFormat
+    from threadweaver_verl.format import TokenFormat
 
     return TokenFormat.from_tokenizer(AutoTokenizer.from_pretrained(tokenizer_path))
 
@@ -154,9 +155,12 @@ def _stats_from_fields(tw: dict[str, Any]) -> dict[str, Any]:
             f"in its final output's extra_fields[{STATS_KEY!r}] (got keys {sorted(tw)})"
         )
     return {
-        "T": int(tw["total_tokens"]), "L": int(tw["critical_path"]),
-        "blocks": int(tw["num_blocks"]), "threads": int(tw["num_threads"]),
-        "format_ok": bool(tw["format_ok"]), "termination": str(tw.get("termination") or "unknown"),
+        "T": int(tw["total_tokens"]),
+        "L": int(tw["critical_path"]),
+        "blocks": int(tw["num_blocks"]),
+        "threads": int(tw["num_threads"]),
+        "format_ok": bool(tw["format_ok"]),
+        "termination": str(tw.get("termination") or "unknown"),
     }
 
 
@@ -172,11 +176,17 @@ def _stats_from_ids(ids: Sequence[int], cfg: RewardConfig) -> tuple[dict[str, An
     traj = fmt.parse(ids)
     stats = fmt.stats(traj)
     ended = bool(ids) and ids[-1] in fmt.eos_ids
-    return ({
-        "T": stats.total_tokens, "L": stats.critical_path,
-        "blocks": stats.num_blocks, "threads": stats.num_threads,
-        "format_ok": not fmt.validate(traj), "termination": "eos" if ended else "no_eos",
-    }, fmt.decode(ids))
+    return (
+        {
+            "T": stats.total_tokens,
+            "L": stats.critical_path,
+            "blocks": stats.num_blocks,
+            "threads": stats.num_threads,
+            "format_ok": not fmt.validate(traj),
+            "termination": "eos" if ended else "no_eos",
+        },
+        fmt.decode(ids),
+    )
 
 
 # ------------------------------------------------------------------ the reward
@@ -184,8 +194,13 @@ def _no_stats() -> dict[str, Any]:
     return {"T": None, "L": None, "blocks": None, "threads": None, "format_ok": None, "termination": "unknown"}
 
 
-def score_response(solution_str: str, ground_truth: Any, extra_info: dict | None, cfg: RewardConfig,
-                   response_ids: Sequence[int] | None = None) -> dict[str, Any]:
+def score_response(
+    solution_str: str,
+    ground_truth: Any,
+    extra_info: dict | None,
+    cfg: RewardConfig,
+    response_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """The reward and its extras for one trajectory (see the module docstring)."""
     tw = (extra_info or {}).get(STATS_KEY)
     if tw is not None and not isinstance(tw, dict):
@@ -214,8 +229,8 @@ def score_response(solution_str: str, ground_truth: Any, extra_info: dict | None
     penalty = cfg.format_penalty if stats["format_ok"] is False else 0.0
     score = (cfg.correct_score + bonus if check.correct else cfg.wrong_score) - penalty
 
-    t, l = stats["T"], stats["L"]
-    speedup = (t / l if l else 1.0) if t is not None and l is not None else None
+    t, cp = stats["T"], stats["L"]
+    speedup = (t / cp if cp else 1.0) if t is not None and cp is not None else None
     return {
         "score": float(score),
         "acc": 1.0 if check.correct else 0.0,  # verl's val-core metric key
@@ -228,7 +243,7 @@ def score_response(solution_str: str, ground_truth: Any, extra_info: dict | None
         "acceleration_bonus": float(bonus),
         "format_penalty": float(penalty),
         "T": t,
-        "L": l,
+        "L": cp,
         "speedup": speedup,
         "blocks": stats["blocks"],
         "threads": stats["threads"],
@@ -238,8 +253,9 @@ def score_response(solution_str: str, ground_truth: Any, extra_info: dict | None
     }
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None,
-                  **kwargs: Any) -> dict[str, Any]:
+def compute_score(
+    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None, **kwargs: Any
+) -> dict[str, Any]:
     """verl's custom reward function entry point: ``{"score": ..., **extras}``."""
     cfg = config_from_kwargs(kwargs)
     result = score_response(solution_str, ground_truth, extra_info, cfg, response_ids=kwargs.get("response_ids"))

@@ -37,13 +37,18 @@ def _check(req: dict) -> dict:
     if not gold and req.get("gold_fallback"):
         gold = parse(req["gold_fallback"], parsing_timeout=None)
     pred = parse(req["pred"], parsing_timeout=None)
-    correct = bool(gold and pred and verify(
-        gold, pred,
-        float_rounding=int(req.get("float_rounding", 6)),
-        numeric_precision=int(req.get("numeric_precision", 15)),
-        strict=bool(req.get("strict", True)),
-        timeout_seconds=None,
-    ))
+    correct = bool(
+        gold
+        and pred
+        and verify(
+            gold,
+            pred,
+            float_rounding=int(req.get("float_rounding", 6)),
+            numeric_precision=int(req.get("numeric_precision", 15)),
+            strict=bool(req.get("strict", True)),
+            timeout_seconds=None,
+        )
+    )
     return {"correct": correct, "gold_parsed": bool(gold), "pred_parsed": bool(pred)}
 
 

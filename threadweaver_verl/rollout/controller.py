@@ -59,10 +59,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
-from ..format import (
+from threadweaver_verl.format import (
     SEQUENTIAL,
     THREAD,
     Block,
@@ -78,8 +79,8 @@ from ..format import (
     node_length,
     outline_numbers,
 )
-from ..format.tree import id_atoms, parse_atoms
-from .engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, Engine, EngineError
+from threadweaver_verl.format.tree import id_atoms, parse_atoms
+from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, Engine, EngineError
 
 # --------------------------------------------------------------------------- reasons (stable strings)
 TRUNCATED = "truncated"  # a line ended on a length limit and was closed by the controller
@@ -147,16 +148,23 @@ class ControllerConfig:
     """Per engine call; exceeding it fails the trajectory. None: rely on the engine's own timeout."""
 
     def __post_init__(self) -> None:
-        for name in ("max_response_tokens", "max_thread_tokens", "max_threads_per_block", "max_blocks",
-                     "max_requests", "max_depth"):
+        for name in (
+            "max_response_tokens",
+            "max_thread_tokens",
+            "max_threads_per_block",
+            "max_blocks",
+            "max_requests",
+            "max_depth",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ControllerConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("join_reserve_tokens", "close_reserve_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ControllerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.outline_numbers not in OUTLINE_POLICIES:
-            raise ValueError(f"ControllerConfig.outline_numbers={self.outline_numbers!r}; "
-                             f"choose one of {OUTLINE_POLICIES}")
+            raise ValueError(
+                f"ControllerConfig.outline_numbers={self.outline_numbers!r}; choose one of {OUTLINE_POLICIES}"
+            )
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"ControllerConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
 
@@ -247,8 +255,11 @@ class RolloutResult:
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "cache_hit_rate": self.cache_hit_rate,
-            "thread_requests": [{"prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens}
-                                for c in self.calls if c.kind == THREAD],
+            "thread_requests": [
+                {"prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens}
+                for c in self.calls
+                if c.kind == THREAD
+            ],
             "wall_time_s": self.wall_time_s,
         }
 
@@ -256,8 +267,7 @@ class RolloutResult:
 class _Run:
     """Mutable state of one trajectory."""
 
-    def __init__(self, engine: Engine, prompt: list[int], routing_key: str, sampling: dict | None,
-                 max_requests: int):
+    def __init__(self, engine: Engine, prompt: list[int], routing_key: str, sampling: dict | None, max_requests: int):
         self.engine = engine
         self.prompt = prompt
         self.routing_key = routing_key
@@ -280,22 +290,31 @@ class ForkJoinController:
         self.fmt = fmt
         self.config = config = config or ControllerConfig()
         if config.max_depth > fmt.limits.max_depth:
-            raise ValueError(f"ControllerConfig.max_depth={config.max_depth} exceeds the format's "
-                             f"Limits.max_depth={fmt.limits.max_depth}: every nested block would be invalid. "
-                             "Lower max_depth or build the TokenFormat with matching Limits.")
+            raise ValueError(
+                f"ControllerConfig.max_depth={config.max_depth} exceeds the format's "
+                f"Limits.max_depth={fmt.limits.max_depth}: every nested block would be invalid. "
+                "Lower max_depth or build the TokenFormat with matching Limits."
+            )
         if config.max_threads_per_block > fmt.limits.max_threads_per_block:
-            raise ValueError(f"ControllerConfig.max_threads_per_block={config.max_threads_per_block} exceeds the "
-                             f"format's Limits.max_threads_per_block={fmt.limits.max_threads_per_block}. Lower it "
-                             "or build the TokenFormat with matching Limits.")
+            raise ValueError(
+                f"ControllerConfig.max_threads_per_block={config.max_threads_per_block} exceeds the "
+                f"format's Limits.max_threads_per_block={fmt.limits.max_threads_per_block}. Lower it "
+                "or build the TokenFormat with matching Limits."
+            )
         self._tag = {t: fmt.tag_id(t) for t in Tag}
         self._eos = frozenset(fmt.eos_ids)
         self._empty_join = fmt.join([], [])
-        self._close_of = {Outline: self._tag[Tag.OUTLINE_CLOSE], Outlines: self._tag[Tag.OUTLINES_CLOSE],
-                          Thread: self._tag[Tag.THREAD_CLOSE], Block: self._tag[Tag.PARALLEL_CLOSE]}
+        self._close_of = {
+            Outline: self._tag[Tag.OUTLINE_CLOSE],
+            Outlines: self._tag[Tag.OUTLINES_CLOSE],
+            Thread: self._tag[Tag.THREAD_CLOSE],
+            Block: self._tag[Tag.PARALLEL_CLOSE],
+        }
 
     # ------------------------------------------------------------------ public
-    async def run(self, engine: Engine, prompt_ids: Sequence[int], *, routing_key: str,
-                  sampling: dict | None = None) -> RolloutResult:
+    async def run(
+        self, engine: Engine, prompt_ids: Sequence[int], *, routing_key: str, sampling: dict | None = None
+    ) -> RolloutResult:
         """Generate one trajectory after ``prompt_ids``; every request carries ``routing_key``."""
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
@@ -305,8 +324,10 @@ class ForkJoinController:
         if sampling:
             bad = sorted(RESERVED_SAMPLING_KEYS & set(sampling))
             if bad:
-                raise ValueError(f"sampling must not set {bad}: the controller sets max_tokens and stop ids per "
-                                 "request from its budgets (ControllerConfig); remove them from the dict")
+                raise ValueError(
+                    f"sampling must not set {bad}: the controller sets max_tokens and stop ids per "
+                    "request from its budgets (ControllerConfig); remove them from the dict"
+                )
         run = _Run(engine, prompt, routing_key, dict(sampling) if sampling else None, self.config.max_requests)
         ids, requests = await self._line(run, prompt, [], (), 0, self.config.max_response_tokens, BUDGET_RESPONSE)
         traj = self.fmt.parse(ids)
@@ -315,9 +336,15 @@ class ForkJoinController:
             if e.reason not in reasons:
                 reasons.append(e.reason)
         return RolloutResult(
-            prompt_ids=prompt, response_ids=ids, requests=requests, stats=self.fmt.stats(traj),
-            format_errors=self.fmt.validate(traj), terminations=reasons,
-            wall_time_s=time.perf_counter() - run.t0, events=run.events, calls=run.calls,
+            prompt_ids=prompt,
+            response_ids=ids,
+            requests=requests,
+            stats=self.fmt.stats(traj),
+            format_errors=self.fmt.validate(traj),
+            terminations=reasons,
+            wall_time_s=time.perf_counter() - run.t0,
+            events=run.events,
+            calls=run.calls,
         )
 
     # ------------------------------------------------------------------ structure helpers
@@ -406,8 +433,14 @@ class ForkJoinController:
     def _fork_point(nodes: tuple) -> Block | None:
         """The block whose outline list just closed at the end of the line, with no thread yet."""
         last = nodes[-1] if nodes else None
-        if (isinstance(last, Block) and not last.closed and last.parts and isinstance(last.parts[-1], Outlines)
-                and last.parts[-1].closed and not last.threads):
+        if (
+            isinstance(last, Block)
+            and not last.closed
+            and last.parts
+            and isinstance(last.parts[-1], Outlines)
+            and last.parts[-1].closed
+            and not last.threads
+        ):
             return last
         return None
 
@@ -422,8 +455,9 @@ class ForkJoinController:
         return list(stops)
 
     # ------------------------------------------------------------------ a line
-    async def _line(self, run: _Run, start: list[int], start_atoms: list, path: tuple, depth: int, limit: int,
-                    limit_reason: str) -> tuple[list[int], list[Request]]:
+    async def _line(
+        self, run: _Run, start: list[int], start_atoms: list, path: tuple, depth: int, limit: int, limit_reason: str
+    ) -> tuple[list[int], list[Request]]:
         """Generate one line from ``start`` (main line: path (); a thread: its fork context). Returns the
         ids the line added (a thread's: after its header, ending in ``</Thread>``) and its Requests."""
         thread_line = bool(path)
@@ -443,13 +477,22 @@ class ForkJoinController:
         def emit(gen: list[int], lps: list[float] | None, tail: list[int], finish: str) -> None:
             completion = gen + tail
             if completion or thread_line:  # the splitter emits no empty main-line request
-                reqs.append(Request(tuple(ctx), tuple(completion), kind, path,
-                                    logprobs=tuple(lps) if lps is not None else None, finish=finish,
-                                    forced=len(tail)))
+                reqs.append(
+                    Request(
+                        tuple(ctx),
+                        tuple(completion),
+                        kind,
+                        path,
+                        logprobs=tuple(lps) if lps is not None else None,
+                        finish=finish,
+                        forced=len(tail),
+                    )
+                )
             extend(completion)
 
-        def finalize(gen: list[int], lps: list[float] | None, finish: str,
-                     tail_of: Callable[[list[int]], list[int]]) -> tuple[list[int], list[Request]]:
+        def finalize(
+            gen: list[int], lps: list[float] | None, finish: str, tail_of: Callable[[list[int]], list[int]]
+        ) -> tuple[list[int], list[Request]]:
             room = limit - (len(ctx) - len(start))
             tail = tail_of(gen)
             trimmed = False
@@ -463,7 +506,7 @@ class ForkJoinController:
             if trimmed:
                 run.note(CLOSING_TRIMMED, path, f"{len(tail)} closing ids")
             emit_closed(gen, lps, tail, finish)
-            return ctx[len(start):], reqs
+            return ctx[len(start) :], reqs
 
         def emit_closed(gen: list[int], lps: list[float] | None, tail: list[int], finish: str) -> None:
             """Emit a line's last completion. When the closing ends a block with no thread (its outline
@@ -471,19 +514,30 @@ class ForkJoinController:
             in the splitter: the completion up to ``</Outlines>``, then the rest after the join."""
             nodes, _, _ = view(gen)
             last = nodes[-1] if nodes else None
-            if not (isinstance(last, Block) and not last.closed and not last.threads and last.parts
-                    and isinstance(last.parts[-1], Outlines)):
+            if not (
+                isinstance(last, Block)
+                and not last.closed
+                and not last.threads
+                and last.parts
+                and isinstance(last.parts[-1], Outlines)
+            ):
                 emit(gen, lps, tail, finish)
                 return
             outlines = last.parts[-1]
-            a = 0 if outlines.closed else 1 + int(bool(outlines.parts) and isinstance(outlines.parts[-1], Outline)
-                                                  and not outlines.parts[-1].closed)
+            a = (
+                0
+                if outlines.closed
+                else 1
+                + int(
+                    bool(outlines.parts) and isinstance(outlines.parts[-1], Outline) and not outlines.parts[-1].closed
+                )
+            )
             join = self._empty_join
-            assert tail[a:a + len(join)] == join, "closing of an empty block must be the empty join"
+            assert tail[a : a + len(join)] == join, "closing of an empty block must be the empty join"
             if gen or a:
                 emit(gen, lps, tail[:a], finish)
             extend(join)
-            rest = tail[a + len(join):]
+            rest = tail[a + len(join) :]
             emit([], [] if rest else None, rest, FINISH_FORCED)
 
         def close_tail(gen: list[int]) -> list[int]:
@@ -493,20 +547,26 @@ class ForkJoinController:
         closing = [self._tag[Tag.THREAD_CLOSE]] if thread_line else []
         while True:
             room = limit - (len(ctx) - len(start)) - len(closing)
-            why = run.stop_reason or (BUDGET_REQUESTS if run.calls_left <= 0 else None) or (
-                limit_reason if room < 1 else None)
+            why = (
+                run.stop_reason
+                or (BUDGET_REQUESTS if run.calls_left <= 0 else None)
+                or (limit_reason if room < 1 else None)
+            )
             if why:
                 run.note(why, path)
                 emit_closed([], [] if closing else None, closing, FINISH_FORCED)
-                return ctx[len(start):], reqs
+                return ctx[len(start) :], reqs
             margin = self.config.close_reserve_tokens
             max_tokens = room - margin if room > margin else room
             stops = self._stops(thread_line, depth)
             comp = await self._call(run, ctx, max_tokens, stops, path, kind)
 
             gen = [int(i) for i in comp.token_ids]
-            lps = [float(x) for x in comp.logprobs] if comp.logprobs is not None and len(comp.logprobs) == len(gen) \
+            lps = (
+                [float(x) for x in comp.logprobs]
+                if comp.logprobs is not None and len(comp.logprobs) == len(gen)
                 else None
+            )
             if len(gen) > max_tokens:
                 run.note(ENGINE_OVERRUN, path, f"{len(gen)} ids for max_tokens={max_tokens}")
                 gen, lps = gen[:max_tokens], (lps[:max_tokens] if lps is not None else None)
@@ -514,7 +574,7 @@ class ForkJoinController:
             cut = next((i for i, t in enumerate(gen) if t in stop_set), None)
             if cut is not None and cut < len(gen) - 1:
                 run.note(TOKENS_AFTER_STOP, path, f"{len(gen) - cut - 1} ids after stop id {gen[cut]}")
-                gen, lps = gen[:cut + 1], (lps[:cut + 1] if lps is not None else None)
+                gen, lps = gen[: cut + 1], (lps[: cut + 1] if lps is not None else None)
             if not gen:
                 run.note(EMPTY_COMPLETION, path)
                 return finalize(gen, lps, comp.finish, close_tail)
@@ -538,7 +598,7 @@ class ForkJoinController:
                     return finalize(gen, lps, FINISH_STOP, close_tail)
             elif thread is not None and thread.closed:  # its </Thread> is the last id (cut at the first stop)
                 emit(gen, lps, [], FINISH_STOP)
-                return ctx[len(start):], reqs
+                return ctx[len(start) :], reqs
             last = tail[-1] if tail else gen[-1]
             if last in self._eos:
                 if thread_line:
@@ -546,10 +606,14 @@ class ForkJoinController:
                     return finalize(gen[:-1], lps[:-1] if lps is not None else None, FINISH_EOS, close_tail)
                 if not self._closing_of(nodes, thread, top):  # (EOS closes nothing: same as without it)
                     emit(gen, lps, [], FINISH_EOS)
-                    return ctx[len(start):], reqs
+                    return ctx[len(start) :], reqs
                 run.note(CLOSED_AT_EOS, path)
-                return finalize(gen[:-1], lps[:-1] if lps is not None else None, FINISH_EOS,
-                                lambda g: close_tail(g) + [last])
+                return finalize(
+                    gen[:-1],
+                    lps[:-1] if lps is not None else None,
+                    FINISH_EOS,
+                    lambda g, last=last: close_tail(g) + [last],
+                )
             if last == self._tag[Tag.OUTLINES_CLOSE] and self._can_fork(depth):
                 block = self._fork_point(nodes)
                 if block is not None:
@@ -566,7 +630,7 @@ class ForkJoinController:
                     nblock = sum(isinstance(n, Block) for n in nodes)
                     joined = await self._run_block(run, shared, shared_atoms, plan, nblock, path, depth, reqs)
                     ctx[:] = joined
-                    ctx_atoms[:] = shared_atoms + self._atoms(joined[len(shared):])
+                    ctx_atoms[:] = shared_atoms + self._atoms(joined[len(shared) :])
                     closing = plan[3]
                     continue
             if tail:  # closed what the model ended implicitly: the line goes on
@@ -614,14 +678,25 @@ class ForkJoinController:
             if repeated:
                 run.note(OUTLINE_NUMBERS_DEDUPLICATED, path, f"outlines numbered {numbers}; repeated {repeated}")
         if len(chosen) > self.config.max_threads_per_block:
-            run.note(BUDGET_THREADS_PER_BLOCK, path, f"{len(chosen)} outlines, "
-                                                     f"{self.config.max_threads_per_block} threads forked")
+            run.note(
+                BUDGET_THREADS_PER_BLOCK,
+                path,
+                f"{len(chosen)} outlines, {self.config.max_threads_per_block} threads forked",
+            )
             chosen = chosen[: self.config.max_threads_per_block]
         return chosen
 
-    def _plan_fork(self, run: _Run, shared: list[int], shared_atoms: list, start: list[int], block: Block,
-                   path: tuple, limit: int,
-                   limit_reason: str) -> tuple[list[int], int, str, list[int]] | None:
+    def _plan_fork(
+        self,
+        run: _Run,
+        shared: list[int],
+        shared_atoms: list,
+        start: list[int],
+        block: Block,
+        path: tuple,
+        limit: int,
+        limit_reason: str,
+    ) -> tuple[list[int], int, str, list[int]] | None:
         """Which threads to fork for the block whose outline list ends ``shared``, and each one's token
         budget: (numbers, share, the share's budget reason, the line's closing after the join); None
         when not even an empty join fits."""
@@ -646,8 +721,17 @@ class ForkJoinController:
             return numbers[:k], cfg.max_thread_tokens, BUDGET_THREAD, after
         return numbers[:k], share, limit_reason, after
 
-    async def _run_block(self, run: _Run, shared: list[int], shared_atoms: list, plan: tuple, nblock: int,
-                         path: tuple, depth: int, reqs: list[Request]) -> list[int]:
+    async def _run_block(
+        self,
+        run: _Run,
+        shared: list[int],
+        shared_atoms: list,
+        plan: tuple,
+        nblock: int,
+        path: tuple,
+        depth: int,
+        reqs: list[Request],
+    ) -> list[int]:
         """Fork: run the planned threads concurrently. Join: return the joined context. Appends the
         threads' Requests (outline order, each thread's own requests depth first) to ``reqs``."""
         fmt = self.fmt
@@ -656,39 +740,65 @@ class ForkJoinController:
         coros = []
         for i, n in enumerate(numbers, start=1):
             context = fmt.fork_context(shared, n)
-            coros.append(self._line(run, context, shared_atoms + self._atoms(context[len(shared):]),
-                                    path + (nblock, i), depth + 1, share, reason))
+            coros.append(
+                self._line(
+                    run,
+                    context,
+                    shared_atoms + self._atoms(context[len(shared) :]),
+                    path + (nblock, i),
+                    depth + 1,
+                    share,
+                    reason,
+                )
+            )
         results = await _gather(coros)
         for _, thread_reqs in results:
             reqs.extend(thread_reqs)
         return fmt.join(shared, [(n, ids) for n, (ids, _) in zip(numbers, results)])
 
     # ------------------------------------------------------------------ engine
-    async def _call(self, run: _Run, ctx: list[int], max_tokens: int, stops: list[int], path: tuple,
-                    kind: str) -> Completion:
+    async def _call(
+        self, run: _Run, ctx: list[int], max_tokens: int, stops: list[int], path: tuple, kind: str
+    ) -> Completion:
         run.calls_left -= 1
         index = len(run.calls)
         started = time.perf_counter() - run.t0
-        where = f"trajectory {run.routing_key!r}: engine call {index + 1} ({kind}, path {list(path)}, " \
-                f"{len(ctx)} prompt ids, max_tokens={max_tokens})"
+        where = (
+            f"trajectory {run.routing_key!r}: engine call {index + 1} ({kind}, path {list(path)}, "
+            f"{len(ctx)} prompt ids, max_tokens={max_tokens})"
+        )
         timeout = self.config.request_timeout_s
         try:
-            call = run.engine.complete(ctx, max_tokens=max_tokens, stop_token_ids=stops,
-                                       routing_key=run.routing_key, sampling=run.sampling)
+            call = run.engine.complete(
+                ctx, max_tokens=max_tokens, stop_token_ids=stops, routing_key=run.routing_key, sampling=run.sampling
+            )
             comp = await (asyncio.wait_for(call, timeout) if timeout else call)
         except asyncio.CancelledError:
             raise
         except (asyncio.TimeoutError, TimeoutError) as e:
-            raise RolloutError(f"{where} timed out after {timeout} s; the trajectory is failed "
-                               "(raise ControllerConfig.request_timeout_s if the engine is just slow)") from e
+            raise RolloutError(
+                f"{where} timed out after {timeout} s; the trajectory is failed "
+                "(raise ControllerConfig.request_timeout_s if the engine is just slow)"
+            ) from e
         except Exception as e:  # noqa: BLE001 - re-raised with the trajectory's context
             raise RolloutError(f"{where} failed: {type(e).__name__}: {e}") from e
         if not isinstance(comp, Completion):
             raise RolloutError(f"{where}: the engine returned {type(comp).__name__}, not a Completion")
         if comp.finish == FINISH_ABORT:
             raise RolloutError(f"{where}: the engine aborted the request; the trajectory is failed")
-        run.calls.append(EngineCall(path, kind, len(ctx), max_tokens, len(comp.token_ids), comp.finish,
-                                    comp.cached_tokens, started, time.perf_counter() - run.t0))
+        run.calls.append(
+            EngineCall(
+                path,
+                kind,
+                len(ctx),
+                max_tokens,
+                len(comp.token_ids),
+                comp.finish,
+                comp.cached_tokens,
+                started,
+                time.perf_counter() - run.t0,
+            )
+        )
         return comp
 
 

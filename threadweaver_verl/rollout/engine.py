@@ -7,8 +7,9 @@ agent loop's adapter over verl's server manager. Tests may add scripted ones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # Why a completion ended. The controller decides from the returned ids too:
 # verl reports "completed" for both a stop hit and the length limit.

@@ -27,11 +27,12 @@ trajectory are in flight at once. The routing key goes in ``user`` and ``routing
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from ..openai_http import OpenAIHTTP, OpenAIHTTPConfig
-from .engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, EngineError
+from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, EngineError
+from threadweaver_verl.rollout.http import OpenAIHTTP, OpenAIHTTPConfig
 
 SERVERS = ("vllm", "sglang", "generic")
 
@@ -80,12 +81,26 @@ class OpenAICompletionsEngine:
         if overrides:
             cfg = OpenAIEngineConfig(**{**cfg.__dict__, **overrides})
         self.config = cfg
-        self.http = http or OpenAIHTTP(OpenAIHTTPConfig(
-            base_url=cfg.base_url, api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
-            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s))
+        self.http = http or OpenAIHTTP(
+            OpenAIHTTPConfig(
+                base_url=cfg.base_url,
+                api_key_env=cfg.api_key_env,
+                max_concurrency=cfg.max_concurrency,
+                timeout_s=cfg.timeout_s,
+                max_retries=cfg.max_retries,
+                backoff_s=cfg.backoff_s,
+            )
+        )
 
-    def payload(self, prompt_ids: Sequence[int], *, max_tokens: int, stop_token_ids: Sequence[int],
-                routing_key: str, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    def payload(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_tokens: int,
+        stop_token_ids: Sequence[int],
+        routing_key: str,
+        sampling: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The JSON body of one request (public for tests and debugging)."""
         sampling = dict(sampling or {})
         clash = sorted(_OWNED & set(sampling))
@@ -112,10 +127,18 @@ class OpenAICompletionsEngine:
         body.update(sampling)
         return body
 
-    async def complete(self, prompt_ids: Sequence[int], *, max_tokens: int, stop_token_ids: Sequence[int],
-                       routing_key: str, sampling: dict[str, Any] | None = None) -> Completion:
-        body = self.payload(prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids,
-                            routing_key=routing_key, sampling=sampling)
+    async def complete(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_tokens: int,
+        stop_token_ids: Sequence[int],
+        routing_key: str,
+        sampling: dict[str, Any] | None = None,
+    ) -> Completion:
+        body = self.payload(
+            prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids, routing_key=routing_key, sampling=sampling
+        )
         headers = {self.config.routing_header: routing_key} if self.config.routing_header else None
         answer = await self.http.post_json("/v1/completions", body, headers=headers)
         return self.parse(answer, stop_token_ids)
@@ -131,7 +154,8 @@ class OpenAICompletionsEngine:
             raise EngineError(
                 "the server returned no choices[0].token_ids. The engine needs token ids back: vLLM >= 0.10.2 and "
                 "SGLang support `return_token_ids`; for another server, pick one that returns them "
-                f"(server setting is {self.config.server!r})")
+                f"(server setting is {self.config.server!r})"
+            )
         ids = [int(i) for i in ids]
         logprobs = None
         lp = choice.get("logprobs")
@@ -143,8 +167,12 @@ class OpenAICompletionsEngine:
         finish = _FINISH.get(finish_raw, FINISH_STOP if finish_raw else FINISH_LENGTH)
         matched = choice.get("stop_reason", choice.get("matched_stop"))
         extra: dict[str, Any] = {"finish_reason": finish_raw}
-        if (finish == FINISH_STOP and isinstance(matched, int) and matched in set(stop_token_ids)
-                and (not ids or ids[-1] != matched)):
+        if (
+            finish == FINISH_STOP
+            and isinstance(matched, int)
+            and matched in set(stop_token_ids)
+            and (not ids or ids[-1] != matched)
+        ):
             ids.append(matched)  # a server that trimmed the stop token: put it back (its log-prob is unknown)
             logprobs = None
             extra["stop_token_restored"] = True
@@ -158,7 +186,7 @@ class OpenAICompletionsEngine:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def __aenter__(self) -> "OpenAICompletionsEngine":
+    async def __aenter__(self) -> OpenAICompletionsEngine:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

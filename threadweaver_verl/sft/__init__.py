@@ -6,16 +6,27 @@
 * :mod:`.batch`   - row features, the collator, one forward pass.
 * :mod:`.data`    - SFT parquet rows -> Requests -> rows (``trie`` or ``expanded`` layout).
 * :mod:`.train`   - ``python -m threadweaver_verl sft``: the HF Trainer path (runs anywhere).
-* :mod:`.verl_dataset`, :mod:`.verl_engine` - verl's SFT trainer: dataset classes and the
-  trie engine (registered by the plugin as ``engine:trie``).
+* verl's SFT trainer uses these through :mod:`threadweaver_verl.integrations.verl.sft_dataset` and
+  :mod:`threadweaver_verl.integrations.verl.sft_engine` (the trie engine, ``engine:trie``).
 * :mod:`.synthetic` - random format-valid trajectory texts for tests and benchmarks.
 
 See ``docs/sft.md``.
 """
 
-from .loss import mean_nll, parent_logprobs, token_nll
-from .masks import block_mask, bool_mask
-from .trie import Trie, TrieError, build_trie, chain, concat, pack
+from threadweaver_verl.sft.loss import mean_nll, parent_logprobs, token_nll
+from threadweaver_verl.sft.masks import block_mask, bool_mask
+from threadweaver_verl.sft.trie import Trie, TrieError, build_trie, chain, concat, pack
 
-__all__ = ["Trie", "TrieError", "build_trie", "chain", "concat", "pack", "bool_mask", "block_mask",
-           "parent_logprobs", "token_nll", "mean_nll"]
+__all__ = [
+    "Trie",
+    "TrieError",
+    "build_trie",
+    "chain",
+    "concat",
+    "pack",
+    "bool_mask",
+    "block_mask",
+    "parent_logprobs",
+    "token_nll",
+    "mean_nll",
+]

@@ -9,15 +9,16 @@ parent, no loss and see only themselves.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from .loss import parent_logprobs
-from .masks import block_mask, bool_mask
-from .trie import Trie
+from threadweaver_verl.sft.loss import parent_logprobs
+from threadweaver_verl.sft.masks import block_mask, bool_mask
+from threadweaver_verl.sft.trie import Trie
 
 ROW_KEYS = ("input_ids", "position_ids", "loss_mask", "trie_parent", "trie_tout")
 ATTENTION_CHOICES = ("auto", "sdpa", "flex")
@@ -61,8 +62,9 @@ class TrieCollator:
         return out
 
 
-def choose_attention(attention: str, seq_len: int, flex_min_tokens: int, device: torch.device | str = "cpu",
-                     needs_grad: bool = False) -> str:
+def choose_attention(
+    attention: str, seq_len: int, flex_min_tokens: int, device: torch.device | str = "cpu", needs_grad: bool = False
+) -> str:
     """``auto`` -> ``sdpa`` (4-D bool mask) for rows shorter than ``flex_min_tokens``, else ``flex``.
 
     torch's flex attention has no CPU backward: on a CPU with gradients ``auto`` stays on
@@ -74,8 +76,10 @@ def choose_attention(attention: str, seq_len: int, flex_min_tokens: int, device:
     if attention == "auto":
         return "flex" if seq_len >= flex_min_tokens and not cpu_training else "sdpa"
     if attention == "flex" and cpu_training:
-        raise ValueError("attention=flex cannot train on a CPU (torch's flex attention has no CPU backward); "
-                         "use attention=sdpa or auto on CPU, flex on a GPU")
+        raise ValueError(
+            "attention=flex cannot train on a CPU (torch's flex attention has no CPU backward); "
+            "use attention=sdpa or auto on CPU, flex on a GPU"
+        )
     return attention
 
 
@@ -106,12 +110,12 @@ def attention_mask(batch: dict[str, torch.Tensor], attention: str, block_size: i
     raise ValueError(f"attention must be 'sdpa' or 'flex' here, got {attention!r}")
 
 
-def forward_logprobs(model: Any, batch: dict[str, torch.Tensor], attention: str = "auto",
-                     flex_min_tokens: int = 4096) -> torch.Tensor:
+def forward_logprobs(
+    model: Any, batch: dict[str, torch.Tensor], attention: str = "auto", flex_min_tokens: int = 4096
+) -> torch.Tensor:
     """One forward over a collated batch; ``[B, N]`` log-prob of each token at its trie parent."""
     device = next(model.parameters()).device
-    kind = choose_attention(attention, batch["input_ids"].shape[1], flex_min_tokens, device,
-                            torch.is_grad_enabled())
+    kind = choose_attention(attention, batch["input_ids"].shape[1], flex_min_tokens, device, torch.is_grad_enabled())
     batch = {k: v.to(device) for k, v in batch.items()}
     with attention_implementation(model, kind):
         out = model(

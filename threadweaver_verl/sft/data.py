@@ -17,14 +17,15 @@ Layouts:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from ..data.chat import prompt_ids, response_ids
-from ..data.schema import read_sft
-from ..format import NonCanonicalTrajectory, Request, TokenFormat, split_requests
-from .trie import Trie, build_trie, chain, pack
+from threadweaver_verl.data.chat import prompt_ids, response_ids
+from threadweaver_verl.data.schema import read_sft
+from threadweaver_verl.format import NonCanonicalTrajectory, Request, TokenFormat, split_requests
+from threadweaver_verl.sft.trie import Trie, build_trie, chain, pack
 
 LAYOUTS = ("trie", "expanded")
 
@@ -49,12 +50,15 @@ def example_requests(tokenizer: Any, fmt: TokenFormat, messages: Any, response: 
         r = response_ids(fmt, response)
         return split_requests(p, r, fmt)
     except NonCanonicalTrajectory as e:
-        raise SFTDataError(f"{source}: not a valid trajectory: {e}. Fix or drop this sample "
-                           "(validate with threadweaver_verl.format.validate).") from e
+        raise SFTDataError(
+            f"{source}: not a valid trajectory: {e}. Fix or drop this sample "
+            "(validate with threadweaver_verl.format.validate)."
+        ) from e
 
 
-def load_examples(files: str | Sequence[str], tokenizer: Any, fmt: TokenFormat | None = None,
-                  max_samples: int = -1) -> list[SFTExample]:
+def load_examples(
+    files: str | Sequence[str], tokenizer: Any, fmt: TokenFormat | None = None, max_samples: int = -1
+) -> list[SFTExample]:
     """Read SFT parquet files (checked by :func:`threadweaver_verl.data.schema.read_sft`) into Requests."""
     fmt = fmt or TokenFormat.from_tokenizer(tokenizer)
     paths = [files] if isinstance(files, (str, Path)) else list(files)
@@ -65,8 +69,9 @@ def load_examples(files: str | Sequence[str], tokenizer: Any, fmt: TokenFormat |
         path = str(Path(str(path)).expanduser())
         for i, row in enumerate(read_sft(path, eos_token=getattr(tokenizer, "eos_token", None))):
             source = f"{path}:{i}"
-            out.append(SFTExample(source, tuple(example_requests(tokenizer, fmt, row["prompt"], row["response"],
-                                                                 source))))
+            out.append(
+                SFTExample(source, tuple(example_requests(tokenizer, fmt, row["prompt"], row["response"], source)))
+            )
             if 0 < max_samples <= len(out):
                 return out
     return out
@@ -88,12 +93,15 @@ def build_rows(examples: Sequence[SFTExample], layout: str, max_tokens: int, pac
     if layout == "trie":
         for e, t in zip(examples, tries):
             if len(t) > max_tokens:
-                raise SFTDataError(f"{e.source}: its trie has {len(t)} tokens, more than the row budget "
-                                   f"{max_tokens}; raise the budget (max_tokens / data.max_length)")
+                raise SFTDataError(
+                    f"{e.source}: its trie has {len(t)} tokens, more than the row budget "
+                    f"{max_tokens}; raise the budget (max_tokens / data.max_length)"
+                )
     if not pack_rows:
         for t in tries:
             if len(t) > max_tokens:
-                raise SFTDataError(f"a training row needs {len(t)} tokens, more than max_tokens={max_tokens}; "
-                                   "raise the budget")
+                raise SFTDataError(
+                    f"a training row needs {len(t)} tokens, more than max_tokens={max_tokens}; raise the budget"
+                )
         return tries
     return [row for row, _ in pack(tries, max_tokens)]

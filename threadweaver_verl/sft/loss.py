@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 
-def parent_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, parent: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
+def parent_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, parent: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Log-prob of each token under the logits at its parent: ``[B, N]`` float32, 0 at roots.
 
     ``logits`` is ``[B, N, V]`` (any float dtype), ``input_ids``/``parent`` are ``[B, N]``
@@ -22,8 +23,10 @@ def parent_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, parent: torch
     float32 copy of the logits while the log-sum-exp runs when they are not float32.
     """
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or parent.shape != input_ids.shape:
-        raise ValueError(f"shapes: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
-                         f"parent {tuple(parent.shape)}; expected [B, N, V], [B, N], [B, N]")
+        raise ValueError(
+            f"shapes: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
+            f"parent {tuple(parent.shape)}; expected [B, N, V], [B, N], [B, N]"
+        )
     bsz, n, v = logits.shape
     flat = logits.reshape(bsz * n, v)
     if temperature != 1.0:
@@ -41,8 +44,9 @@ def token_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(loss_mask.bool(), -logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
 
 
-def mean_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor,
-             num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def mean_nll(
+    logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean NLL over the loss tokens (or sum / ``num_tokens`` when given, e.g. across accumulation steps)."""
     total = token_nll(logprobs, loss_mask).sum()
     denom = loss_mask.sum() if num_tokens is None else num_tokens

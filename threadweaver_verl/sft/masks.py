@@ -67,8 +67,10 @@ def block_mask(tin: torch.Tensor, tout: torch.Tensor, block_size: int = DEFAULT_
     bsz, n = tin.shape
     expected = torch.arange(n, device=tin.device).expand(bsz, n)
     if not torch.equal(tin, expected):
-        raise ValueError("block_mask needs rows in depth-first layout (tin[i] == i); build rows with "
-                         "threadweaver_verl.sft.trie and pad at the end")
+        raise ValueError(
+            "block_mask needs rows in depth-first layout (tin[i] == i); build rows with "
+            "threadweaver_verl.sft.trie and pad at the end"
+        )
     nb = (n + block_size - 1) // block_size
     pad = nb * block_size - n
     big = torch.iinfo(torch.int64).max
@@ -95,7 +97,10 @@ def block_mask(tin: torch.Tensor, tout: torch.Tensor, block_size: int = DEFAULT_
     kv_num, kv_idx = to_indices(partial)
     full_num, full_idx = to_indices(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx,
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
         BLOCK_SIZE=block_size,
         mask_mod=ancestor_mask_mod(tin, tout),
         seq_lengths=(n, n),

@@ -22,18 +22,19 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
-from .batch import ATTENTION_CHOICES, TrieCollator, forward_logprobs, row_features
-from .data import LAYOUTS, SFTExample, build_rows, load_examples
-from .loss import mean_nll
-from .trie import Trie
+from threadweaver_verl.sft.batch import ATTENTION_CHOICES, TrieCollator, forward_logprobs, row_features
+from threadweaver_verl.sft.data import LAYOUTS, SFTExample, build_rows, load_examples
+from threadweaver_verl.sft.loss import mean_nll
+from threadweaver_verl.sft.trie import Trie
 
 
 @dataclass
@@ -65,7 +66,7 @@ class SFTConfig:
     max_samples: int = -1  # use only the first N trajectories (-1: all)
     logging_steps: int = 10
     save_steps: int = 0  # HF checkpoint-N every N steps (0: only the final model)
-    save_total_limit: Optional[int] = 2
+    save_total_limit: int | None = 2
     save_only_model: bool = False  # checkpoint-N holds only the weights (no optimizer state: cannot resume)
     resume: bool = False  # continue from the last checkpoint-N in output_dir
     num_workers: int = 0  # dataloader workers
@@ -77,7 +78,7 @@ class SFTResult:
     steps: int
     seconds: float
     final_loss: float
-    val_loss: Optional[float]
+    val_loss: float | None
     rows: int
     trajectories: int
     row_tokens: int
@@ -126,8 +127,14 @@ def check_config(cfg: SFTConfig) -> None:
         raise ValueError("sft settings: " + "; ".join(problems))
 
 
-def mean_loss(model: Any, rows: Sequence[Trie], pad_token_id: int, batch_size: int, attention: str = "auto",
-              flex_min_tokens: int = 4096) -> float:
+def mean_loss(
+    model: Any,
+    rows: Sequence[Trie],
+    pad_token_id: int,
+    batch_size: int,
+    attention: str = "auto",
+    flex_min_tokens: int = 4096,
+) -> float:
     """Mean NLL over all loss tokens of ``rows`` (no gradient)."""
     collate = TrieCollator(pad_token_id)
     total, count = 0.0, 0
@@ -135,7 +142,7 @@ def mean_loss(model: Any, rows: Sequence[Trie], pad_token_id: int, batch_size: i
     model.eval()
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            batch = collate([row_features(r) for r in rows[i:i + batch_size]])
+            batch = collate([row_features(r) for r in rows[i : i + batch_size]])
             lp = forward_logprobs(model, batch, attention, flex_min_tokens)
             mask = batch["loss_mask"].to(lp.device).bool()
             total += float(-(lp[mask]).sum())
@@ -184,14 +191,19 @@ class TimeLimitAndCurve(TrainerCallback):
         logs = logs or {}
         if "loss" not in logs:
             return
-        row = {"step": state.global_step, "epoch": logs.get("epoch", state.epoch),
-               "elapsed_s": round(time.monotonic() - self.start, 3), "loss": logs.get("loss"),
-               "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")}
+        row = {
+            "step": state.global_step,
+            "epoch": logs.get("epoch", state.epoch),
+            "elapsed_s": round(time.monotonic() - self.start, 3),
+            "loss": logs.get("loss"),
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+        }
         with self.curve.open("a", newline="") as f:
             csv.writer(f).writerow([row[k] for k in self.FIELDS])
 
 
-def _last_checkpoint(out: Path) -> Optional[str]:
+def _last_checkpoint(out: Path) -> str | None:
     ckpts = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
 
@@ -201,8 +213,8 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
-    from ..config import to_yaml
-    from ..format import TokenFormat
+    from threadweaver_verl.config import to_yaml
+    from threadweaver_verl.format import TokenFormat
 
     check_config(cfg)
     console = console or Console()
@@ -216,20 +228,27 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.eos_ids[0]
     examples: list[SFTExample] = load_examples(cfg.train_files, tokenizer, fmt, cfg.max_samples)
     rows = build_rows(examples, cfg.layout, cfg.max_tokens, cfg.pack)
-    val_rows = build_rows(load_examples(cfg.val_files, tokenizer, fmt), cfg.layout, cfg.max_tokens, cfg.pack) \
-        if cfg.val_files else []
+    val_rows = (
+        build_rows(load_examples(cfg.val_files, tokenizer, fmt), cfg.layout, cfg.max_tokens, cfg.pack)
+        if cfg.val_files
+        else []
+    )
     row_tokens = sum(len(r) for r in rows)
     loss_tokens = sum(r.num_loss_tokens for r in rows)
     longest = max(len(r) for r in rows)
     batch_size = max(1, cfg.batch_tokens // longest) if cfg.batch_tokens > 0 else cfg.batch_size
-    console.print(f"[bold]sft[/bold] {len(examples)} trajectories -> {len(rows)} {cfg.layout} rows "
-                  f"({row_tokens} tokens, {loss_tokens} with loss, longest {longest}, budget {cfg.max_tokens}/row), "
-                  f"{batch_size} rows per step")
+    console.print(
+        f"[bold]sft[/bold] {len(examples)} trajectories -> {len(rows)} {cfg.layout} rows "
+        f"({row_tokens} tokens, {loss_tokens} with loss, longest {longest}, budget {cfg.max_tokens}/row), "
+        f"{batch_size} rows per step"
+    )
 
     use_cpu = not torch.cuda.is_available()
     if use_cpu and cfg.attention == "flex":
-        raise ValueError("attention=flex cannot train on a CPU (torch's flex attention has no CPU backward); "
-                         "use attention=auto or sdpa here")
+        raise ValueError(
+            "attention=flex cannot train on a CPU (torch's flex attention has no CPU backward); "
+            "use attention=auto or sdpa here"
+        )
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa")
     args = TrainingArguments(
         output_dir=str(out),
@@ -260,9 +279,14 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
     resume_from = _last_checkpoint(out) if cfg.resume else None
     limit = TimeLimitAndCurve(cfg.time_limit_minutes, curve_path, append=resume_from is not None)
     trainer = TrieTrainer(
-        model=model, args=args, train_dataset=RowDataset(rows), data_collator=TrieCollator(pad_id),
-        processing_class=tokenizer, callbacks=[limit],
-        attention=cfg.attention, flex_min_tokens=cfg.flex_min_tokens,
+        model=model,
+        args=args,
+        train_dataset=RowDataset(rows),
+        data_collator=TrieCollator(pad_id),
+        processing_class=tokenizer,
+        callbacks=[limit],
+        attention=cfg.attention,
+        flex_min_tokens=cfg.flex_min_tokens,
     )
     start = time.monotonic()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -271,16 +295,25 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
     model_dir = out / "model"
     trainer.save_model(str(model_dir))  # weights + config + tokenizer (processing_class)
     model.generation_config.save_pretrained(str(model_dir))
-    val_loss = mean_loss(model, val_rows, pad_id, cfg.batch_size, cfg.attention, cfg.flex_min_tokens) \
-        if val_rows else None
+    val_loss = (
+        mean_loss(model, val_rows, pad_id, cfg.batch_size, cfg.attention, cfg.flex_min_tokens) if val_rows else None
+    )
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     stopped_by = "time_limit" if limit.hit_time_limit else ("steps" if cfg.max_steps > 0 else "epochs")
     res = SFTResult(
-        model_dir=str(model_dir), steps=int(trainer.state.global_step), seconds=round(seconds, 2),
+        model_dir=str(model_dir),
+        steps=int(trainer.state.global_step),
+        seconds=round(seconds, 2),
         final_loss=float(history[-1]) if history else float(result.training_loss),
-        val_loss=val_loss, rows=len(rows), trajectories=len(examples), row_tokens=row_tokens,
-        loss_tokens=loss_tokens, stopped_by=stopped_by, loss_curve=str(curve_path),
-        batch_size=batch_size, longest_row=longest,
+        val_loss=val_loss,
+        rows=len(rows),
+        trajectories=len(examples),
+        row_tokens=row_tokens,
+        loss_tokens=loss_tokens,
+        stopped_by=stopped_by,
+        loss_curve=str(curve_path),
+        batch_size=batch_size,
+        longest_row=longest,
     )
     (out / "sft_summary.json").write_text(json.dumps({"config": asdict(cfg), "result": asdict(res)}, indent=2))
     _print_summary(console, res)
@@ -301,7 +334,7 @@ def _print_summary(console: Any, res: SFTResult) -> None:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from ..config import load_config
+    from threadweaver_verl.config import load_config
 
     cfg = load_config(SFTConfig, argv)
     res = train(cfg)
@@ -314,6 +347,8 @@ def main(argv: Sequence[str] = ()) -> int:
 def time_limit_message(steps: int, max_steps: int, minutes: float) -> str:
     """What a run ended by the safety stop says (the model is saved, but it is not the budgeted result)."""
     budget = f"{max_steps}" if max_steps > 0 else "the epoch budget"
-    return (f"stopped by the time limit ({minutes:g} min) at step {steps} of {budget}: the result is not the "
-            "reference result. The machine is slower or busier than the limit allows; raise "
-            "time_limit_minutes (0: no limit) and rerun.")
+    return (
+        f"stopped by the time limit ({minutes:g} min) at step {steps} of {budget}: the result is not the "
+        "reference result. The machine is slower or busier than the limit allows; raise "
+        "time_limit_minutes (0: no limit) and rerun."
+    )

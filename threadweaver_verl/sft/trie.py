@@ -41,12 +41,12 @@ ancestor rule never crosses trajectories. Each trie keeps its own positions.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..format import Request
+from threadweaver_verl.format import Request
 
 
 class TrieError(ValueError):
@@ -112,8 +112,10 @@ def build_trie(requests: Iterable[Request]) -> Trie:
         if not r.completion_ids:
             continue  # nothing to learn; its context is a prefix of another path anyway
         if ctx_len == 0:
-            raise TrieError("a Request with an empty context: its first completion token has no token to be "
-                            "predicted from. Give every trajectory a non-empty prompt (the chat template's tokens).")
+            raise TrieError(
+                "a Request with an empty context: its first completion token has no token to be "
+                "predicted from. Give every trajectory a non-empty prompt (the chat template's tokens)."
+            )
         n_req += 1
         req_tokens += len(ids)
         cur = -1
@@ -207,8 +209,10 @@ def pack(tries: Sequence[Trie], max_tokens: int) -> list[tuple[Trie, list[int]]]
     bins: list[_Bin] = []
     for i, t in enumerate(tries):
         if len(t) > max_tokens:
-            raise TrieError(f"trajectory {i} needs {len(t)} trie tokens, more than the row budget max_tokens="
-                            f"{max_tokens}; raise the budget (data.max_length / max_tokens) or drop long samples")
+            raise TrieError(
+                f"trajectory {i} needs {len(t)} trie tokens, more than the row budget max_tokens="
+                f"{max_tokens}; raise the budget (data.max_length / max_tokens) or drop long samples"
+            )
         for b in bins:
             if b.size + len(t) <= max_tokens:
                 b.members.append(i)

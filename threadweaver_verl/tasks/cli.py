@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
-from . import multiplication as mul
+from threadweaver_verl.tasks import multiplication as mul
 
 
 @dataclass
@@ -34,15 +35,15 @@ class MakeDataConfig:
     n_test: int = 200  # held-out problems (RL rows), never among the train problems
     seed: int = 0
     instruction: str = "none"  # "none", "default" (data.chat.DEFAULT_INSTRUCTION) or the instruction text
-    system: Optional[str] = None  # system message, if any
+    system: str | None = None  # system message, if any
     agent_name: str = "threadweaver"  # verl agent loop of the RL rows
-    tokenizer: Optional[str] = None  # HF folder for prompt ids and token counts; default: the tiny tokenizer
+    tokenizer: str | None = None  # HF folder for prompt ids and token counts; default: the tiny tokenizer
     list_presets: bool = False  # print every preset's token table and exit
     table_samples: int = 200  # problems per preset for list_presets
 
 
 def prompt_style(cfg: MakeDataConfig):
-    from ..data.chat import DEFAULT_INSTRUCTION, PromptStyle
+    from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle
 
     instruction = {"none": None, "default": DEFAULT_INSTRUCTION}.get(cfg.instruction, cfg.instruction)
     return PromptStyle(instruction=instruction, system=cfg.system)
@@ -53,7 +54,7 @@ def _tokenizer(path: str | None):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path)
-    from ..tiny import build_tokenizer
+    from threadweaver_verl.models.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -62,8 +63,13 @@ def _means(tokens: Sequence[mul.SampleTokens]) -> dict[str, float]:
     seq_t = statistics.mean(t.sequential_T for t in tokens)
     par_t = statistics.mean(t.parallel_T for t in tokens)
     par_l = statistics.mean(t.parallel_L for t in tokens)
-    return {"sequential_T": seq_t, "parallel_T": par_t, "parallel_L": par_l, "ideal_speedup": seq_t / par_l,
-            "parallel_T_over_L": par_t / par_l}
+    return {
+        "sequential_T": seq_t,
+        "parallel_T": par_t,
+        "parallel_L": par_l,
+        "ideal_speedup": seq_t / par_l,
+        "parallel_T_over_L": par_t / par_l,
+    }
 
 
 def preset_table(fmt, n: int = 200, seed: int = 0) -> list[dict[str, Any]]:
@@ -76,8 +82,15 @@ def preset_table(fmt, n: int = 200, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-_LABELS = {"problems": "n", "threads_per_block": "threads", "sequential_T": "seq T", "parallel_T": "par T",
-           "parallel_L": "par L", "ideal_speedup": "seq T / par L", "parallel_T_over_L": "par T / L"}
+_LABELS = {
+    "problems": "n",
+    "threads_per_block": "threads",
+    "sequential_T": "seq T",
+    "parallel_T": "par T",
+    "parallel_L": "par L",
+    "ideal_speedup": "seq T / par L",
+    "parallel_T_over_L": "par T / L",
+}
 
 
 def _print_rows(console, title: str, rows: list[dict[str, Any]]) -> None:
@@ -96,10 +109,10 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
     from rich.console import Console
     from tqdm import tqdm
 
-    from ..config import to_yaml
-    from ..data.chat import prompt_ids
-    from ..data.schema import rl_row, sft_row, write_rl, write_sft
-    from ..format import TokenFormat
+    from threadweaver_verl.config import to_yaml
+    from threadweaver_verl.data.chat import prompt_ids
+    from threadweaver_verl.data.schema import rl_row, sft_row, write_rl, write_sft
+    from threadweaver_verl.format import TokenFormat
 
     if not cfg.out:
         raise ValueError("make-data: pass the output folder as out=DIR")
@@ -123,15 +136,41 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
         for i, s in enumerate(tqdm(samples, desc=f"{split} samples", unit="problem")):
             q = s.problem.question
             extra = {"answer": s.problem.answer, "difficulty": difficulty.name}
-            row = rl_row(**common, question=q, ground_truth=s.problem.answer, index=i, split=split, style=style,
-                         agent_name=cfg.agent_name, extra=extra)
+            row = rl_row(
+                **common,
+                question=q,
+                ground_truth=s.problem.answer,
+                index=i,
+                split=split,
+                style=style,
+                agent_name=cfg.agent_name,
+                extra=extra,
+            )
             tokens[split].append(mul.check_sample(s, fmt, prompt_ids(tokenizer, row["prompt"])))
             rl[split].append(row)
             if split == "train":
-                sft_par.append(sft_row(**common, question=q, response=s.parallel, index=i, split=split, style=style,
-                                       extra={**extra, "solution": "parallel"}))
-                sft_seq.append(sft_row(**common, question=q, response=s.sequential, index=i, split=split,
-                                       style=style, extra={**extra, "solution": "sequential"}))
+                sft_par.append(
+                    sft_row(
+                        **common,
+                        question=q,
+                        response=s.parallel,
+                        index=i,
+                        split=split,
+                        style=style,
+                        extra={**extra, "solution": "parallel"},
+                    )
+                )
+                sft_seq.append(
+                    sft_row(
+                        **common,
+                        question=q,
+                        response=s.sequential,
+                        index=i,
+                        split=split,
+                        style=style,
+                        extra={**extra, "solution": "sequential"},
+                    )
+                )
 
     files = {
         "train": write_rl(rl["train"], out / "train.parquet"),
@@ -139,10 +178,21 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
         "sft_parallel": write_sft(sft_par, out / "sft_parallel.parquet"),
         "sft_sequential": write_sft(sft_seq, out / "sft_sequential.parquet"),
     }
-    rows = [{"split": split, "problems": len(tokens[split]), "threads_per_block": list(difficulty.threads_per_block),
-             **_means(tokens[split])} for split in ("train", "test")]
-    summary = {"config": asdict(cfg), "difficulty": difficulty.name, "files": {k: v.name for k, v in files.items()},
-               "stats": rows}
+    rows = [
+        {
+            "split": split,
+            "problems": len(tokens[split]),
+            "threads_per_block": list(difficulty.threads_per_block),
+            **_means(tokens[split]),
+        }
+        for split in ("train", "test")
+    ]
+    summary = {
+        "config": asdict(cfg),
+        "difficulty": difficulty.name,
+        "files": {k: v.name for k, v in files.items()},
+        "stats": rows,
+    }
     (out / "make_data.yaml").write_text(to_yaml(cfg))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))  # last: its presence marks a finished run
     _print_rows(console, f"multiplication {difficulty.name} -> {out}", rows)
@@ -153,15 +203,18 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
 def main(argv: Sequence[str] = ()) -> int:
     from rich.console import Console
 
-    from ..config import load_config
-    from ..format import TokenFormat
+    from threadweaver_verl.config import load_config
+    from threadweaver_verl.format import TokenFormat
 
     cfg = load_config(MakeDataConfig, argv)
     console = Console()
     if cfg.list_presets:
         fmt = TokenFormat.from_tokenizer(_tokenizer(cfg.tokenizer))
-        _print_rows(console, f"multiplication presets ({cfg.table_samples} problems each)",
-                    preset_table(fmt, cfg.table_samples, cfg.seed))
+        _print_rows(
+            console,
+            f"multiplication presets ({cfg.table_samples} problems each)",
+            preset_table(fmt, cfg.table_samples, cfg.seed),
+        )
         return 0
     if not cfg.out:
         print("make-data: pass the output folder as out=DIR", file=sys.stderr)

@@ -52,10 +52,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
-from ..format import Tag
+from threadweaver_verl.format import Tag
 
 DATA_SOURCE = "threadweaver/multiplication"
 
@@ -93,11 +93,13 @@ class Difficulty:
             raise DifficultyError(f"the first factor needs 1..12 digits, got {d[0]}")
         bad = [x for x in d[1:] if not 2 <= x <= 9]
         if bad:
-            raise DifficultyError(f"every factor after the first opens a block with one thread per digit, so it "
-                                  f"needs 2..9 digits; got digits={list(d)}")
+            raise DifficultyError(
+                f"every factor after the first opens a block with one thread per digit, so it "
+                f"needs 2..9 digits; got digits={list(d)}"
+            )
 
     @classmethod
-    def parse(cls, spec: str | Sequence[int]) -> "Difficulty":
+    def parse(cls, spec: str | Sequence[int]) -> Difficulty:
         """A preset name (``"4x3"``), a spec like ``"3x2x2"``, or a list of digit counts."""
         if isinstance(spec, str):
             if spec in PRESETS:
@@ -105,8 +107,9 @@ class Difficulty:
             try:
                 digits = tuple(int(x) for x in spec.lower().split("x"))
             except ValueError:
-                raise DifficultyError(f"unknown difficulty {spec!r}: use a preset ({', '.join(PRESETS)}) "
-                                      "or digits per factor like '4x3'") from None
+                raise DifficultyError(
+                    f"unknown difficulty {spec!r}: use a preset ({', '.join(PRESETS)}) or digits per factor like '4x3'"
+                ) from None
             return cls(digits)
         return cls(tuple(spec))
 
@@ -141,8 +144,10 @@ class Problem:
 
 # --------------------------------------------------------------------------- generation
 
-def generate_problems(difficulty: Difficulty, n: int, seed: int, split: str = "train",
-                      exclude: Iterable[Problem] = ()) -> list[Problem]:
+
+def generate_problems(
+    difficulty: Difficulty, n: int, seed: int, split: str = "train", exclude: Iterable[Problem] = ()
+) -> list[Problem]:
     """``n`` distinct problems, deterministic for (``seed``, ``split``); none of ``exclude`` (e.g. the test set)."""
     rng = random.Random(f"threadweaver-multiplication:{difficulty.name}:{split}:{seed}")
     seen = set(exclude)
@@ -150,11 +155,13 @@ def generate_problems(difficulty: Difficulty, n: int, seed: int, split: str = "t
     for d in difficulty.digits:
         space *= 9 * 10 ** (d - 1)
     if n + len(seen) > space // 2:
-        raise DifficultyError(f"{n} distinct problems requested but {difficulty.name} has only {space} "
-                              "(minus the excluded ones); ask for fewer or a harder difficulty")
+        raise DifficultyError(
+            f"{n} distinct problems requested but {difficulty.name} has only {space} "
+            "(minus the excluded ones); ask for fewer or a harder difficulty"
+        )
     out: list[Problem] = []
     while len(out) < n:
-        p = Problem(tuple(rng.randint(10 ** (d - 1), 10 ** d - 1) for d in difficulty.digits))
+        p = Problem(tuple(rng.randint(10 ** (d - 1), 10**d - 1) for d in difficulty.digits))
         if p not in seen:
             seen.add(p)
             out.append(p)
@@ -162,6 +169,7 @@ def generate_problems(difficulty: Difficulty, n: int, seed: int, split: str = "t
 
 
 # --------------------------------------------------------------------------- steps
+
 
 @dataclass(frozen=True)
 class MulStep:
@@ -207,7 +215,7 @@ class Stage:
 
 
 def _digits(n: int, width: int) -> tuple[int, ...]:
-    return tuple((n // 10 ** i) % 10 for i in range(width))
+    return tuple((n // 10**i) % 10 for i in range(width))
 
 
 def _partial(multiplicand: tuple[int, ...], d: int) -> tuple[MulStep, ...]:
@@ -245,13 +253,14 @@ def solve(problem: Problem) -> list[Stage]:
         stage = Stage(multiplicand, multiplier, partials, _columns(partials))
         stages.append(stage)
         multiplicand = stage.result
-    value = sum(d * 10 ** i for i, d in enumerate(stages[-1].result))
+    value = sum(d * 10**i for i, d in enumerate(stages[-1].result))
     if value != problem.product:  # pragma: no cover - guarded by the tests
         raise AssertionError(f"steps give {value}, expected {problem.product}")
     return stages
 
 
 # --------------------------------------------------------------------------- text
+
 
 def _digit_label(d: int) -> str:
     """What a partial-product line is about: ``*d``. Its outline says ``N: *d`` and the line restates it."""
@@ -311,13 +320,17 @@ class Sample:
     sequential: str
 
 
-def make_samples(difficulty: Difficulty, n: int, seed: int, split: str = "train",
-                 exclude: Iterable[Problem] = ()) -> list[Sample]:
-    return [Sample(p, parallel_solution(p), sequential_solution(p))
-            for p in generate_problems(difficulty, n, seed, split, exclude)]
+def make_samples(
+    difficulty: Difficulty, n: int, seed: int, split: str = "train", exclude: Iterable[Problem] = ()
+) -> list[Sample]:
+    return [
+        Sample(p, parallel_solution(p), sequential_solution(p))
+        for p in generate_problems(difficulty, n, seed, split, exclude)
+    ]
 
 
 # --------------------------------------------------------------------------- checks and token counts
+
 
 @dataclass(frozen=True)
 class SampleTokens:
@@ -346,7 +359,7 @@ def check_sample(sample: Sample, fmt, prompt_ids: Sequence[int] = ()) -> SampleT
     splits into fork/join Requests that rebuild it; the sequential one is valid
     and has no block; both box the true product; both have the same steps.
     """
-    from ..format import split_requests
+    from threadweaver_verl.format import split_requests
 
     par_ids = fmt.encode_text(sample.parallel)  # raises NonCanonicalTrajectory if invalid
     seq_ids = fmt.encode_text(sample.sequential)
@@ -356,7 +369,7 @@ def check_sample(sample: Sample, fmt, prompt_ids: Sequence[int] = ()) -> SampleT
         raise BadSample(f"{sample.problem.question}: format errors {[str(e) for e in errors]}")
     requests = split_requests(list(prompt_ids), par_ids, fmt)
     replay = list(requests[-1].context_ids) + list(requests[-1].completion_ids)
-    if replay[len(prompt_ids):] != par_ids:
+    if replay[len(prompt_ids) :] != par_ids:
         raise BadSample(f"{sample.problem.question}: the fork/join requests do not rebuild the parallel solution")
     boxed = f"\\boxed{{{sample.problem.answer}}}"
     for name, text in (("parallel", sample.parallel), ("sequential", sample.sequential)):

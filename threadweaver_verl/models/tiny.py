@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from .format.tags import TAG_STRINGS
+from threadweaver_verl.format.tags import TAG_STRINGS
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -51,8 +51,30 @@ def default_corpus() -> list[str]:
 
     rng = random.Random(1234)
     lines = []
-    words = ("Multiply", "Add", "carry", "digit", "sum", "product", "Step", "Answer", "partial", "times",
-             "the", "of", "and", "is", "so", "write", "with", "row", "Compute", "result", "Problem", "What")
+    words = (
+        "Multiply",
+        "Add",
+        "carry",
+        "digit",
+        "sum",
+        "product",
+        "Step",
+        "Answer",
+        "partial",
+        "times",
+        "the",
+        "of",
+        "and",
+        "is",
+        "so",
+        "write",
+        "with",
+        "row",
+        "Compute",
+        "result",
+        "Problem",
+        "What",
+    )
     for _ in range(400):
         a, b = rng.randint(0, 99999), rng.randint(0, 9999)
         w = " ".join(rng.choice(words) for _ in range(6))
@@ -70,10 +92,12 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024,
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -93,8 +117,9 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024,
     return fast
 
 
-def build_tiny_model(out_dir: str | os.PathLike, config: TinyModelConfig | None = None,
-                     corpus: Iterable[str] | None = None) -> Path:
+def build_tiny_model(
+    out_dir: str | os.PathLike, config: TinyModelConfig | None = None, corpus: Iterable[str] | None = None
+) -> Path:
     """Build tokenizer + randomly initialised Qwen3 model and save them as a HF folder."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM

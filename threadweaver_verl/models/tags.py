@@ -15,11 +15,12 @@ CLI::
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .format import ALL_TAGS, Tag, TagTokenError, TagVocab
+from threadweaver_verl.format import ALL_TAGS, Tag, TagTokenError, TagVocab
 
 
 def tag_pieces(tokenizer: Any) -> dict[Tag, list[int]]:
@@ -41,8 +42,10 @@ def add_tags(tokenizer: Any, model: Any = None, special: bool = False) -> tuple[
     pieces = tag_pieces(tokenizer)
     before = len(tokenizer)
     tokenizer.add_tokens(
-        [AddedToken(t.value, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
-         for t in ALL_TAGS],
+        [
+            AddedToken(t.value, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+            for t in ALL_TAGS
+        ],
         special_tokens=special,
     )
     vocab = check_tags(tokenizer)
@@ -69,8 +72,10 @@ def _init_rows(model: Any, rows: dict[int, list[int]], vocab_len: int) -> None:
         for new_id, piece_ids in rows.items():
             bad = [i for i in piece_ids if i >= old_in.shape[0]]
             if not piece_ids or bad:
-                raise TagTokenError(f"cannot initialise token {new_id}: its pieces {piece_ids} are not rows of the "
-                                    f"original embeddings ({old_in.shape[0]} rows)")
+                raise TagTokenError(
+                    f"cannot initialise token {new_id}: its pieces {piece_ids} are not rows of the "
+                    f"original embeddings ({old_in.shape[0]} rows)"
+                )
             inp.weight[new_id] = old_in[piece_ids].float().mean(0).to(inp.weight.dtype)
             if out is not None and not tied:
                 out.weight[new_id] = old_out[piece_ids].float().mean(0).to(out.weight.dtype)
@@ -95,6 +100,7 @@ def check_tags(tokenizer: Any) -> TagVocab:
 
 # --------------------------------------------------------------------------- CLI
 
+
 @dataclass
 class PrepareModelConfig:
     """``prepare-model``: add the format tags to a HF tokenizer + model folder."""
@@ -110,7 +116,7 @@ def main(argv: Sequence[str] = ()) -> int:
     from rich.table import Table
     from transformers import AutoTokenizer
 
-    from .config import load_config
+    from threadweaver_verl.config import load_config
 
     cfg = load_config(PrepareModelConfig, argv)
     if not cfg.model or not cfg.out:
@@ -143,6 +149,8 @@ def main(argv: Sequence[str] = ()) -> int:
     for t in ALL_TAGS:
         table.add_row(t.value, str(vocab.id(t)), "yes" if vocab.id(t) >= before else "no", str(pieces[t]))
     console.print(table)
-    console.print(f"vocabulary {before} -> {len(tokenizer)} tokens"
-                  + ("" if model is None else f"; embedding rows {model.get_input_embeddings().weight.shape[0]}"))
+    console.print(
+        f"vocabulary {before} -> {len(tokenizer)} tokens"
+        + ("" if model is None else f"; embedding rows {model.get_input_embeddings().weight.shape[0]}")
+    )
     return 0

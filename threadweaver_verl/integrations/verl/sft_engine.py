@@ -5,13 +5,13 @@ with ``attention_mask=None`` and flat next-token labels (``torch.roll``). A trie
 row needs the ancestor-only mask and targets at trie parents, so
 :class:`TrieFSDPEngineWithLMHead` overrides the input and output preparation
 for rows that carry ``trie_parent``/``trie_tout`` (from
-:class:`~threadweaver_verl.sft.verl_dataset.TrieSFTDataset`); any other row goes
+:class:`~threadweaver_verl.integrations.verl.sft_dataset.TrieSFTDataset`); any other row goes
 through verl's own code unchanged. No verl file is edited.
 
 Selecting it (opt-in; the plugin registers it under its own vendor key)::
 
     VERL_ENGINE_VENDOR=threadweaver_trie torchrun ... -m verl.trainer.sft_trainer \\
-        data.custom_cls.path=pkg://threadweaver_verl.sft.verl_dataset \\
+        data.custom_cls.path=pkg://threadweaver_verl.integrations.verl.sft_dataset \\
         data.custom_cls.name=TrieSFTDataset data.max_length=8192 \\
         model.override_config.attn_implementation=sdpa   # or flex_attention for long rows
 
@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .loss import parent_logprobs
-from .masks import block_mask, bool_mask
+from threadweaver_verl.sft.loss import parent_logprobs
+from threadweaver_verl.sft.masks import block_mask, bool_mask
 
 TRIE_VENDOR = "threadweaver_trie"
 VENDOR_ENV = "VERL_ENGINE_VENDOR"
@@ -90,16 +90,23 @@ def trie_model_inputs(micro_batch: Any, mask: str, pad_token_id: int = 0) -> tup
     device = ids.device
     row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths.to(device))
     local = torch.arange(ids.numel(), device=device) - offsets.to(device)[row_of]
-    out_args: dict[str, Any] = {"trie": True, "mask": mask, "cu_seqlens": offsets,
-                                "temperature": _scalar_temperature(micro_batch)}
+    out_args: dict[str, Any] = {
+        "trie": True,
+        "mask": mask,
+        "cu_seqlens": offsets,
+        "temperature": _scalar_temperature(micro_batch),
+    }
     if mask == "flex":
         start = offsets.to(device)[row_of]
         g_parent = torch.where(parent >= 0, parent + start, parent)
         g_tout = tout + start
         tin = torch.arange(ids.numel(), device=device)[None]
         out_args.update(input_ids=ids[None], parent=g_parent[None])
-        model_inputs = {"input_ids": ids[None], "position_ids": pos[None],
-                        "attention_mask": block_mask(tin, g_tout[None])}
+        model_inputs = {
+            "input_ids": ids[None],
+            "position_ids": pos[None],
+            "attention_mask": block_mask(tin, g_tout[None]),
+        }
         return model_inputs, out_args
     if mask != "sdpa":
         raise TrieEngineError(f"unknown mask kind {mask!r}")
@@ -117,8 +124,11 @@ def trie_model_inputs(micro_batch: Any, mask: str, pad_token_id: int = 0) -> tup
     p_tout = torch.where(p_tout >= 0, p_tout, grid)  # padding sees itself only
     valid = padded(torch.ones_like(ids, dtype=torch.bool), False)
     out_args.update(input_ids=p_ids, parent=p_parent, valid=valid)
-    model_inputs = {"input_ids": p_ids, "position_ids": padded(pos, 0),
-                    "attention_mask": bool_mask(grid.contiguous(), p_tout)}
+    model_inputs = {
+        "input_ids": p_ids,
+        "position_ids": padded(pos, 0),
+        "attention_mask": bool_mask(grid.contiguous(), p_tout),
+    }
     return model_inputs, out_args
 
 
@@ -130,8 +140,9 @@ def trie_log_probs(logits: torch.Tensor, out_args: dict) -> torch.Tensor:
 
 def verl_log_probs(token_logprobs: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """verl's layout: nested ``log_probs[i]`` = log-prob of token ``i + 1`` (see module doc)."""
-    return torch.nested.nested_tensor_from_jagged(torch.roll(token_logprobs, shifts=-1, dims=0),
-                                                  cu_seqlens.to(token_logprobs.device))
+    return torch.nested.nested_tensor_from_jagged(
+        torch.roll(token_logprobs, shifts=-1, dims=0), cu_seqlens.to(token_logprobs.device)
+    )
 
 
 def _refuse_unsupported(micro_batch: Any) -> None:
@@ -156,7 +167,8 @@ def _build_engine_class():
             if impl not in _MASK_OF_IMPL:
                 raise TrieEngineError(
                     f"trie rows need an attention implementation that takes a mask, the model uses {impl!r}: set "
-                    "model.override_config.attn_implementation=sdpa (short rows) or flex_attention (long rows)")
+                    "model.override_config.attn_implementation=sdpa (short rows) or flex_attention (long rows)"
+                )
             return _MASK_OF_IMPL[impl]
 
         def prepare_model_inputs(self, micro_batch):
@@ -204,22 +216,25 @@ def register() -> None:
     if all(p is not None for p in present):
         for p in present:
             if f"{p.__module__}.{p.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
-                raise TrieEngineError(f"another engine ({p.__module__}.{p.__qualname__}) is registered under "
-                                      f"vendor {TRIE_VENDOR!r}")
+                raise TrieEngineError(
+                    f"another engine ({p.__module__}.{p.__qualname__}) is registered under vendor {TRIE_VENDOR!r}"
+                )
         return
     if any(p is not None for p in present):
         raise TrieEngineError(f"vendor {TRIE_VENDOR!r} is partly registered already: {present}")
-    EngineRegistry.register(model_type="language_model", backend=list(BACKENDS), device=list(DEVICES),
-                            vendor=TRIE_VENDOR)(cls)
+    EngineRegistry.register(
+        model_type="language_model", backend=list(BACKENDS), device=list(DEVICES), vendor=TRIE_VENDOR
+    )(cls)
 
 
 def check_trie_engine_selected() -> None:
     """Raise unless verl will build the trie engine for language models in this process."""
-    from ..plugin import require
+    from threadweaver_verl.integrations.verl.plugin import require
 
     require("engine:trie")
     if os.environ.get(VENDOR_ENV) != TRIE_VENDOR:
         raise TrieEngineError(
             f"TrieSFTDataset rows need the trie engine; set {VENDOR_ENV}={TRIE_VENDOR} in the trainer's environment "
             "(the stock engine would train on the flattened trie with a causal mask: leaking and wrong targets). "
-            "For stock verl use ExpandedSFTDataset instead.")
+            "For stock verl use ExpandedSFTDataset instead."
+        )

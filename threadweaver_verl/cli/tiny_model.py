@@ -1,16 +1,16 @@
 """``python -m threadweaver_verl tiny-model out=DIR [seed=0 hidden_size=128 ...]``
 
-Builds the tiny Qwen3-style model and tokenizer of :mod:`threadweaver_verl.tiny`
+Builds the tiny Qwen3-style model and tokenizer of :mod:`threadweaver_verl.models.tiny`
 (random weights, every format tag one token) as a HF folder.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
 
-from .tiny import TinyModelConfig
+from threadweaver_verl.models.tiny import TinyModelConfig
 
 
 @dataclass
@@ -26,8 +26,8 @@ def main(argv: Sequence[str] = ()) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .config import load_config
-    from .tiny import build_tiny_model
+    from threadweaver_verl.config import load_config
+    from threadweaver_verl.models.tiny import build_tiny_model
 
     cfg = load_config(TinyModelCommand, argv)
     if not cfg.out:

@@ -4,7 +4,7 @@ Both read the SFT schema (see :mod:`.data`) and are built by verl as
 ``cls(parquet_files, tokenizer, config, processor, max_samples)``. Use verl's
 ``data.pad_mode=no_padding`` (its default for the SFT trainer)::
 
-    data.custom_cls.path=pkg://threadweaver_verl.sft.verl_dataset
+    data.custom_cls.path=pkg://threadweaver_verl.integrations.verl.sft_dataset
     data.custom_cls.name=ExpandedSFTDataset   # or TrieSFTDataset
 
 * :class:`ExpandedSFTDataset` - one row per Request: ``input_ids`` = context +
@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..format import TokenFormat
-from .batch import row_features
-from .data import build_rows, load_examples
-from .trie import Trie, chain
+from threadweaver_verl.format import TokenFormat
+from threadweaver_verl.sft.batch import row_features
+from threadweaver_verl.sft.data import build_rows, load_examples
+from threadweaver_verl.sft.trie import Trie, chain
 
 
 def _cfg(config: Any, key: str, default: Any) -> Any:
@@ -53,19 +53,30 @@ class _SFTDatasetBase(Dataset):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         pad_mode = str(_cfg(config, "pad_mode", "no_padding"))
         if pad_mode not in ("no_padding", "DatasetPadMode.NO_PADDING"):
-            raise ValueError(f"{type(self).__name__} needs data.pad_mode=no_padding (got {pad_mode!r}); verl's "
-                             "FSDP engine packs rows itself")
-        files = parquet_files if isinstance(parquet_files, (list, tuple)) else (
-            list(parquet_files) if hasattr(parquet_files, "__iter__") and not isinstance(parquet_files, str)
-            else [parquet_files])
+            raise ValueError(
+                f"{type(self).__name__} needs data.pad_mode=no_padding (got {pad_mode!r}); verl's "
+                "FSDP engine packs rows itself"
+            )
+        files = (
+            parquet_files
+            if isinstance(parquet_files, (list, tuple))
+            else (
+                list(parquet_files)
+                if hasattr(parquet_files, "__iter__") and not isinstance(parquet_files, str)
+                else [parquet_files]
+            )
+        )
         self.tokenizer = tokenizer
         self.max_length = int(_cfg(config, "max_length", 1024))
         fmt = TokenFormat.from_tokenizer(tokenizer)
-        self.examples = load_examples([str(f) for f in files], tokenizer, fmt,
-                                      max_samples=int(max_samples if max_samples is not None else -1))
+        self.examples = load_examples(
+            [str(f) for f in files], tokenizer, fmt, max_samples=int(max_samples if max_samples is not None else -1)
+        )
         self.rows: list[Trie] = self._rows()
-        print(f"[threadweaver] {type(self).__name__}: {len(self.examples)} trajectories -> {len(self.rows)} rows, "
-              f"{sum(len(r) for r in self.rows)} tokens, {sum(r.num_loss_tokens for r in self.rows)} with loss")
+        print(
+            f"[threadweaver] {type(self).__name__}: {len(self.examples)} trajectories -> {len(self.rows)} rows, "
+            f"{sum(len(r) for r in self.rows)} tokens, {sum(r.num_loss_tokens for r in self.rows)} with loss"
+        )
 
     def _rows(self) -> list[Trie]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -90,8 +101,10 @@ class ExpandedSFTDataset(_SFTDatasetBase):
                 if not r.completion_ids:
                     continue
                 if len(r.ids) > self.max_length:
-                    raise ValueError(f"{e.source}: a Request of {len(r.ids)} tokens exceeds data.max_length="
-                                     f"{self.max_length}; raise data.max_length")
+                    raise ValueError(
+                        f"{e.source}: a Request of {len(r.ids)} tokens exceeds data.max_length="
+                        f"{self.max_length}; raise data.max_length"
+                    )
                 rows.append(chain(r))
         return rows
 
@@ -104,7 +117,7 @@ class TrieSFTDataset(_SFTDatasetBase):
     """Packed trie rows; needs the trie engine (:mod:`.verl_engine`)."""
 
     def __init__(self, parquet_files, tokenizer, config=None, processor=None, max_samples: int = -1):
-        from .verl_engine import check_trie_engine_selected
+        from threadweaver_verl.integrations.verl.sft_engine import check_trie_engine_selected
 
         check_trie_engine_selected()
         super().__init__(parquet_files, tokenizer, config, processor, max_samples)

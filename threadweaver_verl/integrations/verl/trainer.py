@@ -9,7 +9,7 @@ Selected by config only, through verl's trainer registry::
 Each subclass changes two things and inherits everything else:
 
 1. ``_compute_advantage`` runs verl's own method unchanged, inside
-   :func:`threadweaver_verl.rl.advantage.row_keys`, so the ``p_grpo`` estimator
+   :func:`threadweaver_verl.integrations.verl.advantage.row_keys`, so the ``p_grpo`` estimator
    sees each row's ``{uid}_{session}_{index}`` key (verl passes an estimator only
    the uid). Other estimators run exactly as in stock verl.
 2. ``_compute_metrics`` adds the rollout's fork/join statistics of the step's
@@ -27,16 +27,26 @@ the mode), and read ``trainer.v1.<base mode>`` settings such as
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync, PPOTrainerSync
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 
-from threadweaver_verl.rl.advantage import ESTIMATOR_NAME, parse_row_key, row_keys
+from threadweaver_verl.integrations.verl.advantage import ESTIMATOR_NAME, row_keys
+from threadweaver_verl.rl.advantage import parse_row_key
 
 STATS_KEY = "threadweaver"  # the agent loop's per-trajectory stats in the final row's extra_fields
-METRIC_KEYS = ("speedup", "parallel_ratio", "total_tokens", "critical_path", "num_blocks", "num_threads",
-               "num_requests", "format_ok")
+METRIC_KEYS = (
+    "speedup",
+    "parallel_ratio",
+    "total_tokens",
+    "critical_path",
+    "num_blocks",
+    "num_threads",
+    "num_requests",
+    "format_ok",
+)
 
 
 def final_row_positions(keys: Sequence[str], is_padding: Sequence[bool] | None = None) -> list[int]:

@@ -7,11 +7,12 @@ import csv
 import html
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .format import Block, Marker, Outlines, Span, Stray, Thread, Trajectory, iter_atoms
-from .format.tags import Tag
+from threadweaver_verl.format import Block, Marker, Outlines, Span, Stray, Thread, Trajectory, iter_atoms
+from threadweaver_verl.format.tags import Tag
 
 _THREAD_COLOURS = ("#e8f0fe", "#fde8e8", "#e8fde9", "#fdf6e3", "#f0e8fd", "#e3f7fd", "#fde3f4", "#eeeeee")
 
@@ -62,11 +63,16 @@ def trajectory_html(tree: Trajectory, decode) -> str:
                         colour = _THREAD_COLOURS[k % len(_THREAD_COLOURS)]
                         k += 1
                         close = tag(Tag.THREAD_CLOSE) if p.closed else ""
-                        parts.append(f"<div class='thread' style='background:{colour}'>{tag(Tag.THREAD_OPEN)}"
-                                     f"{nodes(p.body, depth + 1)}{close}</div>")
+                        parts.append(
+                            f"<div class='thread' style='background:{colour}'>{tag(Tag.THREAD_OPEN)}"
+                            f"{nodes(p.body, depth + 1)}{close}</div>"
+                        )
                     elif isinstance(p, Outlines):
-                        parts.append("<div class='outlines'>" + "".join(
-                            tag(a) if isinstance(a, Tag) else text(a) for a in iter_atoms(p)) + "</div>")
+                        parts.append(
+                            "<div class='outlines'>"
+                            + "".join(tag(a) if isinstance(a, Tag) else text(a) for a in iter_atoms(p))
+                            + "</div>"
+                        )
                     else:
                         parts.append(nodes((p,), depth))
                 if n.closed:
@@ -140,7 +146,9 @@ def curve_png(curve: dict[str, dict[str, float]], path: Path) -> Path:
 
 def table_html(rows: Sequence[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(v))}</td>" for v in r.values()) + "</tr>" for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -150,45 +158,57 @@ def format_cell(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def write_demo_report(out: Path, cfg: Any, rows: Sequence[dict], sft: dict, data: Path,
-                      curve: dict[str, dict[str, float]] | None = None) -> Path:
+def write_demo_report(
+    out: Path, cfg: Any, rows: Sequence[dict], sft: dict, data: Path, curve: dict[str, dict[str, float]] | None = None
+) -> Path:
     from transformers import AutoTokenizer
 
-    from .format import TokenFormat, split_requests
-    from .sft.trie import build_trie
+    from threadweaver_verl.format import TokenFormat, split_requests
+    from threadweaver_verl.sft.trie import build_trie
 
     assets = out / "report_assets"
     assets.mkdir(exist_ok=True)
-    sections = [f"<h2>Results</h2>{table_html(rows)}"
-                "<p>token_speedup = sequential model's mean T / this model's mean L (critical path). "
-                "wall_speedup = sequential wall clock per problem / this one's.</p>"]
+    sections = [
+        f"<h2>Results</h2>{table_html(rows)}"
+        "<p>token_speedup = sequential model's mean T / this model's mean L (critical path). "
+        "wall_speedup = sequential wall clock per problem / this one's.</p>"
+    ]
     if curve:
         curve_png(curve, assets / "accuracy_curve.png")
-        sections.append("<h2>Held-out accuracy vs training steps</h2><p>Intermediate checkpoints of both models on "
-                        "the same held-out problems; the step budget ends training, not the clock.</p>"
-                        "<img src='report_assets/accuracy_curve.png'>")
+        sections.append(
+            "<h2>Held-out accuracy vs training steps</h2><p>Intermediate checkpoints of both models on "
+            "the same held-out problems; the step budget ends training, not the clock.</p>"
+            "<img src='report_assets/accuracy_curve.png'>"
+        )
     hist = out / "eval_parallel" / "speedup_hist.png"
     if hist.exists():
         shutil.copy(hist, assets / "speedup_hist.png")
-        sections.append("<h2>Per-problem token speedup (sequential L / parallel L)</h2>"
-                        "<img src='report_assets/speedup_hist.png'>")
+        sections.append(
+            "<h2>Per-problem token speedup (sequential L / parallel L)</h2><img src='report_assets/speedup_hist.png'>"
+        )
     rec = pick_trajectory(out / "eval_parallel" / "trajectories.jsonl")
     if rec is not None:
         tok = AutoTokenizer.from_pretrained(sft["parallel"]["model_dir"])
         fmt = TokenFormat.from_tokenizer(tok)
         tree = fmt.parse(rec["response_ids"])
         st = rec["stats"]
-        sections.append(f"<h2>One trajectory (problem {html.escape(rec['problem'])}, "
-                        f"{'correct' if rec['correct'] else 'wrong'}, T={st['total_tokens']}, "
-                        f"L={st['critical_path']})</h2>" + trajectory_html(tree, fmt.decode))
+        sections.append(
+            f"<h2>One trajectory (problem {html.escape(rec['problem'])}, "
+            f"{'correct' if rec['correct'] else 'wrong'}, T={st['total_tokens']}, "
+            f"L={st['critical_path']})</h2>" + trajectory_html(tree, fmt.decode)
+        )
         trie = build_trie(split_requests(rec["prompt_ids"], rec["response_ids"], fmt))
         mask_png(trie, assets / "trie_mask.png")
-        sections.append("<h2>Its trie attention mask</h2><p>Each token attends only to its ancestors in the "
-                        "trie: a thread never sees a sibling.</p><img src='report_assets/trie_mask.png'>")
+        sections.append(
+            "<h2>Its trie attention mask</h2><p>Each token attends only to its ancestors in the "
+            "trie: a thread never sees a sibling.</p><img src='report_assets/trie_mask.png'>"
+        )
     else:
         sections.append("<h2>One trajectory</h2><p>No format-valid trajectory to show.</p>")
-    loss_png({k: Path(v["loss_curve"]) for k, v in sft.items() if isinstance(v, dict) and "loss_curve" in v},
-             assets / "loss.png")
+    loss_png(
+        {k: Path(v["loss_curve"]) for k, v in sft.items() if isinstance(v, dict) and "loss_curve" in v},
+        assets / "loss.png",
+    )
     sections.append("<h2>Training loss</h2><img src='report_assets/loss.png'>")
     page = out / "report.html"
     page.write_text(
@@ -198,5 +218,6 @@ def write_demo_report(out: Path, cfg: Any, rows: Sequence[dict], sft: dict, data
         ".thread{border-left:3px solid #4477aa;margin:2px 0;padding:2px 6px}.block{border:1px dashed #aaa;padding:4px}"
         "</style></head><body><h1>ThreadWeaver demo</h1>"
         f"<p>multiplication {html.escape(str(cfg.preset))}, {cfg.n_test} held-out problems, "
-        f"tiny Qwen3-style models trained from scratch on a CPU.</p>" + "".join(sections) + "</body></html>")
+        f"tiny Qwen3-style models trained from scratch on a CPU.</p>" + "".join(sections) + "</body></html>"
+    )
     return page
