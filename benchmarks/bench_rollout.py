@@ -22,22 +22,11 @@ import time
 from pathlib import Path
 
 
-def fragment_ids(fmt, text: str) -> list[int]:
-    from threadweaver_verl.format import Tag
-    from threadweaver_verl.format.tree import text_atoms
-
-    out: list[int] = []
-    for a in text_atoms(text):
-        out += [fmt.tag_id(a)] if isinstance(a, Tag) else fmt.encode(a)
-    return out
-
-
 def outline_block(k: int) -> str:
-    return (
-        "<Parallel>\n<Outlines>\n"
-        + "".join(f"<Outline>{i}: part {i}</Outline>\n" for i in range(1, k + 1))
-        + "</Outlines>"
-    )
+    from threadweaver_verl.format import BlockLayout
+    from threadweaver_verl.format.tree import atoms_text
+
+    return atoms_text(BlockLayout.outline_atoms([f"part {i}" for i in range(1, k + 1)]))
 
 
 class ZeroLatencyEngine:
@@ -47,7 +36,7 @@ class ZeroLatencyEngine:
         from threadweaver_verl.format import Tag
 
         self.fmt, self.prompt_len, self.blocks = fmt, prompt_len, blocks
-        self.block = fragment_ids(fmt, "\nstep " + outline_block(k))
+        self.block = fmt.fragment_ids("\nstep " + outline_block(k))
         self.thread = fmt.encode(" 7" * (thread_len // 2)) + [fmt.tag_id(Tag.THREAD_CLOSE)]
         self.end = fmt.encode(" done") + [fmt.eos_ids[0]]
         self.close_id = fmt.tag_id(Tag.PARALLEL_CLOSE)
@@ -143,7 +132,7 @@ async def _fork_join(fmt, url, prompt, k, thread_tokens, sampling, key):
     from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
     from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine
 
-    block_ids = fragment_ids(fmt, outline_block(k))
+    block_ids = fmt.fragment_ids(outline_block(k))
     cfg = ControllerConfig(
         max_response_tokens=k * (thread_tokens + 16) + 256,
         max_thread_tokens=thread_tokens + 1,
@@ -207,7 +196,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
         with VLLMServer(str(model_dir), work_dir=work, max_model_len=4096) as server:
             console.print(f"vLLM CPU server up in {time.perf_counter() - t0:.0f} s at {server.url}")
             for k in (2, 4, 8):
-                block_ids = fragment_ids(fmt, outline_block(k))
+                block_ids = fmt.fragment_ids(outline_block(k))
                 context = list(prompt) + block_ids
                 total = k * thread_tokens
                 asyncio.run(_sequential(fmt, server.url, context, 8, sampling, "warm"))  # warm the shared prefix

@@ -10,6 +10,7 @@ from threadweaver_verl.data.chat import response_ids
 from threadweaver_verl.format import (
     SEQUENTIAL,
     THREAD,
+    BlockLayout,
     NonCanonicalTrajectory,
     Tag,
     TagTokenError,
@@ -20,16 +21,14 @@ from threadweaver_verl.models.tiny import build_tokenizer
 
 
 def block(outlines: list[str], threads: list[str]) -> str:
-    o = "".join(f"<Outline>{i}: {x}</Outline>\n" for i, x in enumerate(outlines, 1))
-    t = "\n".join(f"<Thread>\n{i}:{x}</Thread>" for i, x in enumerate(threads, 1))
-    return f"<Parallel>\n<Outlines>\n{o}</Outlines>\n{t}\n</Parallel>"
+    return BlockLayout().block_text(outlines, threads)
 
 
 NESTED = (
     "<think>\nsplit it"
     + block(["a", "b"], [" left " + block(["p", "q"], [" 11 ", " 22 "]) + " after", " right 7\n"])
     + "\nthen "
-    + block(["c"], [" only\n"])
+    + block(["c", "d"], [" only\n", " also"])
     + "\ndone</think>\n\\boxed{42}"
 )
 
@@ -66,6 +65,7 @@ def test_split_nested_trajectory(tok, fmt):
         (THREAD, (1, 2)),
         (SEQUENTIAL, ()),
         (THREAD, (2, 1)),
+        (THREAD, (2, 2)),
         (SEQUENTIAL, ()),
     ]
     # every request stops where inference stops: </Outlines>, </Thread> or EOS
@@ -82,13 +82,13 @@ def test_split_nested_trajectory(tok, fmt):
     assert replay(prompt, reqs) == ids
     # every response token is a completion token of exactly one main-line or thread request, once
     assert sum(len(r.completion_ids) for r in reqs) == len(ids) - sum(
-        len(fmt.thread_header(1)) + 1 for _ in range(5)
+        len(fmt.thread_header(1)) + 1 for _ in range(6)
     ) - 3 * (1 + 1)  # headers+gaps inserted per thread, join gaps per block
 
 
 def test_splitter_never_retokenizes_joined_text(tok, fmt):
     # Pieces are encoded one by one; a tokenizer may merge differently across the joins.
-    text = "<think>" + block(["x"], [":: 12 ab"]) + "ab</think>\\boxed{1}"
+    text = "<think>" + block(["x", "y"], [":: 12 ab", "ab"]) + "ab</think>\\boxed{1}"
     ids = response_ids(fmt, text)
     reqs = split_requests([], ids, fmt)
     assert replay([], reqs) == ids
@@ -104,9 +104,9 @@ def test_sequential_trajectory_is_one_request(tok, fmt):
 def test_invalid_or_non_canonical_trajectories_are_refused(tok, fmt):
     with pytest.raises(NonCanonicalTrajectory, match="invalid"):
         split_requests([], fmt.encode("a") + [fmt.tag_id(Tag.THREAD_CLOSE)], fmt)
-    good = response_ids(fmt, block(["a"], [" b"]))
+    good = response_ids(fmt, block(["a", "b"], [" b", " c"]))
     # a double newline where inference inserts one: not what fork/join could produce
-    bad = fmt.encode_text(block(["a"], [" b"]))
+    bad = fmt.encode_text(block(["a", "b"], [" b", " c"]))
     k = bad.index(fmt.tag_id(Tag.THREAD_OPEN))
     bad = bad[:k] + fmt.encode("\n") + bad[k:]
     with pytest.raises(NonCanonicalTrajectory, match="layout"):
@@ -118,7 +118,7 @@ _piece = st.text(alphabet="ab 12:\n", min_size=1, max_size=5)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.lists(_piece, min_size=1, max_size=3), _piece), min_size=0, max_size=3), _piece)
+@given(st.lists(st.tuples(st.lists(_piece, min_size=2, max_size=3), _piece), min_size=0, max_size=3), _piece)
 def test_replaying_requests_rebuilds_any_valid_trajectory(fmt, blocks, tail):
     text = (
         "<think>"

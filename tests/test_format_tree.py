@@ -8,15 +8,13 @@ from hypothesis import strategies as st
 
 from threadweaver_verl.format import (
     ALL_TAGS,
-    Block,
-    Outline,
-    Outlines,
+    BlockLayout,
     Span,
     Tag,
     TagVocab,
-    Thread,
     Trajectory,
     compute_stats,
+    iter_atoms,
     parse_ids,
     parse_text,
     render_ids,
@@ -24,6 +22,7 @@ from threadweaver_verl.format import (
     validate,
 )
 from threadweaver_verl.format import validation as V
+from threadweaver_verl.format.tree import parse_atoms
 
 GOOD = (
     "<think>\nLet us split.\n<Parallel>\n<Outlines>\n<Outline>1: left</Outline>\n<Outline>2: right</Outline>\n"
@@ -49,44 +48,44 @@ def test_good_trajectory_is_valid_and_round_trips():
     [
         (
             "<Parallel>\n<Outlines>\n<Outline>2: a</Outline>\n</Outlines>\n<Thread>\n2: x</Thread>\n</Parallel>",
-            V.OUTLINE_NUMBERING,
+            V.Rule.OUTLINE_NUMBERING,
         ),
         (
             "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n2: x</Thread>\n</Parallel>",
-            V.THREAD_NUMBERING,
+            V.Rule.THREAD_NUMBERING,
         ),
         (
             "<Parallel>\n<Outlines>\n<Outline>a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>",
-            V.OUTLINE_NUMBER,
+            V.Rule.OUTLINE_NUMBER,
         ),
         (
             "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\nx</Thread>\n</Parallel>",
-            V.THREAD_NUMBER,
+            V.Rule.THREAD_NUMBER,
         ),
         (
             "<Parallel>\n<Outlines>\n<Outline>1: a<think></Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>",
-            V.STRAY_TAG,
+            V.Rule.STRAY_TAG,
         ),
-        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n", V.UNCLOSED),
-        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x\n</Parallel>", V.UNCLOSED),
-        ("<Parallel>\n<Thread>\n1: x</Thread>\n</Parallel>", V.NO_OUTLINES),
+        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n", V.Rule.UNCLOSED),
+        ("<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x\n</Parallel>", V.Rule.UNCLOSED),
+        ("<Parallel>\n<Thread>\n1: x</Thread>\n</Parallel>", V.Rule.NO_OUTLINES),
         (
             "<Parallel>\nhello<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>",
-            V.TEXT_IN_BLOCK,
+            V.Rule.TEXT_IN_BLOCK,
         ),
         (
             "<Parallel>\n<Outlines>\nhi<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n</Parallel>",
-            V.TEXT_IN_OUTLINES,
+            V.Rule.TEXT_IN_OUTLINES,
         ),
         (
             "<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: x</Thread>\n"
             "<Outlines>\n</Outlines></Parallel>",
-            V.MULTIPLE_OUTLINES,
+            V.Rule.MULTIPLE_OUTLINES,
         ),
-        ("a </Thread> b", V.STRAY_TAG),
-        ("a </Outlines> b", V.STRAY_TAG),
-        ("</think><think>", V.THINK_ORDER),
-        ("<think> never closed", V.UNCLOSED),
+        ("a </Thread> b", V.Rule.STRAY_TAG),
+        ("a </Outlines> b", V.Rule.STRAY_TAG),
+        ("</think><think>", V.Rule.THINK_ORDER),
+        ("<think> never closed", V.Rule.UNCLOSED),
     ],
 )
 def test_each_rule_is_named(text, rule):
@@ -96,9 +95,9 @@ def test_each_rule_is_named(text, rule):
 
 def test_error_names_position_and_path():
     text = "abc<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\nx</Thread>\n</Parallel>"
-    errors = validate(parse_text(text))
-    assert {e.rule for e in errors} == {V.THREAD_NUMBER, V.THREAD_NUMBERING}
-    (err,) = [e for e in errors if e.rule == V.THREAD_NUMBER]
+    errors = validate(parse_text(text), limits=V.Limits(single_thread_blocks=True))
+    assert {e.rule for e in errors} == {V.Rule.THREAD_NUMBER, V.Rule.THREAD_NUMBERING}
+    (err,) = [e for e in errors if e.rule == V.Rule.THREAD_NUMBER]
     assert err.path == "block 1 > thread 1"
     # offset counts characters in a text tree: "abc" + <Parallel> + "\n" + outlines(1 + 1 + 1+4+1 + 1 + 1) + "\n"
     assert err.offset == len("abc") + 1 + 1 + (1 + 1 + 1 + len("1: a") + 1 + 1 + 1) + 1
@@ -107,20 +106,33 @@ def test_error_names_position_and_path():
 def nested(depth: int) -> str:
     inner = "x"
     for _ in range(depth):
-        inner = (
-            f"<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n</Outlines>\n<Thread>\n1: {inner}</Thread>\n</Parallel>"
-        )
+        inner = BlockLayout().block_text(["a", "b"], [f" {inner}", " y"])
     return inner
 
 
 def test_limits_on_depth_and_threads():
     assert validate(parse_text(nested(2)), limits=V.Limits(max_depth=2)) == []
-    assert V.TOO_DEEP in {e.rule for e in validate(parse_text(nested(3)), limits=V.Limits(max_depth=2))}
-    outlines = "".join(f"<Outline>{i}: a</Outline>\n" for i in range(1, 5))
-    threads = "\n".join(f"<Thread>\n{i}: b</Thread>" for i in range(1, 5))
-    text = f"<Parallel>\n<Outlines>\n{outlines}</Outlines>\n{threads}\n</Parallel>"
+    assert V.Rule.TOO_DEEP in {e.rule for e in validate(parse_text(nested(3)), limits=V.Limits(max_depth=2))}
+    text = BlockLayout().block_text(["a"] * 4, [" b"] * 4)
     assert validate(parse_text(text), limits=V.Limits(max_threads_per_block=4)) == []
-    assert V.TOO_MANY_THREADS in {e.rule for e in validate(parse_text(text), limits=V.Limits(max_threads_per_block=3))}
+    assert V.Rule.TOO_MANY_THREADS in {
+        e.rule for e in validate(parse_text(text), limits=V.Limits(max_threads_per_block=3))
+    }
+
+
+def test_degenerate_blocks():
+    # no outline and no thread: never valid (it used to pass, and counted as a block)
+    empty = "<Parallel>\n<Outlines>\n</Outlines>\n\n</Parallel>"
+    for limits in (V.Limits(), V.Limits(single_thread_blocks=True)):
+        assert [e.rule for e in validate(parse_text(empty), limits=limits)] == [V.Rule.EMPTY_BLOCK]
+    assert [e.rule for e in validate(parse_text("<Parallel><Outlines></Outlines></Parallel>"))] == [V.Rule.EMPTY_BLOCK]
+    # one thread: a rule the setting controls
+    single = BlockLayout().block_text(["a"], [" x"])
+    assert [e.rule for e in validate(parse_text(single))] == [V.Rule.SINGLE_THREAD_BLOCK]
+    assert validate(parse_text(single), limits=V.Limits(single_thread_blocks=True)) == []
+    nested_single = BlockLayout().block_text(["a", "b"], [" " + single, " y"])
+    (err,) = validate(parse_text(nested_single))
+    assert err.rule == V.Rule.SINGLE_THREAD_BLOCK and err.path == "block 1 > thread 1 > block 1"
 
 
 def test_deep_untrusted_nesting_does_not_exhaust_the_stack():
@@ -238,22 +250,18 @@ def _line(children):
 
 
 def _block(line):
+    """A block of 2-3 threads in the format's layout (each thread body a generated line)."""
+
     def make(args):
         n, bodies = args
-        outlines = Outlines(
-            tuple(x for i in range(1, n + 1) for x in (Span("\n"), Outline((Span(f"{i}: o"),)))) + (Span("\n"),)
-        )
-        parts = [Span("\n"), outlines, Span("\n")]
-        for i, body in enumerate(bodies[:n], start=1):
-            head = Span(f"\n{i}:")
-            if body and isinstance(body[0], Span):
-                body = (Span(head.content + body[0].content),) + body[1:]
-            else:
-                body = (head,) + body
-            parts += [Thread(body), Span("\n")]
-        return Block(tuple(parts))
+        threads = [
+            (i, [a for node in body for a in iter_atoms(node)] + [Tag.THREAD_CLOSE])
+            for i, body in enumerate(bodies[:n], start=1)
+        ]
+        (block,) = parse_atoms(BlockLayout.outline_atoms(["o"] * n) + BlockLayout().join_atoms(threads)).body
+        return block
 
-    return st.tuples(st.integers(1, 3), st.lists(line, min_size=3, max_size=3)).map(make)
+    return st.tuples(st.integers(2, 3), st.lists(line, min_size=3, max_size=3)).map(make)
 
 
 def _trees():
@@ -281,8 +289,6 @@ def test_valid_trees_round_trip(tree):
 
 
 def _atoms(tree):
-    from threadweaver_verl.format import iter_atoms
-
     return list(iter_atoms(tree))
 
 

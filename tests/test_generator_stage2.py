@@ -13,6 +13,7 @@ from generator_scripted_openai import ScriptedOpenAI
 from threadweaver_verl.config import load_config
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle, prompt_ids, response_ids
 from threadweaver_verl.data.schema import read_rl, read_sft, rl_row, write_rl
+from threadweaver_verl.format import BlockLayout
 from threadweaver_verl.generator.cli import main as cli_main
 from threadweaver_verl.generator.stage2 import Stage2Config, run_stage2
 
@@ -20,9 +21,7 @@ STYLE = PromptStyle(instruction=DEFAULT_INSTRUCTION)
 
 
 def _block(outlines: list[str], threads: list[str]) -> str:
-    o = "".join(f"<Outline>{k}: {x}</Outline>\n" for k, x in enumerate(outlines, start=1))
-    t = "\n".join(f"<Thread>\n{k}: {x}</Thread>" for k, x in enumerate(threads, start=1))
-    return f"<Parallel>\n<Outlines>\n{o}</Outlines>\n{t}\n</Parallel>"
+    return BlockLayout().block_text(outlines, [" " + t for t in threads])
 
 
 # Problem 1: 12*34 + 5*6 = 438.
@@ -196,3 +195,18 @@ def test_next_round_data_merges_earlier_sft_files_and_the_cli_reports_rounds(set
         == 2
     )
     assert "selection='best'" in capsys.readouterr().err
+
+
+def test_min_blocks_counts_the_blocks_the_format_accepts():
+    from threadweaver_verl.format import Limits, compute_stats, parse_text, validate
+    from threadweaver_verl.generator.stage2 import parallel_blocks
+
+    empty = "<Parallel>\n<Outlines>\n</Outlines>\n\n</Parallel>"
+    text = _block(["a", "b"], ["x", "y"]) + "\n" + _block(["c"], ["z"]) + "\n" + empty
+    stats = compute_stats(parse_text(text)).as_dict()
+    assert stats["num_blocks"] == 3  # every block, whatever it holds
+    for limits, counted in ((Limits(), 1), (Limits(single_thread_blocks=True), 2)):
+        assert parallel_blocks(stats, limits) == counted
+        # the validator agrees: a block that does not count is a format error under the same setting
+        rules = {e.rule for e in validate(parse_text(text), limits=limits)}
+        assert ("single_thread_block" in rules) == (not limits.single_thread_blocks) and "empty_block" in rules

@@ -13,24 +13,32 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from threadweaver_verl.data.chat import prompt_ids
-from threadweaver_verl.format import SEQUENTIAL, THREAD, Limits, Tag, TokenFormat, split_requests
-from threadweaver_verl.format.tree import text_atoms
-from threadweaver_verl.rollout import controller as C
-from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, RolloutError
-from threadweaver_verl.rollout.engine import Completion, EngineError
+from threadweaver_verl.format import (
+    SEQUENTIAL,
+    THREAD,
+    Block,
+    Limits,
+    Marker,
+    Outline,
+    Outlines,
+    Tag,
+    Thread,
+    TokenFormat,
+    split_requests,
+)
+from threadweaver_verl.rollout.controller import (
+    LINE_SPLITTING,
+    ControllerConfig,
+    ForkJoinController,
+    Reason,
+    RolloutError,
+)
+from threadweaver_verl.rollout.engine import Completion, EngineError, Finish
 
 
 @pytest.fixture(scope="module")
 def prompt(tok):
     return prompt_ids(tok, [{"role": "user", "content": "What is 6*7?"}])
-
-
-def ids_of(fmt: TokenFormat, text: str) -> list[int]:
-    """Ids of a completion fragment: tags as their ids, text encoded piece by piece."""
-    out: list[int] = []
-    for a in text_atoms(text):
-        out += [fmt.tag_id(a)] if isinstance(a, Tag) else fmt.encode(a)
-    return out
 
 
 class ScriptedEngine:
@@ -74,7 +82,7 @@ class ScriptedEngine:
                 raise answer
             if isinstance(answer, Completion):
                 return answer
-            out = ids_of(self.fmt, answer)
+            out = self.fmt.fragment_ids(answer)
             cut = next((i for i, t in enumerate(out) if t in stop_token_ids), None)
             if cut is not None:
                 out = out[: cut + 1]
@@ -99,6 +107,20 @@ def run(fmt, prompt, respond, config=None, *, delay=0.0, sampling=None, key="tra
     return result, engine
 
 
+def assert_closed(traj) -> None:
+    """Every element of the parsed response is closed, and a <think> has its </think>."""
+
+    def walk(nodes):
+        for n in nodes:
+            if isinstance(n, (Block, Outlines, Outline, Thread)):
+                assert n.closed, n
+                walk(n.parts if isinstance(n, (Block, Outlines)) else n.body)
+
+    walk(traj.body)
+    markers = [n.tag for n in traj.body if isinstance(n, Marker)]
+    assert Tag.THINK_OPEN not in markers or Tag.THINK_CLOSE in markers
+
+
 def check(result, engine, fmt, prompt, config=None):
     """Invariants every trajectory keeps, whatever the model wrote."""
     cfg = config or ControllerConfig()
@@ -107,8 +129,7 @@ def check(result, engine, fmt, prompt, config=None):
     assert len(result.response_ids) <= cfg.max_response_tokens
     # the structure is closed: nothing at the end of any line is left open
     assert not [e for e in result.format_errors if e.rule == "unclosed"], result.format_errors
-    ctrl = ForkJoinController(fmt, cfg)
-    assert ctrl._closing(result.response_ids, ()) == []
+    assert_closed(fmt.parse(result.response_ids))
     # one routing key for the whole trajectory
     assert {c["routing_key"] for c in engine.calls} <= {"traj-1"}
     for r in result.requests:
@@ -130,7 +151,7 @@ def check(result, engine, fmt, prompt, config=None):
             assert full[-1] == fmt.tag_id(Tag.PARALLEL_CLOSE)
     # format-valid results are exactly what the splitter gives, unless an intervention split a line
     # into several requests; sequential mode writes blocks inline, in one request
-    if result.valid and cfg.fork and not set(result.terminations) & C.LINE_SPLITTING:
+    if result.valid and cfg.fork and not set(result.terminations) & LINE_SPLITTING:
         assert result.requests == split_requests(prompt, result.response_ids, fmt)
     return result
 
@@ -233,12 +254,13 @@ def test_max_depth_one_forbids_nesting(tok, prompt):
     assert all(fmt1.tag_id(Tag.OUTLINES_CLOSE) not in c["stops"] for c in engine.calls[1:3])
     assert "too_deep" in {e.rule for e in result.format_errors}
     assert result.stats.num_blocks == 2  # one forked, one written inline by thread 1
-    assert C.STRAY_STOP in result.terminations  # the inline </Thread> ended a request, generation went on
+    assert Reason.STRAY_STOP in result.terminations  # the inline </Thread> ended a request, generation went on
 
 
 def test_sequential_baseline(fmt, prompt):
     def script(t):
-        return "<think>\n" + block("1: a") + "<Thread>\n1: x</Thread>\n</Parallel>\n</think>\\boxed{2}<|im_end|>"
+        threads = "<Thread>\n1: x</Thread>\n<Thread>\n2: y</Thread>\n</Parallel>"
+        return "<think>\n" + block("1: a", "2: b") + threads + "\n</think>\\boxed{2}<|im_end|>"
 
     cfg = ControllerConfig(fork=False)
     result, engine = run(fmt, prompt, script, cfg)
@@ -266,7 +288,7 @@ def test_thread_that_never_closes(fmt, prompt):
     result, engine = run(fmt, prompt, script, cfg)
     check(result, engine, fmt, prompt, cfg)
     assert result.valid
-    assert result.terminations == [C.TRUNCATED, C.BUDGET_THREAD]
+    assert result.terminations == [Reason.TRUNCATED, Reason.BUDGET_THREAD]
     assert result.events[0].path == (1, 1)
     t1 = result.requests[1]
     assert t1.forced == 1 and t1.completion_ids[-1] == fmt.tag_id(Tag.THREAD_CLOSE)
@@ -286,12 +308,12 @@ def test_eos_inside_thread(fmt, prompt):
 
     result, engine = run(fmt, prompt, script)
     check(result, engine, fmt, prompt)
-    assert result.valid and result.terminations == [C.EOS_IN_THREAD]
+    assert result.valid and result.terminations == [Reason.EOS_IN_THREAD]
     assert result.events[0].path == (1, 1)
     assert "<Thread>\n1: six</Thread>" in text(fmt, result)
     assert text(fmt, result).count("<|im_end|>") == 1  # EOS was replaced, the main line went on
     t1 = result.requests[1]
-    assert t1.finish == C.FINISH_EOS and t1.forced == 1 and len(t1.logprobs) == len(t1.completion_ids) - 1
+    assert t1.finish == Finish.EOS and t1.forced == 1 and len(t1.logprobs) == len(t1.completion_ids) - 1
 
 
 def outline_script(*outlines: str):
@@ -315,11 +337,11 @@ def thread_numbers(fmt, result) -> list[int]:
 @pytest.mark.parametrize(
     "outlines,threads,reasons",
     [
-        (("1: a", "1: b", "2: c"), [1, 2], [C.OUTLINE_NUMBERS_DEDUPLICATED]),
-        (("1: a", "3: c"), [1], [C.OUTLINE_NUMBERS_DROPPED]),
-        (("one: a", "2: b"), [2], [C.OUTLINE_NUMBERS_DROPPED]),
-        (("1: a", "1000: b"), [1], [C.OUTLINE_NUMBERS_DROPPED]),
-        (("x", "y"), [], [C.OUTLINE_NUMBERS_DROPPED]),
+        (("1: a", "1: b", "2: c"), [1, 2], [Reason.OUTLINE_NUMBERS_DEDUPLICATED]),
+        (("1: a", "3: c"), [1], [Reason.OUTLINE_NUMBERS_DROPPED]),
+        (("one: a", "2: b"), [2], [Reason.OUTLINE_NUMBERS_DROPPED]),
+        (("1: a", "1000: b"), [1], [Reason.OUTLINE_NUMBERS_DROPPED]),
+        (("x", "y"), [], [Reason.OUTLINE_NUMBERS_DROPPED]),
         ((), [], []),
     ],
 )
@@ -332,8 +354,8 @@ def test_bad_outline_numbers(fmt, prompt, outlines, threads, reasons):
     assert len(engine.calls) == 2 + len(threads)
     if outlines:
         assert not result.valid  # the model's numbering stays wrong; the validator says so
-    else:
-        assert result.valid  # an empty outline list joins as an empty block
+    else:  # an empty outline list joins as an empty block, which the format rejects
+        assert {e.rule for e in result.format_errors} == {"empty_block"}
 
 
 def test_by_position_policy(fmt, prompt):
@@ -341,7 +363,7 @@ def test_by_position_policy(fmt, prompt):
     result, engine = run(fmt, prompt, outline_script("1: a", "1: b", "x: c"), cfg)
     check(result, engine, fmt, prompt, cfg)
     assert thread_numbers(fmt, result) == [1, 2, 3]
-    assert result.terminations == [C.OUTLINE_NUMBERS_RENUMBERED]
+    assert result.terminations == [Reason.OUTLINE_NUMBERS_RENUMBERED]
 
 
 def test_a_thousand_outlines(fmt, prompt):
@@ -349,7 +371,7 @@ def test_a_thousand_outlines(fmt, prompt):
     result, engine = run(fmt, prompt, outline_script(*[f"{i}: x" for i in range(1, 1001)]), cfg)
     check(result, engine, fmt, prompt, cfg)
     assert thread_numbers(fmt, result) == list(range(1, 9))
-    assert result.terminations == [C.BUDGET_THREADS_PER_BLOCK]
+    assert result.terminations == [Reason.BUDGET_THREADS_PER_BLOCK]
     assert len(engine.calls) == 1 + 8 + 1
 
 
@@ -366,7 +388,7 @@ def test_empty_completions(fmt, prompt):
 
     result, engine = run(fmt, prompt, script)
     check(result, engine, fmt, prompt)
-    assert result.terminations == [C.EMPTY_COMPLETION, C.CLOSED_AT_EOS] and result.events[0].path == (1, 1)
+    assert result.terminations == [Reason.EMPTY_COMPLETION, Reason.CLOSED_AT_EOS] and result.events[0].path == (1, 1)
     assert "<Thread>\n1:</Thread>" in text(fmt, result)
     # an engine that always answers nothing: one call, empty response
     result, engine = run(fmt, prompt, lambda t: "")
@@ -386,14 +408,14 @@ def test_outlines_close_with_no_block_open(fmt, prompt):
 
     result, engine = run(fmt, prompt, script)
     check(result, engine, fmt, prompt)
-    assert C.STRAY_STOP in result.terminations and C.CLOSED_AT_EOS in result.terminations
+    assert Reason.STRAY_STOP in result.terminations and Reason.CLOSED_AT_EOS in result.terminations
     assert text(fmt, result) == "<think>\nlist</Outlines> then 42</think><|im_end|>"
     assert "stray_tag" in {e.rule for e in result.format_errors}
     # a model that writes only </Outlines> is stopped by max_requests
     cfg = ControllerConfig(max_requests=10)
     result, engine = run(fmt, prompt, lambda t: "</Outlines>", cfg)
     check(result, engine, fmt, prompt, cfg)
-    assert len(engine.calls) == 10 and C.BUDGET_REQUESTS in result.terminations
+    assert len(engine.calls) == 10 and Reason.BUDGET_REQUESTS in result.terminations
 
 
 def test_thread_breaking_out_of_its_block(fmt, prompt):
@@ -409,7 +431,7 @@ def test_thread_breaking_out_of_its_block(fmt, prompt):
     result, engine = run(fmt, prompt, script)
     check(result, engine, fmt, prompt)
     assert result.valid
-    assert [e.reason for e in result.events] == [C.THREAD_BREAKOUT, C.THREAD_BREAKOUT]
+    assert [e.reason for e in result.events] == [Reason.THREAD_BREAKOUT, Reason.THREAD_BREAKOUT]
     assert "<Thread>\n1: a</Thread>\n<Thread>\n2: b</Thread>\n</Parallel> end" in text(fmt, result)
 
 
@@ -427,7 +449,7 @@ def test_elements_ended_without_their_closing_tag(fmt, prompt):
 
     result, engine = run(fmt, prompt, script)
     check(result, engine, fmt, prompt)
-    assert result.valid and result.terminations == [C.IMPLICIT_CLOSE]
+    assert result.valid and result.terminations == [Reason.IMPLICIT_CLOSE]
     assert result.requests[0].forced == 1 and fmt.decode(result.requests[0].completion_ids).endswith("1: a</Outline>")
     assert thread_numbers(fmt, result) == [1, 2]
 
@@ -442,7 +464,7 @@ def test_elements_ended_without_their_closing_tag(fmt, prompt):
 
     result, engine = run(fmt, prompt, script2)
     check(result, engine, fmt, prompt)
-    assert result.terminations == [C.IMPLICIT_CLOSE]
+    assert result.terminations == [Reason.IMPLICIT_CLOSE]
     assert "<Outline>1: a</Outline></Outlines>\n<Thread>\n1: ok</Thread>\n</Parallel> end" in text(fmt, result)
     assert [(r.kind, r.path) for r in result.requests] == [(SEQUENTIAL, ()), (THREAD, (1, 1)), (SEQUENTIAL, ())]
 
@@ -451,33 +473,41 @@ def test_main_line_eos_with_think_open(fmt, prompt):
     result, engine = run(fmt, prompt, lambda t: "<think>\nhmm 42<|im_end|>")
     check(result, engine, fmt, prompt)
     assert text(fmt, result) == "<think>\nhmm 42</think><|im_end|>"
-    assert result.terminations == [C.CLOSED_AT_EOS] and result.valid
+    assert result.terminations == [Reason.CLOSED_AT_EOS] and result.valid
     assert result.requests[-1].forced == 2
 
 
-def test_engine_ignoring_stops_and_max_tokens(fmt, prompt):
+def test_engine_ignoring_stops_and_max_tokens(tok, prompt):
+    fmt = TokenFormat.from_tokenizer(tok, limits=Limits(single_thread_blocks=True))  # (one thread below)
+
     def script(t):
         if t.endswith("<Thread>\n1:"):
-            return Completion(ids_of(fmt, " a</Thread> more</Thread>"), "stop")
+            return Completion(fmt.fragment_ids(" a</Thread> more</Thread>"), "stop")
         if t.endswith("</Parallel>"):
-            return Completion(ids_of(fmt, " end<|im_end|> junk"), "stop")
+            return Completion(fmt.fragment_ids(" end<|im_end|> junk"), "stop")
         return block("1: a")
 
     result, engine = run(fmt, prompt, script)
     check(result, engine, fmt, prompt)
-    assert result.valid and result.terminations == [C.TOKENS_AFTER_STOP]
+    assert result.valid and result.terminations == [Reason.TOKENS_AFTER_STOP]
     assert result.requests[1].logprobs is None  # the engine returned none
     assert text(fmt, result).endswith(" end<|im_end|>")
     cfg = ControllerConfig(max_response_tokens=40)
-    result, engine = run(fmt, prompt, lambda t: Completion(ids_of(fmt, "7 " * 60), "length"), cfg)
+    result, engine = run(fmt, prompt, lambda t: Completion(fmt.fragment_ids("7 " * 60), "length"), cfg)
     check(result, engine, fmt, prompt, cfg)
-    assert C.ENGINE_OVERRUN in result.terminations
+    assert Reason.ENGINE_OVERRUN in result.terminations
+
+
+def test_logprobs_that_are_not_one_per_id_fail_the_trajectory(fmt, prompt):
+    ids = fmt.fragment_ids("<think>\nhmm</think>\\boxed{1}<|im_end|>")
+    with pytest.raises(RolloutError, match=f"{len(ids) - 1} log-probs for {len(ids)} ids"):
+        run(fmt, prompt, lambda t: Completion(ids, "stop", [-0.5] * (len(ids) - 1)))
 
 
 def test_stop_without_stop_id(fmt, prompt):
-    result, engine = run(fmt, prompt, lambda t: Completion(ids_of(fmt, "<think> cut"), "stop"))
+    result, engine = run(fmt, prompt, lambda t: Completion(fmt.fragment_ids("<think> cut"), "stop"))
     check(result, engine, fmt, prompt)
-    assert result.terminations == [C.ENGINE_STOP_WITHOUT_STOP_ID]
+    assert result.terminations == [Reason.ENGINE_STOP_WITHOUT_STOP_ID]
     assert text(fmt, result) == "<think> cut</think>"
 
 
@@ -492,7 +522,7 @@ def test_budget_max_response_tokens_truncates_inside_an_outline(fmt, prompt):
     # the block is closed in the layout of an empty join (no thread was forked)
     assert text(fmt, result).endswith("</Outline></Outlines>\n\n</Parallel></think>")
     # the closing is longer than close_reserve_tokens: generated ids made room for it
-    assert result.terminations == [C.TRUNCATED, C.BUDGET_RESPONSE, C.CLOSING_TRIMMED]
+    assert result.terminations == [Reason.TRUNCATED, Reason.BUDGET_RESPONSE, Reason.CLOSING_TRIMMED]
     # as in the splitter: the completion up to </Outlines>, the empty join, then </think> after it
     a, b = result.requests
     assert fmt.decode(a.completion_ids).endswith("</Outline></Outlines>") and a.forced == 2
@@ -513,7 +543,7 @@ def test_budget_max_response_tokens_shared_by_threads(fmt, prompt):
     result, engine = run(fmt, prompt, script, cfg)
     check(result, engine, fmt, prompt, cfg)
     assert result.valid and len(result.response_ids) <= 120
-    assert C.BUDGET_RESPONSE in result.terminations and C.BUDGET_THREAD not in result.terminations
+    assert Reason.BUDGET_RESPONSE in result.terminations and Reason.BUDGET_THREAD not in result.terminations
     lengths = [len(r.completion_ids) for r in result.requests if r.kind == THREAD]
     assert max(lengths) - min(lengths) <= 1  # an equal share each
 
@@ -524,7 +554,7 @@ def test_closing_never_overflows_the_budget(fmt, prompt):
     deep = "x" * 3 + "<think>" + "<Parallel><Thread>" * 10
     result, engine = run(fmt, prompt, lambda t: deep, cfg)
     check(result, engine, fmt, prompt, cfg)
-    assert len(result.response_ids) <= 20 and C.CLOSING_TRIMMED in result.terminations
+    assert len(result.response_ids) <= 20 and Reason.CLOSING_TRIMMED in result.terminations
 
 
 def test_budget_max_blocks(fmt, prompt):
@@ -537,7 +567,7 @@ def test_budget_max_blocks(fmt, prompt):
 
     result, engine = run(fmt, prompt, script, cfg)
     check(result, engine, fmt, prompt, cfg)
-    assert result.terminations == [C.BUDGET_BLOCKS]
+    assert result.terminations == [Reason.BUDGET_BLOCKS]
     assert result.stats.num_blocks == 3  # two forked, the third closed as it stood
     assert text(fmt, result).endswith("</Outlines>\n\n</Parallel>")
     assert len(engine.calls) == 3 + 2 * 2
@@ -554,8 +584,8 @@ def test_budget_max_requests(fmt, prompt):
     result, engine = run(fmt, prompt, script, cfg)
     check(result, engine, fmt, prompt, cfg)
     assert len(engine.calls) == 3
-    assert result.terminations == [C.BUDGET_REQUESTS]
-    forced = [r for r in result.requests if r.finish == C.FINISH_FORCED]
+    assert result.terminations == [Reason.BUDGET_REQUESTS]
+    forced = [r for r in result.requests if r.finish == Finish.FORCED]
     # thread 3 got no call (its </Thread> is inserted); the main line after the join is closed
     assert [(r.path, r.completion_ids) for r in forced] == [
         ((1, 3), (fmt.tag_id(Tag.THREAD_CLOSE),)),
@@ -568,7 +598,7 @@ def test_budget_max_threads_per_block(fmt, prompt):
     cfg = ControllerConfig(max_threads_per_block=2)
     result, engine = run(fmt, prompt, outline_script("1: a", "2: b", "3: c", "4: d"), cfg)
     check(result, engine, fmt, prompt, cfg)
-    assert thread_numbers(fmt, result) == [1, 2] and result.terminations == [C.BUDGET_THREADS_PER_BLOCK]
+    assert thread_numbers(fmt, result) == [1, 2] and result.terminations == [Reason.BUDGET_THREADS_PER_BLOCK]
 
 
 # --------------------------------------------------------------------------- engine failures
@@ -747,5 +777,5 @@ def test_thread_closing_after_an_element_ended_without_its_tag(tok, prompt):
 
     result, engine = run(fmt1, prompt, script, cfg)
     check(result, engine, fmt1, prompt, cfg)
-    assert result.terminations == [C.IMPLICIT_CLOSE]
+    assert result.terminations == [Reason.IMPLICIT_CLOSE]
     assert "<Thread>\n1: <Parallel><Thread>x</Thread></Parallel> y</Thread>" in text(fmt1, result)

@@ -11,19 +11,20 @@ import pytest
 
 from threadweaver_verl.data.chat import PromptStyle, prompt_ids
 from threadweaver_verl.data.schema import rl_row, write_rl
-from threadweaver_verl.format import SEQUENTIAL, THREAD, Tag, split_requests
-from threadweaver_verl.rollout import controller as C
-from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
+from threadweaver_verl.format import SEQUENTIAL, THREAD, BlockLayout, Tag, split_requests
+from threadweaver_verl.format.tree import atoms_text
+from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, Reason
 from threadweaver_verl.rollout.engine import Completion
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine
 
 pytestmark = pytest.mark.slow
 
-OUTLINES = ("1: the tens", "2: the ones", "3: the carry")
+OUTLINES = ("the tens", "the ones", "the carry")
 
 
 def block_text(outlines=OUTLINES) -> str:
-    return "<Parallel>\n<Outlines>\n" + "".join(f"<Outline>{o}</Outline>\n" for o in outlines) + "</Outlines>"
+    """A block up to its </Outlines>, as the data writers lay it out (outline k reads "k: ...")."""
+    return atoms_text(BlockLayout.outline_atoms(outlines))
 
 
 class SteeredEngine:
@@ -57,7 +58,7 @@ def long_question() -> str:
 def test_fork_join_on_vllm(vllm_server, tiny_tokenizer, tiny_fmt):
     fmt = tiny_fmt
     prompt = prompt_ids(tiny_tokenizer, PromptStyle().messages(long_question()))
-    block_ids = _fragment_ids(fmt, block_text())
+    block_ids = fmt.fragment_ids(block_text())
     # Threads and the final line may only write digits and spaces (no EOS: sampling at temperature 1
     # could draw it): the threads then never close themselves (the controller closes them at
     # max_thread_tokens), the last line ends at the response budget, and the result is format-valid.
@@ -91,21 +92,12 @@ def test_fork_join_on_vllm(vllm_server, tiny_tokenizer, tiny_fmt):
     assert list(result.requests[4].context_ids) == joined
     assert result.valid, result.format_errors
     assert result.requests == split_requests(prompt, result.response_ids, fmt)
-    assert C.BUDGET_THREAD in result.terminations  # the threads could not close themselves
+    assert Reason.BUDGET_THREAD in result.terminations  # the threads could not close themselves
     assert result.stats.threads_per_block == (3,) and result.stats.speedup > 1.0
     # the threads re-read the shared context from the prefix cache
     for c in threads:
         assert c.cached_tokens is not None and c.cached_tokens >= len(shared) // 2, (c, len(shared))
     assert result.cache_hit_rate is not None and result.cache_hit_rate > 0.5
-
-
-def _fragment_ids(fmt, text: str) -> list[int]:
-    from threadweaver_verl.format.tree import text_atoms
-
-    out: list[int] = []
-    for a in text_atoms(text):
-        out += [fmt.tag_id(a)] if isinstance(a, Tag) else fmt.encode(a)
-    return out
 
 
 def test_random_model_on_vllm_terminates_well_formed(vllm_server, tiny_tokenizer, tiny_fmt):

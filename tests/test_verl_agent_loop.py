@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 
 import pytest
+from transformers import AutoTokenizer
 from verl.workers.rollout.replica import TokenOutput
 
-from threadweaver_verl.format import SEQUENTIAL, Tag, TokenFormat
+from threadweaver_verl.format import SEQUENTIAL, BlockLayout, Tag, TokenFormat
 from threadweaver_verl.integrations.verl.agent_loop import (
     REQUEST_KEY,
     STATS_KEY,
@@ -22,8 +24,9 @@ from threadweaver_verl.integrations.verl.agent_loop import (
     build_outputs,
     controller_config,
 )
-from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
-from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, EngineError
+from threadweaver_verl.rl.reward import compute_score
+from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, Reason
+from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, EngineError, Finish
 
 
 def logprob_of(token: int, position: int) -> float:
@@ -50,23 +53,7 @@ class ScriptedServerManager:
         self.calls: list[dict] = []
         t = fmt.tag_id
         e = fmt.encode
-        self.opening = (
-            [t(Tag.THINK_OPEN)]
-            + e("\nsplit it")
-            + [t(Tag.PARALLEL_OPEN)]
-            + e("\n")
-            + [t(Tag.OUTLINES_OPEN)]
-            + e("\n")
-            + [t(Tag.OUTLINE_OPEN)]
-            + e("1: a")
-            + [t(Tag.OUTLINE_CLOSE)]
-            + e("\n")
-            + [t(Tag.OUTLINE_OPEN)]
-            + e("2: b")
-            + [t(Tag.OUTLINE_CLOSE)]
-            + e("\n")
-            + [t(Tag.OUTLINES_CLOSE)]
-        )
+        self.opening = [t(Tag.THINK_OPEN)] + e("\nsplit it") + fmt.atom_ids(BlockLayout.outline_atoms(["a", "b"]))
         self.answer = e("\nso ") + e("\\boxed{3}") + [t(Tag.THINK_CLOSE)] + e(" \\boxed{3}") + list(fmt.eos_ids[:1])
         self.sequential = [t(Tag.THINK_OPEN)] + e("\nno fork \\boxed{3}") + [t(Tag.THINK_CLOSE)] + list(fmt.eos_ids[:1])
 
@@ -246,6 +233,47 @@ def test_finish_is_decided_from_the_returned_ids(fmt):
     assert aborted.finish == FINISH_ABORT
     with pytest.raises(EngineError, match="at least one token"):
         asyncio.run(VerlServerEngine(OneShot([])).complete(prompt, max_tokens=0, stop_token_ids=[eos], routing_key="k"))
+
+
+class VLLMLikeServerManager:
+    """Answers one completion and stops like vLLM: at the request's stop ids AND at every EOS id of the
+    model's generation config (vLLM adds those to each request itself); verl reports "completed"."""
+
+    def __init__(self, answer: list[int], model_eos: set[int]):
+        self.answer, self.model_eos = answer, model_eos
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs) -> TokenOutput:
+        stops = set(sampling_params["stop_token_ids"]) | self.model_eos
+        ids = self.answer[: sampling_params["max_tokens"]]
+        cut = next((i for i, x in enumerate(ids) if x in stops), None)
+        ids = ids if cut is None else ids[: cut + 1]
+        return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), stop_reason="completed")
+
+
+def test_a_stop_on_the_generation_configs_second_eos_is_an_eos_stop(tok, tmp_path):
+    # a model folder like Qwen3's: the tokenizer's EOS is <|im_end|>, the generation config adds <|endoftext|>
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
+    fmt = TokenFormat.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
+    prompt = fmt.encode("What is 6*7?")
+
+    answer = fmt.fragment_ids("<think>\nsix sevens</think>\n\\boxed{42}") + [endoftext]
+    result, outputs, _ = run_trajectory(fmt, VLLMLikeServerManager(answer, {im_end, endoftext}), prompt)
+    assert result.response_ids == answer  # nothing forced after the EOS
+    assert [r.finish for r in result.requests] == [Finish.EOS]  # an EOS stop, not a length stop
+    assert result.ended_normally and result.terminations == []
+    stats = outputs[-1].extra_fields[STATS_KEY]
+    assert stats["termination"] == "eos"
+    for extra, kwargs in (({STATS_KEY: stats}, {}), ({}, {"response_ids": answer, "tokenizer": str(tmp_path)})):
+        score = compute_score("math", "", "42", extra, **kwargs)
+        assert score["correct"] and score["termination"] == "eos", score
+
+    # with <think> still open, </think> goes before the EOS, never after it
+    answer = fmt.fragment_ids("<think>\nhmm 42") + [endoftext]
+    result, _, _ = run_trajectory(fmt, VLLMLikeServerManager(answer, {im_end, endoftext}), prompt)
+    assert fmt.decode(result.response_ids) == "<think>\nhmm 42</think><|endoftext|>"
+    assert result.terminations == [Reason.CLOSED_AT_EOS] and result.requests[-1].finish == Finish.EOS
 
 
 def test_engine_failures_fail_the_trajectory_loudly(fmt):

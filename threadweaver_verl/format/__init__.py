@@ -1,11 +1,12 @@
 """The trajectory format: the one implementation of tags, parsing, validation,
-statistics, rendering, token layout and request splitting in the project."""
+statistics, rendering, block layout, token layout and request splitting in the project."""
 
 from threadweaver_verl.format import validation
-from threadweaver_verl.format.requests import SEQUENTIAL, THREAD, Request, split_requests
+from threadweaver_verl.format.layout import BlockLayout
+from threadweaver_verl.format.requests import SEQUENTIAL, THREAD, Request, RequestKind, split_requests
 from threadweaver_verl.format.stats import TrajectoryStats, compute_stats
 from threadweaver_verl.format.tags import ALL_TAGS, TAG_STRINGS, Tag, TagTokenError, TagVocab
-from threadweaver_verl.format.tokens import NonCanonicalTrajectory, TokenFormat
+from threadweaver_verl.format.tokens import NonCanonicalTrajectory, TokenFormat, eos_token_ids
 from threadweaver_verl.format.tree import (
     Block,
     Marker,
@@ -22,7 +23,16 @@ from threadweaver_verl.format.tree import (
     render_ids,
     render_text,
 )
-from threadweaver_verl.format.validation import FormatError, Limits, is_valid, leading_number, outline_numbers, validate
+from threadweaver_verl.format.validation import (
+    FormatError,
+    Limits,
+    Rule,
+    is_valid,
+    leading_number,
+    outline_numbers,
+    split_number,
+    validate,
+)
 
 __all__ = [
     "ALL_TAGS",
@@ -44,9 +54,12 @@ __all__ = [
     "parse_text",
     "render_ids",
     "render_text",
+    "BlockLayout",
     "validation",
     "FormatError",
     "Limits",
+    "Rule",
+    "split_number",
     "is_valid",
     "leading_number",
     "outline_numbers",
@@ -55,8 +68,10 @@ __all__ = [
     "compute_stats",
     "NonCanonicalTrajectory",
     "TokenFormat",
+    "eos_token_ids",
     "SEQUENTIAL",
     "THREAD",
     "Request",
+    "RequestKind",
     "split_requests",
 ]

@@ -11,6 +11,7 @@ controller builds its contexts with.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,18 +20,25 @@ from threadweaver_verl.format.tokens import NonCanonicalTrajectory, TokenFormat
 from threadweaver_verl.format.tree import Block, Outlines, Span, render_ids
 from threadweaver_verl.format.validation import leading_number
 
-SEQUENTIAL = "sequential"
-THREAD = "thread"
+
+class RequestKind(enum.StrEnum):
+    SEQUENTIAL = "sequential"  # a main-line request
+    THREAD = "thread"  # a request of a thread (its own line, from its fork context)
+
+
+# The kinds by their short names (imported across the package).
+SEQUENTIAL = RequestKind.SEQUENTIAL
+THREAD = RequestKind.THREAD
 
 
 @dataclass(frozen=True)
 class Request:
     context_ids: tuple[int, ...]  # prompt + everything before this request, as the engine saw it
     completion_ids: tuple[int, ...]  # what the engine returned (training targets)
-    kind: str  # SEQUENTIAL (main line) or THREAD
+    kind: RequestKind
     path: tuple[int, ...] = ()  # () main line; (b, t) thread t of block b; nested: (b, t, b2, t2)
     logprobs: tuple[float, ...] | None = field(default=None, compare=False)
-    finish: str | None = field(default=None, compare=False)  # "stop", "eos", "length", ...
+    finish: str | None = field(default=None, compare=False)  # a rollout.engine.Finish
     # Trailing completion ids inserted by the controller, not sampled (closing tags after a
     # truncation, EOS or breakout). They have no log-prob (``logprobs`` covers the sampled ids
     # only) and should carry no loss.
@@ -60,7 +68,7 @@ def split_requests(prompt_ids: Sequence[int], response_ids: Sequence[int], fmt: 
 
 
 def _line(
-    ctx: list[int], nodes: tuple, kind: str, path: tuple, close: list[int], fmt: TokenFormat, out: list[Request]
+    ctx: list[int], nodes: tuple, kind: RequestKind, path: tuple, close: list[int], fmt: TokenFormat, out: list[Request]
 ) -> list[int]:
     """Emit the requests of one line (main line or thread body); return the context after it."""
     cur: list[int] = []

@@ -64,10 +64,6 @@ class TagVocab:
     def tag(self, token_id: int) -> Tag | None:
         return self._by_id.get(token_id)  # type: ignore[attr-defined]
 
-    @property
-    def all_ids(self) -> frozenset[int]:
-        return frozenset(self.ids.values())
-
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> TagVocab:
         """Look every tag up in a HF tokenizer; raise naming the tag if it is not one token."""

@@ -1,45 +1,40 @@
-"""The token level of the format: one object that knows a tokenizer's tag ids
+"""The token level of the format: one object that knows a tokenizer's tag ids, its EOS ids
 and the exact ids fork/join inference inserts between model completions.
 
 Both the fork/join controller and the request splitter (and so every training
 path) build contexts ONLY with :meth:`TokenFormat.fork_context` and
 :meth:`TokenFormat.join`; text is never re-tokenized as a whole. Text
 trajectories (generated data) become ids through :meth:`TokenFormat.encode_tree`,
-which encodes each piece separately in the same layout.
-
-Layout of one block (the parts after ``</Outlines>`` are inserted by inference)::
-
-    <Parallel>\\n<Outlines>\\n<Outline>1: a</Outline>\\n...</Outlines>   <- generated
-    {fork_gap}<Thread>{header 1}                                       <- inserted
-    ... thread 1's completion ... </Thread>                            <- generated
-    {thread_sep}<Thread>{header 2} ... </Thread>
-    {join_gap}</Parallel>                                              <- inserted
+which encodes each piece separately in the same layout, and a text fragment (a
+completion, a test's script) through :meth:`TokenFormat.fragment_ids`. The layout
+itself (gaps, thread headers) is :class:`~threadweaver_verl.format.layout.BlockLayout`'s.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-from collections.abc import Callable, Sequence
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from threadweaver_verl.format.layout import BlockLayout
 from threadweaver_verl.format.stats import TrajectoryStats, compute_stats
 from threadweaver_verl.format.tags import Tag, TagVocab
 from threadweaver_verl.format.tree import (
+    Atom,
     Block,
     Marker,
     Outlines,
     Span,
     Stray,
     Trajectory,
+    iter_atoms,
     parse_ids,
     parse_text,
-    render_ids,
+    text_atoms,
 )
-from threadweaver_verl.format.validation import FormatError, Limits, validate
-
-_HEAD = re.compile(r"^\s*(\d{1,6})\s*:")
+from threadweaver_verl.format.validation import FormatError, Limits, split_number, validate
 
 
 class NonCanonicalTrajectory(ValueError):
@@ -52,47 +47,64 @@ class TokenFormat:
     encode: Callable[[str], list[int]]
     decode: Callable[[Sequence[int]], str]
     eos_ids: tuple[int, ...]
-    fork_gap: str = "\n"
-    thread_sep: str = "\n"
-    join_gap: str = "\n"
-    header_template: str = "\n{n}:"
+    """Every id that ends a response (see :func:`eos_token_ids`); the first is the tokenizer's own."""
+    layout: BlockLayout = field(default_factory=BlockLayout)
     limits: Limits = field(default_factory=Limits)
+    _layout_ids: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, limits: Limits | None = None, **layout: str) -> TokenFormat:
-        vocab = TagVocab.from_tokenizer(tokenizer)
-        eos = tokenizer.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        if not eos_ids:
-            raise ValueError("the tokenizer has no eos_token_id; set one (e.g. '<|im_end|>') before using ThreadWeaver")
+    def from_tokenizer(
+        cls,
+        tokenizer: Any,
+        limits: Limits | None = None,
+        layout: BlockLayout | None = None,
+        generation_config: Any = None,
+    ) -> TokenFormat:
+        """The format of a HF tokenizer. ``generation_config`` adds the model's EOS ids to the
+        tokenizer's (:func:`eos_token_ids`; by default read from the tokenizer's folder)."""
         return cls(
-            vocab=vocab,
+            vocab=TagVocab.from_tokenizer(tokenizer),
             encode=lambda s: list(tokenizer.encode(s, add_special_tokens=False)),
             decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False),
-            eos_ids=eos_ids,
+            eos_ids=eos_token_ids(tokenizer, generation_config),
+            layout=layout or BlockLayout(),
             limits=limits or Limits(),
-            **layout,
         )
 
     # ------------------------------------------------------------------ pieces
     def tag_id(self, tag: Tag) -> int:
         return self.vocab.id(tag)
 
-    @functools.cached_property
-    def _fork_gap_ids(self) -> list[int]:
-        return self.encode(self.fork_gap)
+    def atom_ids(self, atoms: Iterable[Atom]) -> list[int]:
+        """Ids of atoms: a tag is its id, each text is encoded on its own, a run of ids is kept."""
+        return self._ids(atoms, self.encode)
 
-    @functools.cached_property
-    def _sep_ids(self) -> list[int]:
-        return self.encode(self.thread_sep)
+    def fragment_ids(self, text: str) -> list[int]:
+        """Ids of a text fragment (a completion, part of a trajectory): tags as their ids and the
+        text between them encoded piece by piece, as inference and :meth:`encode_tree` produce them."""
+        return self.atom_ids(text_atoms(text))
 
-    @functools.cached_property
-    def _join_gap_ids(self) -> list[int]:
-        return self.encode(self.join_gap)
+    def _ids(self, atoms: Iterable[Atom], encode: Callable[[str], list[int]]) -> list[int]:
+        out: list[int] = []
+        for a in atoms:
+            if isinstance(a, Tag):  # (a Tag is a str too: test it first)
+                out.append(self.vocab.id(a))
+            elif isinstance(a, str):
+                out += encode(a)
+            else:
+                out += a
+        return out
+
+    def _encode_layout(self, piece: str) -> list[int]:
+        """Ids of a layout piece (a gap or a thread header): few distinct strings, encoded once each."""
+        ids = self._layout_ids.get(piece)
+        if ids is None:
+            ids = self._layout_ids[piece] = self.encode(piece)
+        return ids
 
     def thread_header(self, n: int) -> list[int]:
-        """``<Thread>`` plus the encoded ``\\nN:`` header of thread ``n``."""
-        return [self.tag_id(Tag.THREAD_OPEN)] + self.encode(self.header_template.format(n=n))
+        """``<Thread>`` plus the encoded header of thread ``n`` (``\\nN:`` by default)."""
+        return self._ids([Tag.THREAD_OPEN, self.layout.header(n)], self._encode_layout)
 
     @property
     def sequential_stop_ids(self) -> list[int]:
@@ -106,26 +118,16 @@ class TokenFormat:
 
     def fork_context(self, shared: Sequence[int], n: int) -> list[int]:
         """The prompt of thread ``n``: the shared context (ending in ``</Outlines>``) plus its header."""
-        return [*shared, *self._fork_gap_ids, *self.thread_header(n)]
+        return [*shared, *self._ids(self.layout.fork_atoms(n), self._encode_layout)]
 
     def join(self, shared: Sequence[int], threads: Sequence[tuple[int, Sequence[int]]]) -> list[int]:
         """Shared context + every (number, completion) thread in order + ``</Parallel>``."""
-        out = [*shared, *self._fork_gap_ids]
-        for k, (n, completion) in enumerate(threads):
-            if k:
-                out += self._sep_ids
-            out += self.thread_header(n)
-            out += list(completion)
-        out += self._join_gap_ids
-        out.append(self.tag_id(Tag.PARALLEL_CLOSE))
-        return out
+        atoms = self.layout.join_atoms((n, [tuple(completion)]) for n, completion in threads)
+        return [*shared, *self._ids(atoms, self._encode_layout)]
 
     # ------------------------------------------------------------------ whole trajectories
     def parse(self, ids: Sequence[int]) -> Trajectory:
         return parse_ids(ids, self.vocab)
-
-    def render(self, traj: Trajectory) -> list[int]:
-        return render_ids(traj, self.vocab)
 
     def validate(self, traj: Trajectory | Sequence[int]) -> list[FormatError]:
         if not isinstance(traj, Trajectory):
@@ -145,47 +147,80 @@ class TokenFormat:
         errors = validate(traj, None, self.limits)
         if errors:
             raise NonCanonicalTrajectory("cannot encode an invalid trajectory: " + "; ".join(map(str, errors[:5])))
-        out: list[int] = []
-        self._encode_line(traj.body, out)
-        return out
+        return self._line_ids(traj.body)
 
-    def _encode_line(self, nodes: tuple, out: list[int]) -> None:
+    def _line_ids(self, nodes: tuple) -> list[int]:
+        out: list[int] = []
         for n in nodes:
             if isinstance(n, Span):
                 out += self.encode(n.content)
             elif isinstance(n, (Marker, Stray)):
                 out.append(self.tag_id(n.tag))
             elif isinstance(n, Block):
-                self._encode_block(n, out)
+                out += self._block_ids(n)
             else:  # pragma: no cover - the parser makes no other line nodes
                 raise TypeError(type(n).__name__)
+        return out
 
-    def _encode_block(self, b: Block, out: list[int]) -> None:
-        out.append(self.tag_id(Tag.PARALLEL_OPEN))
+    def _block_ids(self, b: Block) -> list[int]:
+        """A (valid) block as inference lays it out: the outline list as written, then :meth:`join` of
+        its threads, each re-headed with :meth:`thread_header` and the rest of its text encoded."""
         k = next(i for i, p in enumerate(b.parts) if isinstance(p, Outlines))
-        for p in b.parts[: k + 1]:  # generated as written: gaps, the outline list
-            out += render_ids_text(p, self)
-        out += self._fork_gap_ids
-        for j, t in enumerate(b.threads):
-            if j:
-                out += self._sep_ids
-            first = t.body[0].content
-            m = _HEAD.match(first)
-            out += self.thread_header(int(m.group(1)))
-            rest = first[m.end() :]
-            if rest:
-                out += self.encode(rest)
-            self._encode_line(t.body[1:], out)
-            out.append(self.tag_id(Tag.THREAD_CLOSE))
-        out += self._join_gap_ids
-        out.append(self.tag_id(Tag.PARALLEL_CLOSE))
+        generated = self.atom_ids(a for p in b.parts[: k + 1] for a in iter_atoms(p))  # gaps, the outline list
+        threads = []
+        for t in b.threads:
+            number, rest = split_number(t.body[0].content)
+            completion = (self.encode(rest) if rest else []) + self._line_ids(t.body[1:])
+            threads.append((number, completion + [self.tag_id(Tag.THREAD_CLOSE)]))
+        return self.join([self.tag_id(Tag.PARALLEL_OPEN), *generated], threads)
 
 
-def render_ids_text(node, fmt: TokenFormat) -> list[int]:
-    """Ids of a text node with each content run encoded on its own (tags as ids)."""
-    from threadweaver_verl.format.tree import iter_atoms
+def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> tuple[int, ...]:
+    """Every id that ends a response, as vLLM stops: the tokenizer's ``eos_token_id`` first, then each
+    ``eos_token_id`` of the model's generation config (Qwen3's adds ``<|endoftext|>``), which vLLM adds
+    to every request's stop ids.
 
-    out: list[int] = []
-    for a in iter_atoms(node):
-        out += [fmt.tag_id(a)] if isinstance(a, Tag) else fmt.encode(a)
-    return out
+    ``generation_config``: a ``transformers.GenerationConfig`` (or anything with ``eos_token_id``), a
+    mapping, a model folder or hub id; None reads the tokenizer's own folder
+    (``tokenizer.name_or_path``), which is the model's when they are saved together. A model without
+    a generation config adds nothing, as in vLLM."""
+    ids: list[int] = []
+    first = _id_list(getattr(tokenizer, "eos_token_id", None))
+    if not first:
+        raise ValueError("the tokenizer has no eos_token_id; set one (e.g. '<|im_end|>') before using ThreadWeaver")
+    source = generation_config if generation_config is not None else getattr(tokenizer, "name_or_path", None)
+    for i in first + _id_list(_generation_eos(source)):
+        if i not in ids:
+            ids.append(i)
+    return tuple(ids)
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _generation_eos(source: Any) -> Any:
+    """The ``eos_token_id`` of a generation config given as an object, a mapping or where to load it."""
+    if source is None or source == "":
+        return None
+    if isinstance(source, Mapping):
+        return source.get("eos_token_id")
+    if not isinstance(source, (str, os.PathLike)):
+        return source.eos_token_id
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        file = os.path.join(path, "generation_config.json")
+        if not os.path.isfile(file):
+            return None
+        with open(file, encoding="utf-8") as f:
+            return json.load(f).get("eos_token_id")
+    from transformers import GenerationConfig
+
+    try:  # a hub id: the hub's (or the local cache's) generation_config.json, if the model has one
+        return GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        return None

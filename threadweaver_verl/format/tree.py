@@ -11,7 +11,7 @@ validator's question (:mod:`threadweaver_verl.format.validate`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -284,8 +284,13 @@ def iter_atoms(node) -> Iterator[Atom]:
         raise TypeError(f"not a trajectory node: {type(node).__name__}")
 
 
+def atoms_text(atoms: Iterable[Atom]) -> str:
+    """The text of text atoms (a tag as its string)."""
+    return "".join(a.value if isinstance(a, Tag) else a for a in atoms)
+
+
 def render_text(node) -> str:
-    return "".join(a.value if isinstance(a, Tag) else a for a in iter_atoms(node))
+    return atoms_text(iter_atoms(node))
 
 
 def render_ids(node, vocab: TagVocab) -> list[int]:

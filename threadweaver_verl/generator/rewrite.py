@@ -19,14 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from threadweaver_verl.format import (
-    Block,
+    BlockLayout,
     Limits,
     Marker,
-    Outline,
-    Outlines,
     Span,
     Tag,
-    Thread,
     TokenFormat,
     Trajectory,
     compute_stats,
@@ -35,6 +32,7 @@ from threadweaver_verl.format import (
     validate,
 )
 from threadweaver_verl.format.tags import TAG_PATTERN
+from threadweaver_verl.format.tree import parse_atoms
 from threadweaver_verl.generator.inputs import SplitTrace
 
 
@@ -271,22 +269,6 @@ def check_outlines(obj: dict[str, Any], shape: Sequence[int], max_chars: int) ->
 # --------------------------------------------------------------------------- assembly
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The whitespace fork/join inference inserts (TokenFormat's), so the text decodes from its own ids."""
-
-    fork_gap: str = TokenFormat.__dataclass_fields__["fork_gap"].default
-    thread_sep: str = TokenFormat.__dataclass_fields__["thread_sep"].default
-    join_gap: str = TokenFormat.__dataclass_fields__["join_gap"].default
-    header_template: str = TokenFormat.__dataclass_fields__["header_template"].default
-
-    @classmethod
-    def of(cls, fmt: TokenFormat | None) -> Layout:
-        if fmt is None:
-            return cls()
-        return cls(fmt.fork_gap, fmt.thread_sep, fmt.join_gap, fmt.header_template)
-
-
 def unit_range(steps: Sequence[Step], first_step: int, last_step: int) -> tuple[int, int]:
     return steps[first_step - 1].first_unit, steps[last_step - 1].last_unit
 
@@ -305,19 +287,6 @@ def text_before_blocks(split: SplitTrace, steps: Sequence[Step], plans: Sequence
     ]
 
 
-def _block_node(outlines: Sequence[str], threads: Sequence[str], layout: Layout) -> Block:
-    oparts: list = [Span("\n")]
-    for k, o in enumerate(outlines, start=1):
-        oparts += [Outline((Span(f"{k}: {o}"),)), Span("\n")]
-    parts: list = [Span("\n"), Outlines(tuple(oparts)), Span(layout.fork_gap)]
-    for k, t in enumerate(threads, start=1):
-        if k > 1:
-            parts.append(Span(layout.thread_sep))
-        parts.append(Thread((Span(layout.header_template.format(n=k) + " " + t),)))
-    parts.append(Span(layout.join_gap))
-    return Block(tuple(p for p in parts if not (isinstance(p, Span) and p.content == "")))
-
-
 def assemble(
     split: SplitTrace,
     steps: Sequence[Step],
@@ -325,9 +294,13 @@ def assemble(
     threads: Sequence[Sequence[str]],
     outlines: Sequence[Sequence[str]],
     final: str,
-    layout: Layout = Layout(),
+    layout: BlockLayout | None = None,
 ) -> Trajectory:
-    """The parallel trajectory: ``<think>``, sequential text and blocks in trace order, ``</think>``, ``final``."""
+    """The parallel trajectory: ``<think>``, sequential text and blocks in trace order, ``</think>``, ``final``.
+    Each block is the format's :meth:`BlockLayout.block_atoms` (``layout``: the TokenFormat's, so the text
+    decodes from its own ids), thread ``k`` reading ``" " + threads[k-1]`` after its header. It is built
+    from atoms, not parsed from text, so a tag hidden in a text shows as a mismatch in :func:`check_trajectory`."""
+    layout = layout or BlockLayout()
     body: list = [Marker(Tag.THINK_OPEN)]
     pending = "\n"
     unit = 0
@@ -336,7 +309,8 @@ def assemble(
         if start > unit:
             pending += split.join(unit, start - 1) + "\n"
         body.append(Span(pending))
-        body.append(_block_node(outs, ths, layout))
+        (block,) = parse_atoms(layout.block_atoms(outs, [" " + t for t in ths])).body
+        body.append(block)
         pending = "\n"
         unit = end + 1
     if unit < len(split.units):

@@ -40,7 +40,6 @@ from threadweaver_verl.generator.inputs import InputError, SourceSample, load_sa
 from threadweaver_verl.generator.llm import ChatLLM, LLMConfig, LLMError, Usage
 from threadweaver_verl.generator.records import RecordStore
 from threadweaver_verl.generator.rewrite import (
-    Layout,
     PlanError,
     assemble,
     check_blocks,
@@ -218,7 +217,7 @@ async def _rewrite(run: _Run, s: SourceSample, usage: Usage, rec: dict[str, Any]
         usage,
     )
 
-    traj = assemble(split, steps, plans, edited, outlines, final, Layout.of(run.fmt))
+    traj = assemble(split, steps, plans, edited, outlines, final, run.fmt.layout if run.fmt is not None else None)
     try:
         checked = check_trajectory(traj, run.limits, run.fmt)
     except PlanError as e:

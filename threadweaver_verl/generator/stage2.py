@@ -11,7 +11,8 @@ it, per problem:
   did not have to intervene, the main line ended on EOS); **correct** means
   math-verify accepts its final answer;
 * the trajectories that are format-valid, correct, have at least ``min_blocks``
-  blocks and whose text re-encodes to exactly the sampled ids
+  parallel blocks (:func:`parallel_blocks`, under the format's ``Limits``) and
+  whose text re-encodes to exactly the sampled ids
   (``data.chat.response_ids(fmt, text) == ids``) are candidates; ``selection``
   picks the kept ones: ``shortest_critical_path`` (default), ``all_correct``
   (identical responses once) or ``random_one`` (seeded per problem);
@@ -67,7 +68,8 @@ class Stage2Config(EvalConfig):
     seed: int = 0
     """Seed of ``random_one`` (combined with the problem key, so a resumed run picks the same)."""
     min_blocks: int = 0
-    """Candidates need at least this many parallel blocks (0: sequential-only answers count too)."""
+    """Candidates need at least this many parallel blocks (0: sequential-only answers count too). A block
+    counts when the format accepts it as parallel: 2+ threads, or 1 with ``Limits.single_thread_blocks``."""
     chunk_size: int = 32
     """Problems sampled per batch; each finished batch is written before the next starts."""
     record_responses: bool = False
@@ -120,6 +122,14 @@ def _judge(rec: dict[str, Any], fmt, record_response: bool) -> tuple[dict[str, A
     return s, {"sample": rec["sample"], "response": text, "response_ids": ids, "stats": stats}
 
 
+def parallel_blocks(stats: dict[str, Any], limits) -> int:
+    """The blocks of a trajectory that count towards ``min_blocks``: those the format accepts as parallel
+    under ``limits`` (the validator's :class:`~threadweaver_verl.format.Limits`): two threads or more, or
+    one where ``single_thread_blocks`` allows it. A block with no thread never counts."""
+    least = 1 if limits.single_thread_blocks else 2
+    return sum(1 for threads in stats.get("threads_per_block") or () if threads >= least)
+
+
 def select(candidates: Sequence[dict[str, Any]], policy: str, seed: int, key: str) -> list[dict[str, Any]]:
     """The kept candidates of one problem under ``policy``."""
     if not candidates:
@@ -146,7 +156,7 @@ def problem_record(
     row: dict[str, Any], key: str, samples: Sequence[dict[str, Any]], fmt, cfg: Stage2Config
 ) -> dict[str, Any]:
     judged = [_judge(r, fmt, cfg.record_responses) for r in sorted(samples, key=lambda r: r["sample"])]
-    candidates = [c for s, c in judged if c is not None and (s["num_blocks"] or 0) >= cfg.min_blocks]
+    candidates = [c for _, c in judged if c is not None and parallel_blocks(c["stats"], fmt.limits) >= cfg.min_blocks]
     return {
         "id": key,
         "index": row["extra_info"]["index"],

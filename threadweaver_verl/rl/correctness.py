@@ -35,6 +35,7 @@ Extraction is a single linear pass, so huge responses cost O(length).
 from __future__ import annotations
 
 import atexit
+import enum
 import json
 import logging
 import os
@@ -50,25 +51,34 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ANSWER_RULES = ("boxed_after_think", "last_boxed_anywhere")
+
+class AnswerRule(enum.StrEnum):
+    """Where the final answer is looked for (see the module docstring)."""
+
+    BOXED_AFTER_THINK = "boxed_after_think"
+    LAST_BOXED_ANYWHERE = "last_boxed_anywhere"
+
+
 THINK_CLOSE = "</think>"
 
-# Every AnswerCheck.status:
-OK = "ok"  # math-verify judged the answer (correct or not)
-NO_ANSWER = "no_answer"  # no complete \boxed{} where the rule looks (or no </think>)
-UNPARSEABLE = "unparseable"  # math-verify could not read the boxed answer
-ANSWER_TOO_LONG = "answer_too_long"  # boxed content longer than max_answer_chars: not sent to math-verify
-TIMEOUT = "timeout"  # math-verify missed the deadline; the worker was killed
-ERROR = "error"  # math-verify raised, or the worker crashed / could not start
-BAD_GROUND_TRUTH = "bad_ground_truth"  # the dataset's ground truth is empty or unreadable by math-verify
-STATUSES = (OK, NO_ANSWER, UNPARSEABLE, ANSWER_TOO_LONG, TIMEOUT, ERROR, BAD_GROUND_TRUTH)
+
+class AnswerStatus(enum.StrEnum):
+    """Every ``AnswerCheck.status``."""
+
+    OK = "ok"  # math-verify judged the answer (correct or not)
+    NO_ANSWER = "no_answer"  # no complete \boxed{} where the rule looks (or no </think>)
+    UNPARSEABLE = "unparseable"  # math-verify could not read the boxed answer
+    ANSWER_TOO_LONG = "answer_too_long"  # boxed content longer than max_answer_chars: not sent to math-verify
+    TIMEOUT = "timeout"  # math-verify missed the deadline; the worker was killed
+    ERROR = "error"  # math-verify raised, or the worker crashed / could not start
+    BAD_GROUND_TRUTH = "bad_ground_truth"  # the dataset's ground truth is empty or unreadable by math-verify
 
 
 @dataclass
 class CorrectnessConfig:
     """How the final answer is found and judged."""
 
-    answer_rule: str = "boxed_after_think"  # or "last_boxed_anywhere"; see the module docstring
+    answer_rule: str = AnswerRule.BOXED_AFTER_THINK.value  # or "last_boxed_anywhere" (AnswerRule; module docstring)
     timeout_s: float = 5.0  # wall-clock bound of one math-verify check (parse both + verify)
     max_answer_chars: int = 1000  # longer boxed contents are not sent to math-verify (status answer_too_long)
     num_workers: int = 1  # verifier processes per Python process (verl runs several reward actors already)
@@ -78,8 +88,10 @@ class CorrectnessConfig:
     strict: bool = True  # passed to math_verify.verify
 
     def __post_init__(self) -> None:
-        if self.answer_rule not in ANSWER_RULES:
-            raise ValueError(f"CorrectnessConfig.answer_rule={self.answer_rule!r}: choose one of {ANSWER_RULES}")
+        if self.answer_rule not in tuple(AnswerRule):
+            raise ValueError(
+                f"CorrectnessConfig.answer_rule={self.answer_rule!r}: choose one of {[r.value for r in AnswerRule]}"
+            )
         if not self.timeout_s > 0:
             raise ValueError(f"CorrectnessConfig.timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.num_workers < 1:
@@ -92,7 +104,7 @@ class CorrectnessConfig:
 class AnswerCheck:
     correct: bool
     extracted: str | None  # the boxed content the rule found (None when there is none)
-    status: str  # one of STATUSES
+    status: AnswerStatus
     detail: str = ""  # human-readable reason for a non-ok status
 
 
@@ -122,15 +134,15 @@ def last_boxed(text: str) -> str | None:
 
 def answer_region(text: str, rule: str) -> str | None:
     """The part of the response the answer rule looks in (None: no final answer section)."""
-    if rule == "boxed_after_think":
+    if rule == AnswerRule.BOXED_AFTER_THINK:
         cut = text.find(THINK_CLOSE)
         return None if cut < 0 else text[cut + len(THINK_CLOSE) :]
-    if rule == "last_boxed_anywhere":
+    if rule == AnswerRule.LAST_BOXED_ANYWHERE:
         return text
-    raise ValueError(f"unknown answer rule {rule!r}; choose one of {ANSWER_RULES}")
+    raise ValueError(f"unknown answer rule {rule!r}; choose one of {[r.value for r in AnswerRule]}")
 
 
-def extract_answer(text: str, rule: str = "boxed_after_think") -> str | None:
+def extract_answer(text: str, rule: str = AnswerRule.BOXED_AFTER_THINK) -> str | None:
     region = answer_region(text, rule)
     return None if region is None else last_boxed(region)
 
@@ -332,7 +344,7 @@ def _gold_request(ground_truth: str) -> tuple[str, str | None]:
 
 
 def _finish(check: AnswerCheck) -> AnswerCheck:
-    _COUNTERS.bump(check.status)
+    _COUNTERS.bump(str(check.status))
     return check
 
 
@@ -340,25 +352,27 @@ def check_answer(response_text: str, ground_truth: str, config: CorrectnessConfi
     """Judge the final answer of ``response_text`` against ``ground_truth``. Never raises on model output."""
     cfg = config or CorrectnessConfig()
     if not isinstance(response_text, str):
-        return _finish(AnswerCheck(False, None, ERROR, f"response is {type(response_text).__name__}, not str"))
+        return _finish(
+            AnswerCheck(False, None, AnswerStatus.ERROR, f"response is {type(response_text).__name__}, not str")
+        )
     if ground_truth is None or not str(ground_truth).strip():
-        return _finish(AnswerCheck(False, None, BAD_GROUND_TRUTH, "empty ground truth"))
+        return _finish(AnswerCheck(False, None, AnswerStatus.BAD_GROUND_TRUTH, "empty ground truth"))
     extracted = extract_answer(response_text, cfg.answer_rule)
     if extracted is None:
         why = (
             "no </think> in the response (rule boxed_after_think)"
-            if cfg.answer_rule == "boxed_after_think" and THINK_CLOSE not in response_text
+            if cfg.answer_rule == AnswerRule.BOXED_AFTER_THINK and THINK_CLOSE not in response_text
             else "no complete \\boxed{} where the answer rule looks"
         )
-        return _finish(AnswerCheck(False, None, NO_ANSWER, why))
+        return _finish(AnswerCheck(False, None, AnswerStatus.NO_ANSWER, why))
     if not extracted.strip():
-        return _finish(AnswerCheck(False, extracted, UNPARSEABLE, "empty \\boxed{}"))
+        return _finish(AnswerCheck(False, extracted, AnswerStatus.UNPARSEABLE, "empty \\boxed{}"))
     if len(extracted) > cfg.max_answer_chars:
         return _finish(
             AnswerCheck(
                 False,
                 extracted[: cfg.max_answer_chars],
-                ANSWER_TOO_LONG,
+                AnswerStatus.ANSWER_TOO_LONG,
                 f"boxed answer has {len(extracted)} chars > max_answer_chars={cfg.max_answer_chars}",
             )
         )
@@ -378,24 +392,31 @@ def check_answer(response_text: str, ground_truth: str, config: CorrectnessConfi
         reply = verifier.check(request, cfg.timeout_s)
     except _WorkerDied as e:
         logger.warning("math-verify worker failed on answer %.80r: %s", extracted, e)
-        return _finish(AnswerCheck(False, extracted, ERROR, str(e)))
+        return _finish(AnswerCheck(False, extracted, AnswerStatus.ERROR, str(e)))
     except Exception as e:  # noqa: BLE001 - never raise into the trainer
         verifier.kill()
         logger.warning("math-verify check failed on answer %.80r: %s", extracted, e)
-        return _finish(AnswerCheck(False, extracted, ERROR, f"{type(e).__name__}: {e}"))
+        return _finish(AnswerCheck(False, extracted, AnswerStatus.ERROR, f"{type(e).__name__}: {e}"))
     finally:
         pool.free.put(verifier)
 
     if reply is None:
         logger.warning("math-verify exceeded %.1fs on answer %.80r; worker killed", cfg.timeout_s, extracted)
-        return _finish(AnswerCheck(False, extracted, TIMEOUT, f"math-verify exceeded {cfg.timeout_s}s"))
+        return _finish(AnswerCheck(False, extracted, AnswerStatus.TIMEOUT, f"math-verify exceeded {cfg.timeout_s}s"))
     if "error" in reply:
-        return _finish(AnswerCheck(False, extracted, ERROR, reply["error"]))
+        return _finish(AnswerCheck(False, extracted, AnswerStatus.ERROR, reply["error"]))
     if not reply["gold_parsed"]:
         logger.warning("math-verify cannot read the ground truth %.80r", ground_truth)
         return _finish(
-            AnswerCheck(False, extracted, BAD_GROUND_TRUTH, f"math-verify cannot parse ground truth {ground_truth!r}")
+            AnswerCheck(
+                False,
+                extracted,
+                AnswerStatus.BAD_GROUND_TRUTH,
+                f"math-verify cannot parse ground truth {ground_truth!r}",
+            )
         )
     if not reply["pred_parsed"]:
-        return _finish(AnswerCheck(False, extracted, UNPARSEABLE, "math-verify could not parse the boxed answer"))
-    return _finish(AnswerCheck(bool(reply["correct"]), extracted, OK))
+        return _finish(
+            AnswerCheck(False, extracted, AnswerStatus.UNPARSEABLE, "math-verify could not parse the boxed answer")
+        )
+    return _finish(AnswerCheck(bool(reply["correct"]), extracted, AnswerStatus.OK))

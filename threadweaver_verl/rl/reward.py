@@ -51,6 +51,7 @@ which drops ``</think>`` for tokenizers that register the tags as special tokens
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import json
 import math
@@ -58,9 +59,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from threadweaver_verl.rl.correctness import ERROR, TIMEOUT, AnswerCheck, CorrectnessConfig, check_answer
+from threadweaver_verl.rl.correctness import AnswerCheck, AnswerStatus, CorrectnessConfig, check_answer
 
-ACCELERATION_FORMS = ("one_minus_ratio", "ratio_minus_one", "none")
+
+class Acceleration(enum.StrEnum):
+    """``RewardConfig.acceleration``: the form of the acceleration bonus (see the module docstring)."""
+
+    ONE_MINUS_RATIO = "one_minus_ratio"  # factor * min(1 - L/T, clip): the reference code
+    RATIO_MINUS_ONE = "ratio_minus_one"  # factor * min(T/L - 1, clip): the reference README
+    NONE = "none"  # no bonus
+
+
+class AnswerSource(enum.StrEnum):
+    """The extras' ``answer_source``: the text the final answer was read from."""
+
+    SOLUTION_STR = "solution_str"  # verl's decoded response (tags dropped)
+    RESPONSE_TEXT = "response_text"  # the agent loop's response text, tags kept
+    RESPONSE_IDS = "response_ids"  # decoded from the response ids
+
+
+class StatsSource(enum.StrEnum):
+    """The extras' ``stats_source``: where T, L and the format check came from."""
+
+    EXTRA_FIELDS = "extra_fields"  # the agent loop's per-trajectory stats
+    RESPONSE_IDS = "response_ids"  # measured from the response ids
+    NONE = "none"  # no stats: no bonus
+
+
 STATS_KEY = "threadweaver"  # extra_info[STATS_KEY]: the agent loop's per-trajectory stats
 STATS_KEYS = ("total_tokens", "critical_path", "num_blocks", "num_threads", "format_ok")  # required in it
 # Keyword arguments verl itself may add to a compute_score call; accepted and ignored.
@@ -73,7 +98,7 @@ class RewardConfig:
 
     correct_score: float = 1.0  # paid for a correct final answer
     wrong_score: float = 0.0  # wrong / missing / unverifiable answer; the reference code uses -1.0
-    acceleration: str = "one_minus_ratio"  # or "ratio_minus_one" (reference README) or "none"
+    acceleration: str = Acceleration.ONE_MINUS_RATIO.value  # or "ratio_minus_one" or "none" (Acceleration)
     acceleration_factor: float = 0.5
     acceleration_clip: float = 0.2  # cap on the ratio term before the factor
     bonus_requires_format_ok: bool = True  # no bonus for a trajectory whose format is invalid
@@ -84,8 +109,10 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if isinstance(self.correctness, dict):
             self.correctness = CorrectnessConfig(**self.correctness)
-        if self.acceleration not in ACCELERATION_FORMS:
-            raise ValueError(f"RewardConfig.acceleration={self.acceleration!r}: choose one of {ACCELERATION_FORMS}")
+        if self.acceleration not in tuple(Acceleration):
+            raise ValueError(
+                f"RewardConfig.acceleration={self.acceleration!r}: choose one of {[a.value for a in Acceleration]}"
+            )
         if self.acceleration_clip < 0 or self.acceleration_factor < 0:
             raise ValueError("RewardConfig.acceleration_factor and acceleration_clip must be >= 0")
         if self.format_penalty < 0:
@@ -95,11 +122,11 @@ class RewardConfig:
 def acceleration_bonus(total_tokens: int, critical_path: int, cfg: RewardConfig) -> float:
     """The bonus for a correct answer with T = ``total_tokens`` and L = ``critical_path``."""
     t, cp = int(total_tokens), int(critical_path)
-    if cfg.acceleration == "none" or t <= 0 or cp <= 0:
+    if cfg.acceleration == Acceleration.NONE or t <= 0 or cp <= 0:
         return 0.0
     if cp > t:
         raise ValueError(f"critical path L={cp} exceeds total tokens T={t}: the stats are inconsistent")
-    ratio = 1.0 - cp / t if cfg.acceleration == "one_minus_ratio" else t / cp - 1.0
+    ratio = 1.0 - cp / t if cfg.acceleration == Acceleration.ONE_MINUS_RATIO else t / cp - 1.0
     return cfg.acceleration_factor * min(ratio, cfg.acceleration_clip)
 
 
@@ -206,25 +233,25 @@ def score_response(
     if tw is not None and not isinstance(tw, dict):
         raise ValueError(f"extra_info[{STATS_KEY!r}] must be a dict of trajectory stats, got {type(tw).__name__}")
     tw = tw or {}
-    answer_text, answer_source = solution_str, "solution_str"
+    answer_text, answer_source = solution_str, AnswerSource.SOLUTION_STR
     if tw.get("response_text") is not None:
-        answer_text, answer_source = str(tw["response_text"]), "response_text"
+        answer_text, answer_source = str(tw["response_text"]), AnswerSource.RESPONSE_TEXT
 
     ids = tw.get("response_ids", response_ids)
     if any(k in tw for k in STATS_KEYS):
-        stats, stats_source = _stats_from_fields(tw), "extra_fields"
+        stats, stats_source = _stats_from_fields(tw), StatsSource.EXTRA_FIELDS
     elif ids is not None:
         stats, decoded = _stats_from_ids(ids, cfg)
-        stats_source = "response_ids"
-        if answer_source == "solution_str":
-            answer_text, answer_source = decoded, "response_ids"
+        stats_source = StatsSource.RESPONSE_IDS
+        if answer_source == AnswerSource.SOLUTION_STR:
+            answer_text, answer_source = decoded, AnswerSource.RESPONSE_IDS
     else:
-        stats, stats_source = _no_stats(), "none"
+        stats, stats_source = _no_stats(), StatsSource.NONE
 
     check: AnswerCheck = check_answer(answer_text, "" if ground_truth is None else str(ground_truth), cfg.correctness)
 
     bonus = 0.0
-    if check.correct and stats_source != "none" and (stats["format_ok"] or not cfg.bonus_requires_format_ok):
+    if check.correct and stats_source != StatsSource.NONE and (stats["format_ok"] or not cfg.bonus_requires_format_ok):
         bonus = acceleration_bonus(stats["T"], stats["L"], cfg)
     penalty = cfg.format_penalty if stats["format_ok"] is False else 0.0
     score = (cfg.correct_score + bonus if check.correct else cfg.wrong_score) - penalty
@@ -236,10 +263,10 @@ def score_response(
         "acc": 1.0 if check.correct else 0.0,  # verl's val-core metric key
         "correct": bool(check.correct),
         "pred": check.extracted if check.extracted is not None else "",  # verl's majority-vote key
-        "answer_status": check.status,
-        "answer_source": answer_source,
-        "verify_timeout": 1.0 if check.status == TIMEOUT else 0.0,
-        "verify_error": 1.0 if check.status == ERROR else 0.0,
+        "answer_status": str(check.status),
+        "answer_source": str(answer_source),
+        "verify_timeout": 1.0 if check.status == AnswerStatus.TIMEOUT else 0.0,
+        "verify_error": 1.0 if check.status == AnswerStatus.ERROR else 0.0,
         "acceleration_bonus": float(bonus),
         "format_penalty": float(penalty),
         "T": t,
@@ -249,7 +276,7 @@ def score_response(
         "threads": stats["threads"],
         "format_ok": stats["format_ok"],
         "termination": stats["termination"],
-        "stats_source": stats_source,
+        "stats_source": str(stats_source),
     }
 
 

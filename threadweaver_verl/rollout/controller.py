@@ -58,20 +58,20 @@ no fallback to plain generation.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from threadweaver_verl.format import (
-    SEQUENTIAL,
-    THREAD,
     Block,
     FormatError,
     Marker,
     Outline,
     Outlines,
     Request,
+    RequestKind,
     Tag,
     Thread,
     TokenFormat,
@@ -80,39 +80,46 @@ from threadweaver_verl.format import (
     outline_numbers,
 )
 from threadweaver_verl.format.tree import id_atoms, parse_atoms
-from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, Engine, EngineError
+from threadweaver_verl.rollout.engine import Completion, Engine, EngineError, Finish
 
-# --------------------------------------------------------------------------- reasons (stable strings)
-TRUNCATED = "truncated"  # a line ended on a length limit and was closed by the controller
-EOS_IN_THREAD = "eos_in_thread"  # EOS inside a thread: replaced by the thread's closing
-CLOSED_AT_EOS = "closed_at_eos"  # EOS on the main line with structure open: closed before EOS
-EMPTY_COMPLETION = "empty_completion"  # the engine returned no ids: the line was closed
-THREAD_BREAKOUT = "thread_breakout"  # a thread wrote <Thread>/</Parallel> of its block: cut there
-STRAY_STOP = "stray_stop"  # a stop id that forked nothing and closed no thread: generation went on
-IMPLICIT_CLOSE = "implicit_close"  # a tag ended open elements without their closing tag: cut there,
-#                                    the closing tags added, generation went on
-OUTLINE_NUMBERS_DROPPED = "outline_numbers_dropped"  # non-numeric / out-of-range outline numbers
-OUTLINE_NUMBERS_DEDUPLICATED = "outline_numbers_deduplicated"  # repeated outline numbers
-OUTLINE_NUMBERS_RENUMBERED = "outline_numbers_renumbered"  # by_position policy changed a number
-TOKENS_AFTER_STOP = "tokens_after_stop_dropped"  # the engine returned ids after a stop id
-ENGINE_OVERRUN = "engine_overrun"  # the engine returned more than max_tokens ids
-CLOSING_TRIMMED = "closing_trimmed"  # generated ids dropped to make room for the closing tags
-ENGINE_STOP_WITHOUT_STOP_ID = "engine_stop_without_stop_id"  # finish "stop" but no stop id last
-BUDGET_RESPONSE = "budget:max_response_tokens"
-BUDGET_THREAD = "budget:max_thread_tokens"
-BUDGET_THREADS_PER_BLOCK = "budget:max_threads_per_block"
-BUDGET_BLOCKS = "budget:max_blocks"
-BUDGET_REQUESTS = "budget:max_requests"
+
+class Reason(enum.StrEnum):
+    """Why the controller intervened (``ControllerEvent.reason``, ``RolloutResult.terminations``)."""
+
+    TRUNCATED = "truncated"  # a line ended on a length limit and was closed by the controller
+    EOS_IN_THREAD = "eos_in_thread"  # EOS inside a thread: replaced by the thread's closing
+    CLOSED_AT_EOS = "closed_at_eos"  # EOS on the main line with structure open: closed before EOS
+    EMPTY_COMPLETION = "empty_completion"  # the engine returned no ids: the line was closed
+    THREAD_BREAKOUT = "thread_breakout"  # a thread wrote <Thread>/</Parallel> of its block: cut there
+    STRAY_STOP = "stray_stop"  # a stop id that forked nothing and closed no thread: generation went on
+    IMPLICIT_CLOSE = "implicit_close"  # a tag ended open elements without their closing tag: cut there,
+    #                                    the closing tags added, generation went on
+    OUTLINE_NUMBERS_DROPPED = "outline_numbers_dropped"  # non-numeric / out-of-range outline numbers
+    OUTLINE_NUMBERS_DEDUPLICATED = "outline_numbers_deduplicated"  # repeated outline numbers
+    OUTLINE_NUMBERS_RENUMBERED = "outline_numbers_renumbered"  # by_position policy changed a number
+    TOKENS_AFTER_STOP = "tokens_after_stop_dropped"  # the engine returned ids after a stop id
+    ENGINE_OVERRUN = "engine_overrun"  # the engine returned more than max_tokens ids
+    CLOSING_TRIMMED = "closing_trimmed"  # generated ids dropped to make room for the closing tags
+    ENGINE_STOP_WITHOUT_STOP_ID = "engine_stop_without_stop_id"  # finish "stop" but no stop id last
+    BUDGET_RESPONSE = "budget:max_response_tokens"
+    BUDGET_THREAD = "budget:max_thread_tokens"
+    BUDGET_THREADS_PER_BLOCK = "budget:max_threads_per_block"
+    BUDGET_BLOCKS = "budget:max_blocks"
+    BUDGET_REQUESTS = "budget:max_requests"
+
 
 # Interventions after which one line spans several Requests where the splitter sees one: a result
 # with any of them is not expected to equal split_requests even when it is format-valid.
-LINE_SPLITTING = frozenset({STRAY_STOP, IMPLICIT_CLOSE})
+LINE_SPLITTING = frozenset({Reason.STRAY_STOP, Reason.IMPLICIT_CLOSE})
 
-# Request.finish values set by the controller
-FINISH_EOS = "eos"  # the completion ended on EOS
-FINISH_FORCED = "forced"  # no engine call: the completion is only controller-inserted closing ids
 
-OUTLINE_POLICIES = ("as_written", "by_position")
+class OutlineNumbers(enum.StrEnum):
+    """``ControllerConfig.outline_numbers``: how a block's outlines become threads."""
+
+    AS_WRITTEN = "as_written"
+    BY_POSITION = "by_position"
+
+
 RESERVED_SAMPLING_KEYS = frozenset({"max_tokens", "max_new_tokens", "stop_token_ids", "stop", "n"})
 
 
@@ -136,10 +143,10 @@ class ControllerConfig:
     block does not stop at ``</Outlines>`` (what the model writes there is kept; validate flags it)."""
     fork: bool = True
     """False = sequential baseline: one line, stop only at EOS, ``</Outlines>`` is not a stop."""
-    outline_numbers: str = "as_written"
-    """How a block's outlines become threads. ``as_written``: thread n for each outline numbered n, in
-    outline order, dropping non-numeric numbers, numbers outside 1..(number of outlines) and repeats.
-    ``by_position``: threads 1..k for the k outlines whatever they say."""
+    outline_numbers: str = OutlineNumbers.AS_WRITTEN.value
+    """How a block's outlines become threads (:class:`OutlineNumbers`). ``as_written``: thread n for each
+    outline numbered n, in outline order, dropping non-numeric numbers, numbers outside 1..(number of
+    outlines) and repeats. ``by_position``: threads 1..k for the k outlines whatever they say."""
     join_reserve_tokens: int = 0
     """Response tokens held back from a block's threads for the text after its join (when they fit)."""
     close_reserve_tokens: int = 4
@@ -161,23 +168,25 @@ class ControllerConfig:
         for name in ("join_reserve_tokens", "close_reserve_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ControllerConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.outline_numbers not in OUTLINE_POLICIES:
+        if self.outline_numbers not in tuple(OutlineNumbers):
             raise ValueError(
-                f"ControllerConfig.outline_numbers={self.outline_numbers!r}; choose one of {OUTLINE_POLICIES}"
+                f"ControllerConfig.outline_numbers={self.outline_numbers!r}; "
+                f"choose one of {[p.value for p in OutlineNumbers]}"
             )
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"ControllerConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
 
 
 class RolloutError(EngineError):
-    """A trajectory failed because an engine call failed (exception, abort or timeout)."""
+    """A trajectory failed because an engine call failed (exception, abort, timeout, or an answer that
+    breaks the engine contract)."""
 
 
 @dataclass(frozen=True)
 class ControllerEvent:
     """One intervention of the controller: what (``reason``), where (``path`` as in Request.path)."""
 
-    reason: str
+    reason: Reason
     path: tuple[int, ...] = ()
     detail: str = ""
 
@@ -187,7 +196,7 @@ class EngineCall:
     """One engine call, for metrics and tests (times are seconds since the trajectory started)."""
 
     path: tuple[int, ...]
-    kind: str
+    kind: RequestKind
     prompt_tokens: int
     max_tokens: int
     completion_tokens: int  # as returned by the engine, before any cut
@@ -204,7 +213,7 @@ class RolloutResult:
     requests: list[Request]  # in split_requests order; logprobs / finish / forced set
     stats: TrajectoryStats
     format_errors: list[FormatError]
-    terminations: list[str]  # distinct reasons of ``events``, in order of first occurrence
+    terminations: list[Reason]  # distinct reasons of ``events``, in order of first occurrence
     wall_time_s: float
     events: list[ControllerEvent] = field(default_factory=list)
     calls: list[EngineCall] = field(default_factory=list)
@@ -217,7 +226,7 @@ class RolloutResult:
     @property
     def ended_normally(self) -> bool:
         """No intervention was needed and the main line ended on EOS."""
-        return not self.events and bool(self.requests) and self.requests[-1].finish == FINISH_EOS
+        return not self.events and bool(self.requests) and self.requests[-1].finish == Finish.EOS
 
     @property
     def num_engine_calls(self) -> int:
@@ -248,8 +257,8 @@ class RolloutResult:
             "stats": self.stats.as_dict(),
             "valid": self.valid,
             "format_errors": [str(e) for e in self.format_errors],
-            "terminations": list(self.terminations),
-            "events": [{"reason": e.reason, "path": list(e.path), "detail": e.detail} for e in self.events],
+            "terminations": [str(t) for t in self.terminations],
+            "events": [{"reason": str(e.reason), "path": list(e.path), "detail": e.detail} for e in self.events],
             "num_requests": len(self.requests),
             "num_engine_calls": self.num_engine_calls,
             "prompt_tokens": self.prompt_tokens,
@@ -258,7 +267,7 @@ class RolloutResult:
             "thread_requests": [
                 {"prompt_tokens": c.prompt_tokens, "cached_tokens": c.cached_tokens}
                 for c in self.calls
-                if c.kind == THREAD
+                if c.kind == RequestKind.THREAD
             ],
             "wall_time_s": self.wall_time_s,
         }
@@ -274,17 +283,180 @@ class _Run:
         self.sampling = sampling
         self.calls_left = max_requests
         self.blocks_used = 0
-        self.stop_reason: str | None = None
+        self.stop_reason: Reason | None = None
         self.events: list[ControllerEvent] = []
         self.calls: list[EngineCall] = []
         self.t0 = time.perf_counter()
 
-    def note(self, reason: str, path: tuple, detail: str = "") -> None:
+    def note(self, reason: Reason, path: tuple, detail: str = "") -> None:
         self.events.append(ControllerEvent(reason, tuple(path), detail))
 
 
+@dataclass
+class _Sampled:
+    """What one request sampled, after the cuts the controller makes (a misbehaving engine's extra ids,
+    an implicit close): the ids, their log-probs (None when the engine returned none), and the request's
+    ``max_tokens``, stop ids and engine finish."""
+
+    ids: list[int]
+    logprobs: list[float] | None
+    max_tokens: int
+    stops: frozenset[int]
+    finish: str
+
+    def cut(self, n: int) -> None:
+        """Keep the first ``n`` ids."""
+        self.ids = self.ids[:n]
+        self.logprobs = self.logprobs[:n] if self.logprobs is not None else None
+
+
+@dataclass
+class _Parsed:
+    """Phase 2's reading of a line after one completion: its nodes, its Thread node (None on the main
+    line), the top-level nodes, the closing ids the controller adds to the completion, and its last id."""
+
+    nodes: tuple
+    thread: Thread | None
+    top: tuple
+    tail: list[int]
+    last: int
+
+
+class _Line:
+    """State of one line being generated: the main line (path ``()``) or a thread (from its fork context).
+
+    ``ctx`` grows by each Request's completion and by each join; ``atoms`` are the atoms of its response
+    part, kept in step (the parser merges adjacent content runs, so they are extended, never re-cut).
+    ``closing`` is what the line needs closed as it stands. Once ``ended``, ``added`` and ``requests``
+    are the line's result."""
+
+    def __init__(
+        self,
+        ctrl: ForkJoinController,
+        run: _Run,
+        start: list[int],
+        start_atoms: list,
+        path: tuple,
+        depth: int,
+        limit: int,
+        limit_reason: Reason,
+    ):
+        self.ctrl, self.run = ctrl, run
+        self.start_len = len(start)
+        self.ctx = list(start)
+        self.atoms = list(start_atoms)
+        self.path, self.depth = path, depth
+        self.limit, self.limit_reason = limit, limit_reason
+        self.is_thread = bool(path)
+        self.kind = RequestKind.THREAD if self.is_thread else RequestKind.SEQUENTIAL
+        self.requests: list[Request] = []
+        # at its start a line needs nothing closed, or a thread its </Thread>
+        self.closing: list[int] = [ctrl.tag_ids[Tag.THREAD_CLOSE]] if self.is_thread else []
+        self.ended = False
+
+    @property
+    def used(self) -> int:
+        """Tokens the line has added (of its ``limit``)."""
+        return len(self.ctx) - self.start_len
+
+    @property
+    def offset(self) -> int:
+        """Response offset where the line's next completion starts."""
+        return len(self.ctx) - len(self.run.prompt)
+
+    @property
+    def added(self) -> list[int]:
+        return self.ctx[self.start_len :]
+
+    def note(self, reason: Reason, detail: str = "") -> None:
+        self.run.note(reason, self.path, detail)
+
+    def extend(self, ids: list[int]) -> None:
+        self.ctx.extend(ids)
+        self.atoms.extend(self.ctrl.atoms(ids))
+
+    def view(self, extra: list[int]) -> tuple[tuple, Thread | None, tuple]:
+        """The line's nodes, its Thread node and the top-level nodes, with ``extra`` ids appended."""
+        return self.ctrl.view_atoms(self.atoms + self.ctrl.atoms(extra), self.path)
+
+    def closing_after(self, extra: list[int]) -> list[int]:
+        """Ids that close the line if ``extra`` is appended to it (its own ``</Thread>`` included)."""
+        return self.ctrl.closing_of(*self.view(extra))
+
+    def emit(self, ids: list[int], logprobs: list[float] | None, tail: list[int], finish: str) -> None:
+        """Record a Request: the sampled ``ids`` plus the controller's ``tail``; extend the context."""
+        completion = ids + tail
+        if completion or self.is_thread:  # the splitter emits no empty main-line request
+            self.requests.append(
+                Request(
+                    tuple(self.ctx),
+                    tuple(completion),
+                    self.kind,
+                    self.path,
+                    logprobs=tuple(logprobs) if logprobs is not None else None,
+                    finish=finish,
+                    forced=len(tail),
+                )
+            )
+        self.extend(completion)
+
+    def end(self, sampled: _Sampled, finish: str, then: Sequence[int] = ()) -> None:
+        """End the line with ``sampled`` and the closing of all it leaves open (then ``then``, a final EOS),
+        trimming generated ids if they and the closing overflow the line's limit."""
+        room = self.limit - self.used
+        tail = self.closing_after(sampled.ids) + list(then)
+        trimmed = False
+        while sampled.ids and len(sampled.ids) + len(tail) > room:
+            sampled.cut(len(sampled.ids) - 1)
+            tail = self.closing_after(sampled.ids) + list(then)
+            trimmed = True
+        if len(sampled.ids) + len(tail) > room:  # only an added final EOS can overflow: drop it
+            tail = self.closing_after([])
+        if trimmed:
+            self.note(Reason.CLOSING_TRIMMED, f"{len(tail)} closing ids")
+        self.end_closed(sampled.ids, sampled.logprobs, tail, finish)
+
+    def end_closed(self, ids: list[int], logprobs: list[float] | None, tail: list[int], finish: str) -> None:
+        """Emit the line's last completion and end it. When the closing ends a block with no thread (its
+        outline list closed, by the model or by the closing), the empty join sits between two Requests,
+        as in the splitter: the completion up to ``</Outlines>``, then the rest after the join."""
+        self.ended = True
+        nodes, _, _ = self.view(ids)
+        last = nodes[-1] if nodes else None
+        if not (
+            isinstance(last, Block)
+            and not last.closed
+            and not last.threads
+            and last.parts
+            and isinstance(last.parts[-1], Outlines)
+        ):
+            self.emit(ids, logprobs, tail, finish)
+            return
+        outlines = last.parts[-1]
+        a = (
+            0
+            if outlines.closed
+            else 1
+            + int(bool(outlines.parts) and isinstance(outlines.parts[-1], Outline) and not outlines.parts[-1].closed)
+        )
+        join = self.ctrl.empty_join
+        assert tail[a : a + len(join)] == join, "closing of an empty block must be the empty join"
+        if ids or a:
+            self.emit(ids, logprobs, tail[:a], finish)
+        self.extend(join)
+        rest = tail[a + len(join) :]
+        self.emit([], [] if rest else None, rest, Finish.FORCED)
+
+
 class ForkJoinController:
-    """Runs trajectories; stateless between runs, so one instance may serve many concurrent ``run`` calls."""
+    """Runs trajectories; stateless between runs, so one instance may serve many concurrent ``run`` calls.
+
+    A line (the main line, or a thread) runs the method's state machine, one method per phase:
+    :meth:`_sequential` (1: one request, decoded until a stop id), :meth:`_parse` (2: what the
+    completion opened and closed; the line ends here on EOS or a thread's end), :meth:`_fork`
+    (3: the threads of the block whose outline list the completion closed, concurrently),
+    :meth:`_join` (4: the threads joined in outline order into the line's context) and
+    :meth:`_continue` (5: the line goes on, or ends on a limit)."""
 
     def __init__(self, fmt: TokenFormat, config: ControllerConfig | None = None):
         self.fmt = fmt
@@ -301,14 +473,14 @@ class ForkJoinController:
                 f"format's Limits.max_threads_per_block={fmt.limits.max_threads_per_block}. Lower it "
                 "or build the TokenFormat with matching Limits."
             )
-        self._tag = {t: fmt.tag_id(t) for t in Tag}
-        self._eos = frozenset(fmt.eos_ids)
-        self._empty_join = fmt.join([], [])
+        self.tag_ids = {t: fmt.tag_id(t) for t in Tag}
+        self.eos = frozenset(fmt.eos_ids)
+        self.empty_join = fmt.join([], [])
         self._close_of = {
-            Outline: self._tag[Tag.OUTLINE_CLOSE],
-            Outlines: self._tag[Tag.OUTLINES_CLOSE],
-            Thread: self._tag[Tag.THREAD_CLOSE],
-            Block: self._tag[Tag.PARALLEL_CLOSE],
+            Outline: self.tag_ids[Tag.OUTLINE_CLOSE],
+            Outlines: self.tag_ids[Tag.OUTLINES_CLOSE],
+            Thread: self.tag_ids[Tag.THREAD_CLOSE],
+            Block: self.tag_ids[Tag.PARALLEL_CLOSE],
         }
 
     # ------------------------------------------------------------------ public
@@ -329,9 +501,11 @@ class ForkJoinController:
                     "request from its budgets (ControllerConfig); remove them from the dict"
                 )
         run = _Run(engine, prompt, routing_key, dict(sampling) if sampling else None, self.config.max_requests)
-        ids, requests = await self._line(run, prompt, [], (), 0, self.config.max_response_tokens, BUDGET_RESPONSE)
+        ids, requests = await self._line(
+            run, prompt, [], (), 0, self.config.max_response_tokens, Reason.BUDGET_RESPONSE
+        )
         traj = self.fmt.parse(ids)
-        reasons: list[str] = []
+        reasons: list[Reason] = []
         for e in run.events:
             if e.reason not in reasons:
                 reasons.append(e.reason)
@@ -347,19 +521,211 @@ class ForkJoinController:
             calls=run.calls,
         )
 
-    # ------------------------------------------------------------------ structure helpers
-    def _view(self, response: Sequence[int], path: tuple) -> tuple[tuple, Thread | None, tuple]:
-        """Parse a request's own context (response part) and find its line: (line nodes, its Thread
-        node or None on the main line, the top-level nodes). In its own context a thread is always the
-        first thread of its block (siblings are not in it)."""
-        return self._view_atoms(self._atoms(response), path)
+    # ------------------------------------------------------------------ a line: the five phases
+    async def _line(
+        self,
+        run: _Run,
+        start: list[int],
+        start_atoms: list,
+        path: tuple,
+        depth: int,
+        limit: int,
+        limit_reason: Reason,
+    ) -> tuple[list[int], list[Request]]:
+        """Generate one line from ``start`` (main line: path (); a thread: its fork context). Returns the
+        ids the line added (a thread's: after its header, ending in ``</Thread>``) and its Requests."""
+        line = _Line(self, run, start, start_atoms, path, depth, limit, limit_reason)
+        while not line.ended:
+            sampled = await self._sequential(line)
+            if sampled is None:
+                continue
+            parsed = self._parse(line, sampled)
+            if parsed is None:
+                continue
+            block = self._fork_point(line, parsed)
+            if block is None:
+                self._continue(line, sampled, parsed)
+                continue
+            forked = await self._fork(line, sampled, parsed, block)
+            if forked is not None:
+                self._join(line, *forked)
+        return line.added, line.requests
 
-    def _atoms(self, ids: Sequence[int]) -> list:
+    async def _sequential(self, line: _Line) -> _Sampled | None:
+        """Phase 1: one request from the line's context, decoded until a stop id, EOS or its max_tokens.
+        Closes the line instead (None) when a budget is spent or the engine returns nothing."""
+        run = line.run
+        room = line.limit - line.used - len(line.closing)
+        why = (
+            run.stop_reason
+            or (Reason.BUDGET_REQUESTS if run.calls_left <= 0 else None)
+            or (line.limit_reason if room < 1 else None)
+        )
+        if why:
+            line.note(why)
+            line.end_closed([], [] if line.closing else None, line.closing, Finish.FORCED)
+            return None
+        margin = self.config.close_reserve_tokens
+        max_tokens = room - margin if room > margin else room
+        stops = self._stops(line.is_thread, line.depth)
+        comp = await self._call(run, line.ctx, max_tokens, stops, line.path, line.kind)
+        sampled = _Sampled(
+            [int(i) for i in comp.token_ids],
+            [float(x) for x in comp.logprobs] if comp.logprobs is not None else None,
+            max_tokens,
+            frozenset(stops),
+            comp.finish,
+        )
+        if len(sampled.ids) > max_tokens:
+            line.note(Reason.ENGINE_OVERRUN, f"{len(sampled.ids)} ids for max_tokens={max_tokens}")
+            sampled.cut(max_tokens)
+        cut = next((i for i, t in enumerate(sampled.ids) if t in sampled.stops), None)
+        if cut is not None and cut < len(sampled.ids) - 1:
+            line.note(Reason.TOKENS_AFTER_STOP, f"{len(sampled.ids) - cut - 1} ids after stop id {sampled.ids[cut]}")
+            sampled.cut(cut + 1)
+        if not sampled.ids:
+            line.note(Reason.EMPTY_COMPLETION)
+            line.end(sampled, sampled.finish)
+            return None
+        return sampled
+
+    def _parse(self, line: _Line, sampled: _Sampled) -> _Parsed | None:
+        """Phase 2: read what the completion opened and closed. A tag that ended open elements without
+        their closing tag cuts the completion there and the controller adds the closing tags. Ends the
+        line (None) on a thread's ``</Thread>``, on EOS, when a thread broke out of its block, or when
+        there is no room to go on after an implicit close."""
+        nodes, thread, top = line.view(sampled.ids)
+        tail: list[int] = []  # closing ids the controller adds to this completion
+        implicit = self._first_implicit_close(top, line.offset)
+        if implicit is not None:
+            offset, ended = implicit
+            keep = offset - line.offset
+            detail = f"id {sampled.ids[keep]} at completion offset {keep}"
+            sampled.cut(keep)
+            if thread is not None and any(n is thread for n in ended):
+                line.note(Reason.THREAD_BREAKOUT, detail)
+                line.end(sampled, Finish.STOP)
+                return None
+            tail = [self._close_of[type(n)] for n in ended]
+            line.note(Reason.IMPLICIT_CLOSE, detail)
+            nodes, thread, top = line.view(sampled.ids + tail)
+            if line.used + len(sampled.ids) + len(tail) + len(self.closing_of(nodes, thread, top)) > line.limit:
+                line.note(line.limit_reason, "no room to go on after closing")
+                line.end(sampled, Finish.STOP)
+                return None
+        elif thread is not None and thread.closed:  # its </Thread> is the last id (cut at the first stop)
+            line.emit(sampled.ids, sampled.logprobs, [], Finish.STOP)
+            line.ended = True
+            return None
+        last = tail[-1] if tail else sampled.ids[-1]
+        if last in self.eos:
+            self._end_at_eos(line, sampled, nodes, thread, top, last)
+            return None
+        return _Parsed(nodes, thread, top, tail, last)
+
+    def _end_at_eos(self, line: _Line, sampled: _Sampled, nodes: tuple, thread, top: tuple, eos: int) -> None:
+        """The completion ended on EOS: a thread's EOS becomes its closing (the main line goes on after the
+        join); the main line ends, its open structure closed before a final EOS."""
+        if line.is_thread:
+            line.note(Reason.EOS_IN_THREAD)
+            sampled.cut(len(sampled.ids) - 1)
+            line.end(sampled, Finish.EOS)
+        elif not self.closing_of(nodes, thread, top):  # (EOS closes nothing: same as without it)
+            line.emit(sampled.ids, sampled.logprobs, [], Finish.EOS)
+            line.ended = True
+        else:
+            line.note(Reason.CLOSED_AT_EOS)
+            sampled.cut(len(sampled.ids) - 1)
+            line.end(sampled, Finish.EOS, then=[eos])
+
+    def _fork_point(self, line: _Line, parsed: _Parsed) -> Block | None:
+        """The block to fork: the completion closed its outline list (and the line may open blocks)."""
+        if parsed.last != self.tag_ids[Tag.OUTLINES_CLOSE] or not self._can_fork(line.depth):
+            return None
+        return self._open_outline_list(parsed.nodes)
+
+    async def _fork(
+        self, line: _Line, sampled: _Sampled, parsed: _Parsed, block: Block
+    ) -> tuple[list[int], list, list[int], list[list[int]], list[int]] | None:
+        """Phase 3: fork the threads of ``block`` from the shared context (the line up to ``</Outlines>``),
+        each with its share of the budget, all in flight at once. Returns (shared context, its atoms,
+        the thread numbers, each thread's ids, the line's closing after the join), or None when the line
+        ends instead (the block budget is spent, or not even an empty join fits)."""
+        run = line.run
+        if run.blocks_used >= self.config.max_blocks:
+            run.stop_reason = Reason.BUDGET_BLOCKS
+            line.note(Reason.BUDGET_BLOCKS)
+            line.end(sampled, Finish.STOP)
+            return None
+        shared = line.ctx + sampled.ids + parsed.tail
+        shared_atoms = line.atoms + self.atoms(sampled.ids + parsed.tail)
+        plan = self._plan_fork(line, shared, shared_atoms, block)
+        if plan is None:  # not even an empty join fits: close the block where it stands
+            line.end(sampled, Finish.STOP)
+            return None
+        numbers, share, reason, after = plan
+        line.emit(sampled.ids, sampled.logprobs, parsed.tail, Finish.STOP)
+        nblock = sum(isinstance(n, Block) for n in parsed.nodes)
+        run.blocks_used += 1
+        coros = []
+        for i, n in enumerate(numbers, start=1):
+            context = self.fmt.fork_context(shared, n)
+            thread_atoms = shared_atoms + self.atoms(context[len(shared) :])
+            coros.append(self._line(run, context, thread_atoms, line.path + (nblock, i), line.depth + 1, share, reason))
+        results = await _gather(coros)
+        for _, thread_requests in results:  # outline order, each thread's own requests depth first
+            line.requests.extend(thread_requests)
+        return shared, shared_atoms, numbers, [ids for ids, _ in results], after
+
+    def _join(
+        self,
+        line: _Line,
+        shared: list[int],
+        shared_atoms: list,
+        numbers: list[int],
+        threads: list[list[int]],
+        after: list[int],
+    ) -> None:
+        """Phase 4: the line's context becomes the shared context + the threads in outline order."""
+        joined = self.fmt.join(shared, list(zip(numbers, threads)))
+        line.ctx = joined
+        line.atoms = shared_atoms + self.atoms(joined[len(shared) :])
+        line.closing = after
+
+    def _continue(self, line: _Line, sampled: _Sampled, parsed: _Parsed) -> None:
+        """Phase 5: the completion ended with no fork. After an implicit close or a stop id that opened no
+        block and closed no thread the line goes on; otherwise it ended on a limit and is closed."""
+        if parsed.tail:  # closed what the model ended implicitly: the line goes on
+            line.closing = self.closing_of(parsed.nodes, parsed.thread, parsed.top)
+            line.emit(sampled.ids, sampled.logprobs, parsed.tail, Finish.STOP)
+            return
+        if parsed.last in sampled.stops:
+            line.note(Reason.STRAY_STOP, f"stop id {parsed.last} opened no block and closed no thread")
+            line.closing = self.closing_of(parsed.nodes, parsed.thread, parsed.top)
+            if line.used + len(sampled.ids) + len(line.closing) > line.limit:
+                line.note(line.limit_reason, "no room to go on after the stop")
+                line.end(sampled, Finish.STOP)
+                return
+            line.emit(sampled.ids, sampled.logprobs, [], Finish.STOP)
+            return
+        finish = Finish.LENGTH
+        if sampled.finish == Finish.LENGTH or len(sampled.ids) >= sampled.max_tokens:
+            line.note(Reason.TRUNCATED, f"{len(sampled.ids)} ids, max_tokens={sampled.max_tokens}")
+            if len(sampled.ids) >= sampled.max_tokens:
+                line.note(line.limit_reason)
+        else:
+            finish = sampled.finish
+            line.note(Reason.ENGINE_STOP_WITHOUT_STOP_ID, f"finish={str(sampled.finish)!r}, last id {parsed.last}")
+        line.end(sampled, finish)
+
+    # ------------------------------------------------------------------ structure helpers
+    def atoms(self, ids: Sequence[int]) -> list:
         return id_atoms(ids, self.fmt.vocab)
 
-    def _view_atoms(self, atoms: list, path: tuple) -> tuple[tuple, Thread | None, tuple]:
-        """:meth:`_view` from the response's atoms (the parser merges adjacent content runs, so the atoms
-        of a context can be kept and extended instead of re-cutting every id after each request)."""
+    def view_atoms(self, atoms: list, path: tuple) -> tuple[tuple, Thread | None, tuple]:
+        """Parse a line's context (its response part, as atoms) and find the line: (its nodes, its Thread
+        node or None on the main line, the top-level nodes). In its own context a thread is always the
+        first thread of its block (siblings are not in it)."""
         top = parse_atoms(atoms).body
         nodes, thread = top, None
         for b in path[0::2]:
@@ -380,29 +746,26 @@ class ForkJoinController:
             if isinstance(part, Outlines) and not part.closed:
                 inner = part.parts[-1] if part.parts else None
                 if isinstance(inner, Outline) and not inner.closed:
-                    out.append(self._tag[Tag.OUTLINE_CLOSE])
-                out.append(self._tag[Tag.OUTLINES_CLOSE])
+                    out.append(self.tag_ids[Tag.OUTLINE_CLOSE])
+                out.append(self.tag_ids[Tag.OUTLINES_CLOSE])
                 outlines_closed = True
             elif isinstance(part, Thread) and not part.closed:
-                out += self._open_ids(part.body) + [self._tag[Tag.THREAD_CLOSE]]
+                out += self._open_ids(part.body) + [self.tag_ids[Tag.THREAD_CLOSE]]
             if outlines_closed and not last.threads:
-                out += self._empty_join
+                out += self.empty_join
             else:
-                out.append(self._tag[Tag.PARALLEL_CLOSE])
+                out.append(self.tag_ids[Tag.PARALLEL_CLOSE])
         return out
 
-    def _closing(self, response: Sequence[int], path: tuple) -> list[int]:
-        """Ids that close the line at ``path`` as it stands (its own ``</Thread>`` included)."""
-        return self._closing_of(*self._view(response, path))
-
-    def _closing_of(self, nodes: tuple, thread: Thread | None, top: tuple) -> list[int]:
+    def closing_of(self, nodes: tuple, thread: Thread | None, top: tuple) -> list[int]:
+        """Ids that close a line as :meth:`view_atoms` reads it (its own ``</Thread>`` included)."""
         ids = self._open_ids(nodes)
         if thread is not None:
-            ids.append(self._tag[Tag.THREAD_CLOSE])
+            ids.append(self.tag_ids[Tag.THREAD_CLOSE])
         else:  # validate's rule: <think> seen and no </think> anywhere
             markers = {n.tag for n in top if isinstance(n, Marker)}
             if Tag.THINK_OPEN in markers and Tag.THINK_CLOSE not in markers:
-                ids.append(self._tag[Tag.THINK_CLOSE])
+                ids.append(self.tag_ids[Tag.THINK_CLOSE])
         return ids
 
     @staticmethod
@@ -430,7 +793,7 @@ class ForkJoinController:
         return first, found[first]
 
     @staticmethod
-    def _fork_point(nodes: tuple) -> Block | None:
+    def _open_outline_list(nodes: tuple) -> Block | None:
         """The block whose outline list just closed at the end of the line, with no thread yet."""
         last = nodes[-1] if nodes else None
         if (
@@ -451,217 +814,16 @@ class ForkJoinController:
         fmt = self.fmt
         stops = fmt.thread_stop_ids if thread else (fmt.sequential_stop_ids if self.config.fork else list(fmt.eos_ids))
         if not self._can_fork(depth):
-            stops = [i for i in stops if i != self._tag[Tag.OUTLINES_CLOSE]]
+            stops = [i for i in stops if i != self.tag_ids[Tag.OUTLINES_CLOSE]]
         return list(stops)
 
-    # ------------------------------------------------------------------ a line
-    async def _line(
-        self, run: _Run, start: list[int], start_atoms: list, path: tuple, depth: int, limit: int, limit_reason: str
-    ) -> tuple[list[int], list[Request]]:
-        """Generate one line from ``start`` (main line: path (); a thread: its fork context). Returns the
-        ids the line added (a thread's: after its header, ending in ``</Thread>``) and its Requests."""
-        thread_line = bool(path)
-        kind = THREAD if thread_line else SEQUENTIAL
-        ctx = list(start)
-        P = len(run.prompt)
-        ctx_atoms = list(start_atoms)  # atoms of ctx[P:], kept in step with ctx
-        reqs: list[Request] = []
-
-        def extend(ids: list[int]) -> None:
-            ctx.extend(ids)
-            ctx_atoms.extend(self._atoms(ids))
-
-        def view(extra: list[int]) -> tuple[tuple, Thread | None, tuple]:
-            return self._view_atoms(ctx_atoms + self._atoms(extra), path)
-
-        def emit(gen: list[int], lps: list[float] | None, tail: list[int], finish: str) -> None:
-            completion = gen + tail
-            if completion or thread_line:  # the splitter emits no empty main-line request
-                reqs.append(
-                    Request(
-                        tuple(ctx),
-                        tuple(completion),
-                        kind,
-                        path,
-                        logprobs=tuple(lps) if lps is not None else None,
-                        finish=finish,
-                        forced=len(tail),
-                    )
-                )
-            extend(completion)
-
-        def finalize(
-            gen: list[int], lps: list[float] | None, finish: str, tail_of: Callable[[list[int]], list[int]]
-        ) -> tuple[list[int], list[Request]]:
-            room = limit - (len(ctx) - len(start))
-            tail = tail_of(gen)
-            trimmed = False
-            while gen and len(gen) + len(tail) > room:
-                gen = gen[:-1]
-                lps = lps[:-1] if lps is not None else None
-                tail = tail_of(gen)
-                trimmed = True
-            if len(gen) + len(tail) > room:  # only an added final EOS can overflow: drop it
-                tail = self._closing_of(*view([]))
-            if trimmed:
-                run.note(CLOSING_TRIMMED, path, f"{len(tail)} closing ids")
-            emit_closed(gen, lps, tail, finish)
-            return ctx[len(start) :], reqs
-
-        def emit_closed(gen: list[int], lps: list[float] | None, tail: list[int], finish: str) -> None:
-            """Emit a line's last completion. When the closing ends a block with no thread (its outline
-            list closed, by the model or by the closing), the empty join sits between two Requests, as
-            in the splitter: the completion up to ``</Outlines>``, then the rest after the join."""
-            nodes, _, _ = view(gen)
-            last = nodes[-1] if nodes else None
-            if not (
-                isinstance(last, Block)
-                and not last.closed
-                and not last.threads
-                and last.parts
-                and isinstance(last.parts[-1], Outlines)
-            ):
-                emit(gen, lps, tail, finish)
-                return
-            outlines = last.parts[-1]
-            a = (
-                0
-                if outlines.closed
-                else 1
-                + int(
-                    bool(outlines.parts) and isinstance(outlines.parts[-1], Outline) and not outlines.parts[-1].closed
-                )
-            )
-            join = self._empty_join
-            assert tail[a : a + len(join)] == join, "closing of an empty block must be the empty join"
-            if gen or a:
-                emit(gen, lps, tail[:a], finish)
-            extend(join)
-            rest = tail[a + len(join) :]
-            emit([], [] if rest else None, rest, FINISH_FORCED)
-
-        def close_tail(gen: list[int]) -> list[int]:
-            return self._closing_of(*view(gen))
-
-        # what the line needs closed now (at its start: nothing, or a thread's </Thread>); kept up to date
-        closing = [self._tag[Tag.THREAD_CLOSE]] if thread_line else []
-        while True:
-            room = limit - (len(ctx) - len(start)) - len(closing)
-            why = (
-                run.stop_reason
-                or (BUDGET_REQUESTS if run.calls_left <= 0 else None)
-                or (limit_reason if room < 1 else None)
-            )
-            if why:
-                run.note(why, path)
-                emit_closed([], [] if closing else None, closing, FINISH_FORCED)
-                return ctx[len(start) :], reqs
-            margin = self.config.close_reserve_tokens
-            max_tokens = room - margin if room > margin else room
-            stops = self._stops(thread_line, depth)
-            comp = await self._call(run, ctx, max_tokens, stops, path, kind)
-
-            gen = [int(i) for i in comp.token_ids]
-            lps = (
-                [float(x) for x in comp.logprobs]
-                if comp.logprobs is not None and len(comp.logprobs) == len(gen)
-                else None
-            )
-            if len(gen) > max_tokens:
-                run.note(ENGINE_OVERRUN, path, f"{len(gen)} ids for max_tokens={max_tokens}")
-                gen, lps = gen[:max_tokens], (lps[:max_tokens] if lps is not None else None)
-            stop_set = set(stops)
-            cut = next((i for i, t in enumerate(gen) if t in stop_set), None)
-            if cut is not None and cut < len(gen) - 1:
-                run.note(TOKENS_AFTER_STOP, path, f"{len(gen) - cut - 1} ids after stop id {gen[cut]}")
-                gen, lps = gen[: cut + 1], (lps[: cut + 1] if lps is not None else None)
-            if not gen:
-                run.note(EMPTY_COMPLETION, path)
-                return finalize(gen, lps, comp.finish, close_tail)
-
-            nodes, thread, top = view(gen)
-            tail: list[int] = []  # closing ids the controller adds to this completion
-            implicit = self._first_implicit_close(top, len(ctx) - P)
-            if implicit is not None:
-                offset, ended = implicit
-                keep = offset - (len(ctx) - P)
-                detail = f"id {gen[keep]} at completion offset {keep}"
-                gen, lps = gen[:keep], (lps[:keep] if lps is not None else None)
-                if thread is not None and any(n is thread for n in ended):
-                    run.note(THREAD_BREAKOUT, path, detail)
-                    return finalize(gen, lps, FINISH_STOP, close_tail)
-                tail = [self._close_of[type(n)] for n in ended]
-                run.note(IMPLICIT_CLOSE, path, detail)
-                nodes, thread, top = view(gen + tail)
-                if (len(ctx) - len(start)) + len(gen) + len(tail) + len(self._closing_of(nodes, thread, top)) > limit:
-                    run.note(limit_reason, path, "no room to go on after closing")
-                    return finalize(gen, lps, FINISH_STOP, close_tail)
-            elif thread is not None and thread.closed:  # its </Thread> is the last id (cut at the first stop)
-                emit(gen, lps, [], FINISH_STOP)
-                return ctx[len(start) :], reqs
-            last = tail[-1] if tail else gen[-1]
-            if last in self._eos:
-                if thread_line:
-                    run.note(EOS_IN_THREAD, path)
-                    return finalize(gen[:-1], lps[:-1] if lps is not None else None, FINISH_EOS, close_tail)
-                if not self._closing_of(nodes, thread, top):  # (EOS closes nothing: same as without it)
-                    emit(gen, lps, [], FINISH_EOS)
-                    return ctx[len(start) :], reqs
-                run.note(CLOSED_AT_EOS, path)
-                return finalize(
-                    gen[:-1],
-                    lps[:-1] if lps is not None else None,
-                    FINISH_EOS,
-                    lambda g, last=last: close_tail(g) + [last],
-                )
-            if last == self._tag[Tag.OUTLINES_CLOSE] and self._can_fork(depth):
-                block = self._fork_point(nodes)
-                if block is not None:
-                    if run.blocks_used >= self.config.max_blocks:
-                        run.stop_reason = BUDGET_BLOCKS
-                        run.note(BUDGET_BLOCKS, path)
-                        return finalize(gen, lps, FINISH_STOP, close_tail)
-                    shared = ctx + gen + tail
-                    shared_atoms = ctx_atoms + self._atoms(gen + tail)
-                    plan = self._plan_fork(run, shared, shared_atoms, start, block, path, limit, limit_reason)
-                    if plan is None:  # not even an empty join fits: close the block where it stands
-                        return finalize(gen, lps, FINISH_STOP, close_tail)
-                    emit(gen, lps, tail, FINISH_STOP)
-                    nblock = sum(isinstance(n, Block) for n in nodes)
-                    joined = await self._run_block(run, shared, shared_atoms, plan, nblock, path, depth, reqs)
-                    ctx[:] = joined
-                    ctx_atoms[:] = shared_atoms + self._atoms(joined[len(shared) :])
-                    closing = plan[3]
-                    continue
-            if tail:  # closed what the model ended implicitly: the line goes on
-                closing = self._closing_of(nodes, thread, top)
-                emit(gen, lps, tail, FINISH_STOP)
-                continue
-            if last in stop_set:
-                run.note(STRAY_STOP, path, f"stop id {last} opened no block and closed no thread")
-                closing = self._closing_of(nodes, thread, top)
-                if (len(ctx) - len(start)) + len(gen) + len(closing) > limit:
-                    run.note(limit_reason, path, "no room to go on after the stop")
-                    return finalize(gen, lps, FINISH_STOP, close_tail)
-                emit(gen, lps, [], FINISH_STOP)
-                continue
-            finish = FINISH_LENGTH
-            if comp.finish == FINISH_LENGTH or len(gen) >= max_tokens:
-                run.note(TRUNCATED, path, f"{len(gen)} ids, max_tokens={max_tokens}")
-                if len(gen) >= max_tokens:
-                    run.note(limit_reason, path)
-            else:
-                finish = comp.finish
-                run.note(ENGINE_STOP_WITHOUT_STOP_ID, path, f"finish={comp.finish!r}, last id {last}")
-            return finalize(gen, lps, finish, close_tail)
-
-    # ------------------------------------------------------------------ fork / join
+    # ------------------------------------------------------------------ fork planning
     def _choose_threads(self, run: _Run, block: Block, path: tuple) -> list[int]:
         numbers = outline_numbers(block, self.fmt.decode)
-        if self.config.outline_numbers == "by_position":
+        if self.config.outline_numbers == OutlineNumbers.BY_POSITION:
             chosen = list(range(1, len(numbers) + 1))
             if numbers != chosen:
-                run.note(OUTLINE_NUMBERS_RENUMBERED, path, f"outlines numbered {numbers}")
+                run.note(Reason.OUTLINE_NUMBERS_RENUMBERED, path, f"outlines numbered {numbers}")
         else:
             chosen, seen = [], set()
             dropped, repeated = [], []
@@ -674,12 +836,12 @@ class ForkJoinController:
                     seen.add(n)
                     chosen.append(n)
             if dropped:
-                run.note(OUTLINE_NUMBERS_DROPPED, path, f"outlines numbered {numbers}; dropped {dropped}")
+                run.note(Reason.OUTLINE_NUMBERS_DROPPED, path, f"outlines numbered {numbers}; dropped {dropped}")
             if repeated:
-                run.note(OUTLINE_NUMBERS_DEDUPLICATED, path, f"outlines numbered {numbers}; repeated {repeated}")
+                run.note(Reason.OUTLINE_NUMBERS_DEDUPLICATED, path, f"outlines numbered {numbers}; repeated {repeated}")
         if len(chosen) > self.config.max_threads_per_block:
             run.note(
-                BUDGET_THREADS_PER_BLOCK,
+                Reason.BUDGET_THREADS_PER_BLOCK,
                 path,
                 f"{len(chosen)} outlines, {self.config.max_threads_per_block} threads forked",
             )
@@ -687,23 +849,15 @@ class ForkJoinController:
         return chosen
 
     def _plan_fork(
-        self,
-        run: _Run,
-        shared: list[int],
-        shared_atoms: list,
-        start: list[int],
-        block: Block,
-        path: tuple,
-        limit: int,
-        limit_reason: str,
-    ) -> tuple[list[int], int, str, list[int]] | None:
+        self, line: _Line, shared: list[int], shared_atoms: list, block: Block
+    ) -> tuple[list[int], int, Reason, list[int]] | None:
         """Which threads to fork for the block whose outline list ends ``shared``, and each one's token
         budget: (numbers, share, the share's budget reason, the line's closing after the join); None
         when not even an empty join fits."""
         fmt, cfg = self.fmt, self.config
-        numbers = self._choose_threads(run, block, path)
-        after = self._closing_of(*self._view_atoms(shared_atoms + self._atoms(self._empty_join), path))
-        room = limit - (len(shared) - len(start)) - len(after)
+        numbers = self._choose_threads(line.run, block, line.path)
+        after = self.closing_of(*self.view_atoms(shared_atoms + self.atoms(self.empty_join), line.path))
+        room = line.limit - (len(shared) - line.start_len) - len(after)
         k, share = 0, 0
         for kk in range(len(numbers), 0, -1):
             avail = room - (len(fmt.join(shared, [(n, ()) for n in numbers[:kk]])) - len(shared))
@@ -713,52 +867,17 @@ class ForkJoinController:
                 share = share if share >= 1 else avail // kk
                 break
         if k == 0 and room < len(fmt.join(shared, [])) - len(shared):
-            run.note(limit_reason, path, "no room to join the block")
+            line.note(line.limit_reason, "no room to join the block")
             return None
         if k < len(numbers):
-            run.note(limit_reason, path, f"{len(numbers) - k} of {len(numbers)} threads not forked")
+            line.note(line.limit_reason, f"{len(numbers) - k} of {len(numbers)} threads not forked")
         if share >= cfg.max_thread_tokens:
-            return numbers[:k], cfg.max_thread_tokens, BUDGET_THREAD, after
-        return numbers[:k], share, limit_reason, after
-
-    async def _run_block(
-        self,
-        run: _Run,
-        shared: list[int],
-        shared_atoms: list,
-        plan: tuple,
-        nblock: int,
-        path: tuple,
-        depth: int,
-        reqs: list[Request],
-    ) -> list[int]:
-        """Fork: run the planned threads concurrently. Join: return the joined context. Appends the
-        threads' Requests (outline order, each thread's own requests depth first) to ``reqs``."""
-        fmt = self.fmt
-        numbers, share, reason, _ = plan
-        run.blocks_used += 1
-        coros = []
-        for i, n in enumerate(numbers, start=1):
-            context = fmt.fork_context(shared, n)
-            coros.append(
-                self._line(
-                    run,
-                    context,
-                    shared_atoms + self._atoms(context[len(shared) :]),
-                    path + (nblock, i),
-                    depth + 1,
-                    share,
-                    reason,
-                )
-            )
-        results = await _gather(coros)
-        for _, thread_reqs in results:
-            reqs.extend(thread_reqs)
-        return fmt.join(shared, [(n, ids) for n, (ids, _) in zip(numbers, results)])
+            return numbers[:k], cfg.max_thread_tokens, Reason.BUDGET_THREAD, after
+        return numbers[:k], share, line.limit_reason, after
 
     # ------------------------------------------------------------------ engine
     async def _call(
-        self, run: _Run, ctx: list[int], max_tokens: int, stops: list[int], path: tuple, kind: str
+        self, run: _Run, ctx: list[int], max_tokens: int, stops: list[int], path: tuple, kind: RequestKind
     ) -> Completion:
         run.calls_left -= 1
         index = len(run.calls)
@@ -784,8 +903,13 @@ class ForkJoinController:
             raise RolloutError(f"{where} failed: {type(e).__name__}: {e}") from e
         if not isinstance(comp, Completion):
             raise RolloutError(f"{where}: the engine returned {type(comp).__name__}, not a Completion")
-        if comp.finish == FINISH_ABORT:
+        if comp.finish == Finish.ABORT:
             raise RolloutError(f"{where}: the engine aborted the request; the trajectory is failed")
+        if comp.logprobs is not None and len(comp.logprobs) != len(comp.token_ids):
+            raise RolloutError(
+                f"{where}: the engine returned {len(comp.logprobs)} log-probs for {len(comp.token_ids)} ids "
+                "(the engine adapter must return one per id, or None); the trajectory is failed"
+            )
         run.calls.append(
             EngineCall(
                 path,

@@ -7,22 +7,35 @@ agent loop's adapter over verl's server manager. Tests may add scripted ones.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-# Why a completion ended. The controller decides from the returned ids too:
-# verl reports "completed" for both a stop hit and the length limit.
-FINISH_STOP = "stop"  # ended on one of stop_token_ids (the last returned id)
-FINISH_LENGTH = "length"  # max_tokens reached
-FINISH_ABORT = "abort"  # the engine gave up on the request
+
+class Finish(enum.StrEnum):
+    """Why a completion ended. An engine reports STOP, LENGTH or ABORT (the controller decides from
+    the returned ids too: verl reports "completed" for both a stop hit and the length limit); the
+    controller's Requests also carry EOS and FORCED."""
+
+    STOP = "stop"  # ended on one of stop_token_ids (the last returned id)
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # the engine gave up on the request
+    EOS = "eos"  # (controller) the completion ended on EOS
+    FORCED = "forced"  # (controller) no engine call: the completion is only controller-inserted closing ids
+
+
+# The engine finishes by their short names (imported by the engine adapters).
+FINISH_STOP = Finish.STOP
+FINISH_LENGTH = Finish.LENGTH
+FINISH_ABORT = Finish.ABORT
 
 
 @dataclass
 class Completion:
     token_ids: list[int]
-    finish: str
-    logprobs: list[float] | None = None  # one per token_id when the engine returns them
+    finish: str  # a Finish
+    logprobs: list[float] | None = None  # one per token_id when the engine returns them (else None)
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache, if reported
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from threadweaver_verl.format import BlockLayout
+
 _WORDS = ("carry", "digit", "sum", "row", "add", "times", "partial", "so", "the", "of", "write")
 
 
@@ -38,34 +40,32 @@ def filler(rng: random.Random, approx_tokens: int) -> str:
     return " ".join(parts)
 
 
-def _block(rng: random.Random, shape: TrajectoryShape, budget: int, depth: int) -> str:
+def _block(rng: random.Random, shape: TrajectoryShape, budget: int, depth: int, layout: BlockLayout) -> str:
     k = rng.randint(shape.min_threads, shape.max_threads)
-    out = ["<Parallel>\n<Outlines>\n"]
-    for i in range(1, k + 1):
-        out.append(f"<Outline>{i}: {filler(rng, 4)}</Outline>\n")
-    out.append("</Outlines>\n")
+    outlines = [filler(rng, 4) for _ in range(k)]
     per = max(budget // k, 8)
     threads = []
-    for i in range(1, k + 1):
+    for _ in range(k):
         size = max(int(per * rng.uniform(0.5, 1.5)), 4)
-        body = f"\n{i}: {filler(rng, size // 2)}"
+        body = " " + filler(rng, size // 2)
         if depth == 1 and rng.random() < shape.nested_prob:
-            body += "\n" + _block(rng, shape, size // 2, depth + 1) + "\n" + filler(rng, 6)
+            body += "\n" + _block(rng, shape, size // 2, depth + 1, layout) + "\n" + filler(rng, 6)
         else:
             body += " " + filler(rng, size // 2)
-        threads.append(f"<Thread>{body}\n</Thread>")
-    out.append("\n".join(threads))
-    out.append("\n</Parallel>")
-    return "".join(out)
+        threads.append(body + "\n")
+    return layout.block_text(outlines, threads)
 
 
-def random_trajectory(rng: random.Random, shape: TrajectoryShape | None = None) -> str:
+def random_trajectory(
+    rng: random.Random, shape: TrajectoryShape | None = None, layout: BlockLayout | None = None
+) -> str:
     shape = shape or TrajectoryShape()
+    layout = layout or BlockLayout()
     seq = int(shape.tokens * shape.seq_share)
     per_seq = max(seq // (shape.blocks + 1), 4)
     per_block = max((shape.tokens - seq) // max(shape.blocks, 1), 16)
     out = ["<think>\n", filler(rng, per_seq)]
     for _ in range(shape.blocks):
-        out.append("\n" + _block(rng, shape, per_block, 1) + "\n" + filler(rng, per_seq))
+        out.append("\n" + _block(rng, shape, per_block, 1, layout) + "\n" + filler(rng, per_seq))
     out.append(f"\n</think>\nThe answer is \\boxed{{{rng.randint(0, 99999)}}}")
     return "".join(out)

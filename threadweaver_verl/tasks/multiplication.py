@@ -55,7 +55,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from threadweaver_verl.format import Tag
+from threadweaver_verl.format import BlockLayout, Tag
 
 DATA_SOURCE = "threadweaver/multiplication"
 
@@ -280,32 +280,26 @@ def _ending(problem: Problem) -> str:
     return f"\n{Tag.THINK_CLOSE.value}\n\\boxed{{{problem.answer}}}"
 
 
-def parallel_solution(problem: Problem) -> str:
-    """The solution with one ``<Parallel>`` block per stage (canonical fork/join layout)."""
+def parallel_solution(problem: Problem, layout: BlockLayout | None = None) -> str:
+    """The solution with one ``<Parallel>`` block per stage, in the fork/join layout (``layout``, by
+    default the format's): outline ``j`` is the ``j``-th multiplier digit, thread ``j`` its partial product."""
+    layout = layout or BlockLayout()
     out = [Tag.THINK_OPEN.value, "\n"]
     for stage in solve(problem):
-        k = len(stage.partials)
-        out += [Tag.PARALLEL_OPEN.value, "\n", Tag.OUTLINES_OPEN.value, "\n"]
-        for j in range(1, k + 1):
-            d = stage.multiplier[j - 1]
-            out += [Tag.OUTLINE_OPEN.value, f"{j}: {_digit_label(d)}", Tag.OUTLINE_CLOSE.value, "\n"]
-        out += [Tag.OUTLINES_CLOSE.value, "\n"]  # fork gap
-        for j, steps in enumerate(stage.partials, start=1):
-            if j > 1:
-                out.append("\n")  # thread separator
-            # Thread body: the header "\nN:" the controller inserts, then the completion.
-            out += [Tag.THREAD_OPEN.value, f"\n{j}:", _row_text(steps), Tag.THREAD_CLOSE.value]
-        out += ["\n", Tag.PARALLEL_CLOSE.value, "\n", _sum_line(stage), "\n"]  # join gap, sum
+        outlines = [_digit_label(d) for d in stage.multiplier]
+        threads = [_row_text(steps) for steps in stage.partials]
+        out += [layout.block_text(outlines, threads), "\n", _sum_line(stage), "\n"]
     out[-1:] = [_ending(problem)]
     return "".join(out)
 
 
-def sequential_solution(problem: Problem) -> str:
-    """The same steps without blocks: one line per partial product, then the sum."""
+def sequential_solution(problem: Problem, layout: BlockLayout | None = None) -> str:
+    """The same steps without blocks: one line per partial product (headed as its thread is), then the sum."""
+    layout = layout or BlockLayout()
     out = [Tag.THINK_OPEN.value]
     for stage in solve(problem):
         for j, steps in enumerate(stage.partials, start=1):
-            out.append(f"\n{j}:{_row_text(steps)}")
+            out.append(layout.header(j) + _row_text(steps))
         out.append("\n" + _sum_line(stage))
     out.append(_ending(problem))
     return "".join(out)

@@ -282,13 +282,19 @@ def build_outputs(
     return outputs
 
 
-_FORMATS: dict[int, TokenFormat] = {}
+_FORMATS: dict[tuple[int, str], TokenFormat] = {}
 
 
-def _token_format(tokenizer: Any) -> TokenFormat:
-    fmt = _FORMATS.get(id(tokenizer))
+def _token_format(tokenizer: Any, model_path: str) -> TokenFormat:
+    """The format of the served model: its tokenizer's tags, and as EOS ids the tokenizer's and those of
+    the model's generation config, every id vLLM stops on (read from the model's folder, which may
+    differ from the tokenizer's)."""
+    key = (id(tokenizer), model_path)
+    fmt = _FORMATS.get(key)
     if fmt is None:
-        fmt = _FORMATS[id(tokenizer)] = TokenFormat.from_tokenizer(tokenizer)
+        from verl.utils.fs import copy_to_local
+
+        fmt = _FORMATS[key] = TokenFormat.from_tokenizer(tokenizer, generation_config=copy_to_local(model_path))
     return fmt
 
 
@@ -306,7 +312,7 @@ class ThreadWeaverAgentLoop(AgentLoopBase):
 
         plugin.require(f"agent_loop:{AGENT_NAME}")
         super().__init__(*args, **kwargs)
-        self.fmt = _token_format(self.tokenizer)
+        self.fmt = _token_format(self.tokenizer, str(self.config.actor_rollout_ref.model.path))
         self.controller_config = controller_config(controller, self.rollout_config.response_length)
         self.controller = ForkJoinController(self.fmt, self.controller_config)
 
