@@ -194,7 +194,7 @@ def test_registration_is_idempotent_and_found_by_verl():
 def test_threadweaver_trainers_registered_with_their_base_modes():
     from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSync, get_trainer_cls
 
-    from threadweaver_verl.rl import trainer as tw_trainer
+    from threadweaver_verl.integrations.verl import trainer as tw_trainer
 
     tw_trainer.register()
     tw_trainer.register()
