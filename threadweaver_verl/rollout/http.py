@@ -235,23 +235,6 @@ class OpenAIHTTP:
         """GET ``path`` (e.g. ``/v1/models``); return the JSON answer."""
         return await self.request_json("GET", path, None, headers)
 
-    async def get_text(self, path: str) -> str:
-        """GET ``path`` once (no retries) and return the body as text (e.g. ``/metrics``)."""
-        url = self.url(path)
-        async with self._semaphore:
-            try:
-                response = await self._client.get(url)
-            except httpx.HTTPError as e:
-                raise OpenAIHTTPError(f"GET {url} failed: {type(e).__name__}: {e}", url=url) from e
-        if response.status_code >= 400:
-            raise OpenAIHTTPError(
-                f"GET {url} failed with HTTP {response.status_code}: {response.text[:300]}",
-                url=url,
-                status=response.status_code,
-                body=response.text,
-            )
-        return response.text
-
     async def aclose(self) -> None:
         await self._client.aclose()
 
