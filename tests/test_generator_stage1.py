@@ -27,15 +27,6 @@ from threadweaver_verl.generator.stage1 import Stage1Config, run_stage1
 from threadweaver_verl.rl.correctness import check_answer
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from threadweaver_verl.models.tiny import build_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer().save_pretrained(out)
-    return out
-
-
 def _write_input(path: Path, kinds) -> list[dict]:
     rows = [make_sample(kind, k) for k, kind in enumerate(kinds)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -77,12 +68,12 @@ def _user_questions(bodies) -> Counter:
     return c
 
 
-def test_every_scripted_behaviour_ends_in_the_right_record(tmp_path, tokenizer_dir):
+def test_every_scripted_behaviour_ends_in_the_right_record(tmp_path, tok_dir):
     from transformers import AutoTokenizer
 
     rows = _write_input(tmp_path / "in.jsonl", list(EXPECTED))
     with ScriptedOpenAI(script) as server:
-        summary = run_stage1(_config(tmp_path / "in.jsonl", tmp_path / "out", server.url, f"tokenizer={tokenizer_dir}"))
+        summary = run_stage1(_config(tmp_path / "in.jsonl", tmp_path / "out", server.url, f"tokenizer={tok_dir}"))
         received = list(server.received)
 
     recs = {r["id"]: r for r in _records(tmp_path / "out")}
@@ -117,7 +108,7 @@ def test_every_scripted_behaviour_ends_in_the_right_record(tmp_path, tokenizer_d
     assert usage["cost"] == pytest.approx((100 * 2.0 + 20 * 8.0) * usage["calls"] / 1e6)
 
     # Accepted rewrites: valid trajectories that keep the answer and encode to training ids.
-    fmt = TokenFormat.from_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), limits=Limits(4, 1))
+    fmt = TokenFormat.from_tokenizer(AutoTokenizer.from_pretrained(tok_dir), limits=Limits(4, 1))
     accepted = [r for r in recs.values() if r["status"] == "accepted"]
     assert summary["accepted"] == len(accepted) == 7
     assert summary["rejected_by_step"] == {
