@@ -14,8 +14,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from _scripted_openai import ScriptedOpenAI
 from generator_script import EXPECTED, make_sample, script
-from generator_scripted_openai import ScriptedOpenAI
 
 from threadweaver_verl.config import load_config
 from threadweaver_verl.data.chat import response_ids
@@ -45,7 +45,6 @@ def _config(inp: Path, out: Path, url: str, *extra: str) -> Stage1Config:
             f"llm.http.base_url={url}",
             "llm.http.api_key_env=null",
             "llm.http.timeout_s=0.5",
-            "llm.http.backoff_s=0.01",
             "llm.http.max_retries=2",
             "llm.price_prompt_per_mtok=2.0",
             "llm.price_completion_per_mtok=8.0",
@@ -217,7 +216,7 @@ def test_cli_runs_stage1_and_names_bad_settings(tmp_path, capsys):
 def test_llm_client_caches_by_every_parameter_and_sends_identical_calls_once(tmp_path):
     import asyncio
 
-    from generator_scripted_openai import Reply, Slow
+    from _scripted_openai import Reply, Slow
 
     from threadweaver_verl.generator.llm import ChatLLM, LLMConfig
     from threadweaver_verl.rollout.http import OpenAIHTTPConfig

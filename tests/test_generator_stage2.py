@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from _scripted_openai import ScriptedOpenAI
 from generator_oracle import Oracle, Raw
-from generator_scripted_openai import ScriptedOpenAI
 
 from threadweaver_verl.config import load_config
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle, prompt_ids, response_ids
@@ -79,7 +79,7 @@ def _cfg(d: Path, url: str, tok: Path, out: str, *extra: str) -> Stage2Config:
             "n_samples=5",
             "progress=false",
             "temperature=0",
-            "engine.max_retries=0",
+            "engine.http.max_retries=0",
             "chunk_size=2",
             *extra,
         ],

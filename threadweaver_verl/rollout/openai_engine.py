@@ -1,5 +1,7 @@
 """The :class:`~threadweaver_verl.rollout.engine.Engine` over an OpenAI-compatible ``/v1/completions``
-route with token-id prompts: vLLM's and SGLang's servers, or anything else that speaks it.
+route with token-id prompts: vLLM's and SGLang's servers, or anything else that speaks it. A thin
+adapter over the ``openai`` SDK's client (:class:`~threadweaver_verl.rollout.http.OpenAIHTTP`): the
+OpenAI fields go by name, the server's own fields and the sampling settings in ``extra_body``.
 
 Request fields sent (one choice, no streaming)::
 
@@ -28,8 +30,11 @@ trajectory are in flight at once. The routing key goes in ``user`` and ``routing
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import openai
+from openai.types import Completion as OpenAICompletion
 
 from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, EngineError
 from threadweaver_verl.rollout.http import OpenAIHTTP, OpenAIHTTPConfig
@@ -42,24 +47,14 @@ _OWNED = frozenset({"prompt", "max_tokens", "stop_token_ids", "n", "stream", "ec
 
 @dataclass
 class OpenAIEngineConfig:
-    """Where and how to reach the server (the HTTP knobs are those of :class:`OpenAIHTTPConfig`)."""
+    """Where and how to reach the server, and what to ask it for."""
 
-    base_url: str = "http://127.0.0.1:8000"
-    """Server root (``/v1`` suffix optional)."""
+    http: OpenAIHTTPConfig = field(default_factory=OpenAIHTTPConfig)
+    """Server URL (``/v1`` suffix optional), API-key variable, concurrency, timeout and retries."""
     model: str | None = None
     """Served model name; None sends no ``model`` field (vLLM and SGLang then use the one they serve)."""
     server: str = "vllm"
     """``vllm``, ``sglang`` or ``generic``: which extra request fields are sent (see the module doc)."""
-    api_key_env: str | None = None
-    """Environment variable holding an API key, or None."""
-    max_concurrency: int = 64
-    """Requests in flight at once through this engine."""
-    timeout_s: float = 600.0
-    """Per HTTP attempt."""
-    max_retries: int = 3
-    """Retries on 429/5xx/timeouts/connection errors (exponential backoff with jitter)."""
-    backoff_s: float = 0.5
-    """Base of the backoff."""
     routing_header: str | None = "X-Routing-Key"
     """HTTP header carrying the trajectory's routing key (for a sticky router); None: only ``user``."""
     logprobs: bool = True
@@ -76,23 +71,17 @@ _FINISH = {"stop": FINISH_STOP, "length": FINISH_LENGTH, "abort": FINISH_ABORT}
 class OpenAICompletionsEngine:
     """Engine over ``/v1/completions``. One instance per event loop; ``await aclose()`` when done."""
 
-    def __init__(self, config: OpenAIEngineConfig | None = None, *, http: OpenAIHTTP | None = None, **overrides):
+    def __init__(
+        self, config: OpenAIEngineConfig | None = None, *, base_url: str | None = None, http: OpenAIHTTP | None = None
+    ):
+        """``base_url`` replaces ``config.http.base_url``; ``http`` shares a client (its settings then win)."""
         cfg = config or OpenAIEngineConfig()
-        if overrides:
-            cfg = OpenAIEngineConfig(**{**cfg.__dict__, **overrides})
+        if base_url is not None:
+            cfg = replace(cfg, http=replace(cfg.http, base_url=base_url))
         self.config = cfg
-        self.http = http or OpenAIHTTP(
-            OpenAIHTTPConfig(
-                base_url=cfg.base_url,
-                api_key_env=cfg.api_key_env,
-                max_concurrency=cfg.max_concurrency,
-                timeout_s=cfg.timeout_s,
-                max_retries=cfg.max_retries,
-                backoff_s=cfg.backoff_s,
-            )
-        )
+        self.http = http or OpenAIHTTP(cfg.http)
 
-    def payload(
+    def request(
         self,
         prompt_ids: Sequence[int],
         *,
@@ -101,31 +90,32 @@ class OpenAICompletionsEngine:
         routing_key: str,
         sampling: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The JSON body of one request (public for tests and debugging)."""
+        """The arguments of ``completions.create`` for one request (public for tests and debugging)."""
         sampling = dict(sampling or {})
         clash = sorted(_OWNED & set(sampling))
         if clash:
             raise ValueError(f"sampling sets {clash}, which the engine sets itself per request; remove them")
         want_logprobs = sampling.pop("logprobs", self.config.logprobs)
-        body: dict[str, Any] = {
+        extra_body: dict[str, Any] = {"stop_token_ids": [int(i) for i in stop_token_ids], "return_token_ids": True}
+        if self.config.server in ("vllm", "sglang"):
+            extra_body["skip_special_tokens"] = False
+        if self.config.server == "sglang":
+            extra_body["no_stop_trim"] = True
+        extra_body.update(sampling)
+        params: dict[str, Any] = {
+            "model": self.config.model or openai.omit,
             "prompt": [int(i) for i in prompt_ids],
             "max_tokens": int(max_tokens),
-            "stop_token_ids": [int(i) for i in stop_token_ids],
-            "user": routing_key,
-            "return_token_ids": True,
             "n": 1,
             "stream": False,
+            "user": routing_key,
+            "extra_body": extra_body,
         }
-        if self.config.model:
-            body["model"] = self.config.model
         if want_logprobs is not None and want_logprobs is not False:
-            body["logprobs"] = 0
-        if self.config.server in ("vllm", "sglang"):
-            body["skip_special_tokens"] = False
-        if self.config.server == "sglang":
-            body["no_stop_trim"] = True
-        body.update(sampling)
-        return body
+            params["logprobs"] = 0
+        if self.config.routing_header:
+            params["extra_headers"] = {self.config.routing_header: routing_key}
+        return params
 
     async def complete(
         self,
@@ -136,20 +126,21 @@ class OpenAICompletionsEngine:
         routing_key: str,
         sampling: dict[str, Any] | None = None,
     ) -> Completion:
-        body = self.payload(
+        params = self.request(
             prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids, routing_key=routing_key, sampling=sampling
         )
-        headers = {self.config.routing_header: routing_key} if self.config.routing_header else None
-        answer = await self.http.post_json("/v1/completions", body, headers=headers)
+        answer = await self.http.completion(**params)
         return self.parse(answer, stop_token_ids)
 
-    def parse(self, answer: Any, stop_token_ids: Sequence[int]) -> Completion:
-        """Turn a ``/v1/completions`` JSON answer into a Completion."""
-        try:
-            choice = answer["choices"][0]
-        except (KeyError, IndexError, TypeError) as e:
-            raise EngineError(f"the server's answer has no choices[0]: {str(answer)[:300]}") from e
-        ids = choice.get("token_ids")
+    def parse(self, answer: OpenAICompletion, stop_token_ids: Sequence[int]) -> Completion:
+        """Turn a ``/v1/completions`` answer into a Completion."""
+        if not isinstance(answer, OpenAICompletion):
+            raise EngineError(f"the server answered {type(answer).__name__}, not a completion object: {answer!r:.300}")
+        if not answer.choices:
+            raise EngineError(f"the server's answer has no choices[0]: {answer.to_json(indent=None)[:300]}")
+        choice = answer.choices[0]
+        server_fields = choice.model_extra or {}  # vLLM's and SGLang's own: token_ids, stop_reason, matched_stop
+        ids = server_fields.get("token_ids")
         if ids is None:
             raise EngineError(
                 "the server returned no choices[0].token_ids. The engine needs token ids back: vLLM >= 0.10.2 and "
@@ -157,15 +148,15 @@ class OpenAICompletionsEngine:
                 f"(server setting is {self.config.server!r})"
             )
         ids = [int(i) for i in ids]
-        logprobs = None
-        lp = choice.get("logprobs")
-        if isinstance(lp, dict) and lp.get("token_logprobs") is not None:
-            values = lp["token_logprobs"]
+        lps = None
+        lp = choice.logprobs
+        if lp is not None and lp.token_logprobs is not None:
+            values = lp.token_logprobs
             if len(values) == len(ids) and all(v is not None for v in values):
-                logprobs = [float(v) for v in values]
-        finish_raw = choice.get("finish_reason")
+                lps = [float(v) for v in values]
+        finish_raw = choice.finish_reason
         finish = _FINISH.get(finish_raw, FINISH_STOP if finish_raw else FINISH_LENGTH)
-        matched = choice.get("stop_reason", choice.get("matched_stop"))
+        matched = server_fields.get("stop_reason", server_fields.get("matched_stop"))
         extra: dict[str, Any] = {"finish_reason": finish_raw}
         if (
             finish == FINISH_STOP
@@ -174,14 +165,13 @@ class OpenAICompletionsEngine:
             and (not ids or ids[-1] != matched)
         ):
             ids.append(matched)  # a server that trimmed the stop token: put it back (its log-prob is unknown)
-            logprobs = None
+            lps = None
             extra["stop_token_restored"] = True
         cached = None
-        usage = answer.get("usage") or {}
-        details = usage.get("prompt_tokens_details") or {}
-        if isinstance(details, dict) and details.get("cached_tokens") is not None:
-            cached = int(details["cached_tokens"])
-        return Completion(token_ids=ids, finish=finish, logprobs=logprobs, cached_tokens=cached, extra=extra)
+        details = answer.usage.prompt_tokens_details if answer.usage else None
+        if details is not None and details.cached_tokens is not None:
+            cached = int(details.cached_tokens)
+        return Completion(token_ids=ids, finish=finish, logprobs=lps, cached_tokens=cached, extra=extra)
 
     async def aclose(self) -> None:
         await self.http.aclose()
