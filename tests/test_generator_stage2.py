@@ -196,3 +196,22 @@ def test_next_round_data_merges_earlier_sft_files_and_the_cli_reports_rounds(set
         == 2
     )
     assert "selection='best'" in capsys.readouterr().err
+
+
+def test_a_bug_while_encoding_is_raised_not_counted_as_non_canonical(fmt):
+    """Only the format's NonCanonicalTrajectory means "not the sampled ids"; any other error is a bug."""
+    import dataclasses
+
+    from threadweaver_verl.generator.stage2 import _judge
+
+    ids = response_ids(fmt, "<think>\nthe product is 56\n</think>\n\\boxed{56}")
+    rec = {"sample": 0, "valid": True, "events": [], "correct": True, "response_ids": ids, "stats": {}}
+    assert _judge(rec, fmt, record_response=False)[0]["canonical"] is True
+
+    def encode(text: str) -> list[int]:
+        if "product" in text:
+            raise ValueError("a bug in the tokenizer wrapper")
+        return fmt.encode(text)
+
+    with pytest.raises(ValueError, match="a bug in the tokenizer wrapper"):
+        _judge(rec, dataclasses.replace(fmt, encode=encode), record_response=False)

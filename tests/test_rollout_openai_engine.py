@@ -59,7 +59,7 @@ def test_sglang_trimmed_stop_token_is_restored():
 
 def test_length_and_missing_cache_report():
     with ScriptedOpenAI(completions=in_order(answer([1] * 8, finish="length", logprobs=False))) as server:
-        comp = complete(server.url)
+        comp = complete(server.url, sampling={"logprobs": False})
     assert comp.finish == "length" and comp.cached_tokens is None and comp.logprobs is None
 
 
@@ -74,6 +74,33 @@ def test_server_errors_become_engine_errors():
         with pytest.raises(EngineError, match="HTTP 503"):
             complete(server.url)
         assert len(server.requests) == 1 + OpenAIHTTPConfig().max_retries  # 1 try + the default retries
+
+
+@pytest.mark.parametrize("finish", ["content_filter", None])
+def test_unknown_finish_reason_is_an_error_not_a_stop(finish):
+    with ScriptedOpenAI(completions=in_order(answer([4, 5], finish=finish))) as server:
+        with pytest.raises(EngineError, match=f"finish_reason={finish!r}"):
+            complete(server.url)
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [None, {"token_logprobs": None}, {"token_logprobs": [-1.0]}, {"token_logprobs": [-1.0, None]}],
+    ids=["absent", "null", "too few", "a null one"],
+)
+def test_asked_for_logprobs_must_come_back_one_per_token(logprobs):
+    reply = answer([4, 5], logprobs=False)
+    if logprobs is not None:
+        reply.body["choices"][0]["logprobs"] = logprobs
+    with ScriptedOpenAI(completions=in_order(reply)) as server:
+        with pytest.raises(EngineError, match="log-prob"):
+            complete(server.url)
+
+
+def test_trimmed_stop_token_with_logprobs_asked_for_is_an_error():
+    with ScriptedOpenAI(completions=in_order(answer([4, 5], matched_stop=9))) as server:
+        with pytest.raises(EngineError, match="trimmed the stop token 9"):
+            complete(server.url, server="sglang")
 
 
 def test_sampling_may_not_override_owned_fields():

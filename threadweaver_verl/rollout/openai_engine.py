@@ -20,8 +20,13 @@ Server specifics (``server`` setting):
   Cached prompt tokens come back in ``usage.prompt_tokens_details.cached_tokens`` when the
   server runs with ``--enable-prompt-tokens-details`` (and ``--enable-prefix-caching``).
 - ``sglang``: also sends ``no_stop_trim: true`` so the stop token is kept; ``matched_stop``
-  names it (appended when a version still trims it). Cached tokens need ``--enable-cache-report``.
+  names it (appended when a version still trims it, if no log-probs were asked for: the
+  trimmed token's log-prob is missing). Cached tokens need ``--enable-cache-report``.
 - ``generic``: only the standard fields plus ``stop_token_ids`` and ``return_token_ids``.
+
+Nothing is dropped or guessed: an answer without one log-prob per token id when log-probs were asked
+for, or with a ``finish_reason`` other than ``stop``, ``length`` or ``abort``, is an
+:class:`~threadweaver_verl.rollout.engine.EngineError` naming what came back.
 
 Do not set ``X-Request-Id`` for routing: vLLM uses it as the request id, and the threads of one
 trajectory are in flight at once. The routing key goes in ``user`` and ``routing_header``.
@@ -35,6 +40,7 @@ from typing import Any
 
 import openai
 from openai.types import Completion as OpenAICompletion
+from openai.types import CompletionChoice
 
 from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, EngineError
 from threadweaver_verl.rollout.http import OpenAIHTTP, OpenAIHTTPConfig
@@ -58,7 +64,7 @@ class OpenAIEngineConfig:
     routing_header: str | None = "X-Routing-Key"
     """HTTP header carrying the trajectory's routing key (for a sticky router); None: only ``user``."""
     logprobs: bool = True
-    """Ask for the sampled tokens' log-probs (``logprobs: 0``)."""
+    """Ask for the sampled tokens' log-probs (``logprobs: 0``); the answer must then carry one per token."""
 
     def __post_init__(self) -> None:
         if self.server not in SERVERS:
@@ -130,10 +136,10 @@ class OpenAICompletionsEngine:
             prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids, routing_key=routing_key, sampling=sampling
         )
         answer = await self.http.completion(**params)
-        return self.parse(answer, stop_token_ids)
+        return self.parse(answer, stop_token_ids, logprobs="logprobs" in params)
 
-    def parse(self, answer: OpenAICompletion, stop_token_ids: Sequence[int]) -> Completion:
-        """Turn a ``/v1/completions`` answer into a Completion."""
+    def parse(self, answer: OpenAICompletion, stop_token_ids: Sequence[int], *, logprobs: bool) -> Completion:
+        """Turn a ``/v1/completions`` answer into a Completion; ``logprobs``: whether they were asked for."""
         if not isinstance(answer, OpenAICompletion):
             raise EngineError(f"the server answered {type(answer).__name__}, not a completion object: {answer!r:.300}")
         if not answer.choices:
@@ -148,14 +154,14 @@ class OpenAICompletionsEngine:
                 f"(server setting is {self.config.server!r})"
             )
         ids = [int(i) for i in ids]
-        lps = None
-        lp = choice.logprobs
-        if lp is not None and lp.token_logprobs is not None:
-            values = lp.token_logprobs
-            if len(values) == len(ids) and all(v is not None for v in values):
-                lps = [float(v) for v in values]
         finish_raw = choice.finish_reason
-        finish = _FINISH.get(finish_raw, FINISH_STOP if finish_raw else FINISH_LENGTH)
+        if finish_raw not in _FINISH:
+            raise EngineError(
+                f"the server ended a completion with finish_reason={finish_raw!r}; the engine knows "
+                f"{sorted(_FINISH)}. A server that reports another reason is not supported "
+                f"(server setting is {self.config.server!r})"
+            )
+        finish = _FINISH[finish_raw]
         matched = server_fields.get("stop_reason", server_fields.get("matched_stop"))
         extra: dict[str, Any] = {"finish_reason": finish_raw}
         if (
@@ -164,14 +170,24 @@ class OpenAICompletionsEngine:
             and matched in set(stop_token_ids)
             and (not ids or ids[-1] != matched)
         ):
-            ids.append(matched)  # a server that trimmed the stop token: put it back (its log-prob is unknown)
-            lps = None
+            if logprobs:
+                raise EngineError(
+                    f"the server trimmed the stop token {matched} from its answer, so that token's log-prob is "
+                    "missing; use a server that keeps it (SGLang with no_stop_trim) or ask for no log-probs"
+                )
+            ids.append(matched)  # a server that trimmed the stop token: put it back
             extra["stop_token_restored"] = True
         cached = None
         details = answer.usage.prompt_tokens_details if answer.usage else None
         if details is not None and details.cached_tokens is not None:
             cached = int(details.cached_tokens)
-        return Completion(token_ids=ids, finish=finish, logprobs=lps, cached_tokens=cached, extra=extra)
+        return Completion(
+            token_ids=ids,
+            finish=finish,
+            logprobs=_logprobs(choice, len(ids)) if logprobs else None,
+            cached_tokens=cached,
+            extra=extra,
+        )
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -181,3 +197,20 @@ class OpenAICompletionsEngine:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+def _logprobs(choice: CompletionChoice, n_ids: int) -> list[float]:
+    """The sampled tokens' log-probs, one per token id; anything else is an EngineError."""
+    values = choice.logprobs.token_logprobs if choice.logprobs is not None else None
+    if values is None:
+        raise EngineError(
+            "log-probs were asked for (logprobs: 0), but the answer has no choices[0].logprobs.token_logprobs; "
+            "set logprobs=false (engine config or sampling) for a server that cannot return them"
+        )
+    missing = sum(v is None for v in values)
+    if len(values) != n_ids or missing:
+        raise EngineError(
+            f"the answer has {len(values)} log-probs ({missing} of them null) for {n_ids} token ids; "
+            "the engine needs one per token id"
+        )
+    return [float(v) for v in values]
