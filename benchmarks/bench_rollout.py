@@ -21,6 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the engine tests steer too
+
+from _steered_engine import SteeredEngine  # noqa: E402
+
 
 def outline_block(k: int) -> str:
     from threadweaver_verl.format import BlockLayout
@@ -101,32 +105,6 @@ def bench_overhead(fmt, prompt, console) -> list[tuple]:
     return rows
 
 
-class SteeredEngine:
-    """The real engine except the main line: its first answer is a fixed outline block (the sequential
-    baseline's context holds the same block, and both find it in the prefix cache, warmed before the
-    timing), its answer after the join is EOS. So both sides time the same generated tokens."""
-
-    def __init__(self, real, block_ids, eos):
-        self.real, self.block_ids, self.eos, self.n_main = real, block_ids, eos, 0
-
-    async def complete(self, prompt_ids, *, max_tokens, stop_token_ids, routing_key, sampling=None):
-        from threadweaver_verl.rollout.engine import Completion
-
-        if self.fmt_is_main(stop_token_ids):
-            self.n_main += 1
-            if self.n_main == 1:
-                return Completion(list(self.block_ids), "stop")
-            return Completion([self.eos], "stop")
-        return await self.real.complete(
-            prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids, routing_key=routing_key, sampling=sampling
-        )
-
-    thread_close: int = -1
-
-    def fmt_is_main(self, stops) -> bool:
-        return self.thread_close not in stops
-
-
 async def _fork_join(fmt, url, prompt, k, thread_tokens, sampling, key):
     from threadweaver_verl.format import Tag
     from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
@@ -140,8 +118,11 @@ async def _fork_join(fmt, url, prompt, k, thread_tokens, sampling, key):
         max_threads_per_block=8,
     )
     async with OpenAICompletionsEngine(base_url=url) as real:
-        engine = SteeredEngine(real, block_ids, fmt.eos_ids[0])
-        engine.thread_close = fmt.tag_id(Tag.THREAD_CLOSE)
+        # the main line: the outline block (the sequential baseline's context holds the same block, and
+        # both find it in the prefix cache, warmed before the timing), then EOS after the join; so both
+        # sides time the same generated tokens
+        main = [block_ids, [fmt.eos_ids[0]]]
+        engine = SteeredEngine(real, main, thread_close_id=fmt.tag_id(Tag.THREAD_CLOSE), prefill=False)
         return await ForkJoinController(fmt, cfg).run(engine, prompt, routing_key=key, sampling=sampling)
 
 

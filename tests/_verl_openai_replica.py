@@ -44,7 +44,7 @@ class OpenAIReplica:
         **kwargs: Any,
     ) -> TokenOutput:
         if self.engine is None:  # created in the actor's own event loop
-            self.engine = OpenAICompletionsEngine(OpenAIEngineConfig(base_url=self.base_url, logprobs=False))
+            self.engine = OpenAICompletionsEngine(OpenAIEngineConfig(logprobs=False), base_url=self.base_url)
         params = dict(sampling_params)
         room = self.max_model_len - len(prompt_ids)
         if room < 1:

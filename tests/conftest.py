@@ -1,7 +1,15 @@
-"""Shared pytest fixtures: one tiny model per session, one vLLM server per session.
+"""Shared pytest fixtures: the tokenizers, one tiny model per session, one vLLM server per session.
+
+Tokenizers (every format tag one token; the same vocabulary in all):
+
+- ``tok`` / ``fmt``: the tiny tokenizer built in memory, and its TokenFormat: no model is built.
+- ``tok_dir``: ``tok`` saved to a folder, for settings that name a tokenizer folder.
+- ``tiny_tokenizer`` / ``tiny_fmt``: the tokenizer saved with the tiny model, for tests that serve or
+  load that model (its ids then go through the model's own save/load path).
+
+Models and servers:
 
 - ``tiny_model_dir``: a tiny Qwen3-style model + tokenizer folder (built once, ~7 s).
-- ``tiny_tokenizer`` / ``tiny_fmt``: its tokenizer and TokenFormat.
 - ``vllm_server``: ONE vLLM OpenAI-compatible server (CPU build here) serving the tiny model with
   prefix caching and cached-token reporting, started on first use (60-95 s on 2 cores) and shared
   by every test of the session. Tests using it are ``@pytest.mark.slow``.
@@ -18,6 +26,14 @@ def tok():
     from threadweaver_verl.models.tiny import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tok, tmp_path_factory):
+    """``tok`` saved to a folder (tokenizer files only); the folder's path as a string, as settings take it."""
+    out = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(out)
+    return str(out)
 
 
 @pytest.fixture(scope="session")

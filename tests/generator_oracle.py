@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 
-from generator_scripted_openai import Status, TokenReply
+from _scripted_openai import Status, TokenReply
 
 from threadweaver_verl.data.chat import response_ids
 from threadweaver_verl.format import split_requests

@@ -7,7 +7,7 @@ import json
 import random
 import re
 
-from generator_scripted_openai import Reply, Slow, Status
+from _scripted_openai import Reply, Slow, Status
 
 from threadweaver_verl.generator import prompts
 

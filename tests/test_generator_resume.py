@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from _scripted_openai import Reply, ScriptedOpenAI, Slow
 from generator_script import make_sample, script
-from generator_scripted_openai import Reply, ScriptedOpenAI, Slow
 
 from threadweaver_verl.config import load_config
 from threadweaver_verl.generator.records import RecordStore, RecordStoreError
@@ -35,7 +35,6 @@ def _args(inp: Path, out: Path, url: str, cache: Path) -> list[str]:
         "llm.model=scripted-model",
         f"llm.http.base_url={url}",
         "llm.http.api_key_env=null",
-        "llm.http.backoff_s=0.01",
         "llm.http.max_concurrency=2",
         "samples_in_flight=2",
         f"llm.cache_path={cache}",

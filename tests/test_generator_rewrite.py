@@ -170,3 +170,32 @@ def test_inputs_load_from_parquet_and_jsonl_with_stable_ids(tmp_path):
     with pytest.raises(InputError, match="use .parquet or .jsonl"):
         (tmp_path / "in.csv").write_text("q,t,a\n")
         load_samples(str(tmp_path / "in.csv"))
+
+
+TWO_THREADS = (
+    "<think>\nPlan.\n<Parallel>\n<Outlines>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Outlines>\n"
+    "<Thread>\n1: first</Thread>\n<Thread>\n2: second</Thread>\n</Parallel>\nDone.\n</think>\n\\boxed{1}"
+)
+
+
+def test_step5_rejects_a_trajectory_the_format_cannot_encode(fmt):
+    import dataclasses
+
+    assert check_trajectory(parse_text(TWO_THREADS), Limits(), fmt).response_ids is not None
+    one_thread_per_block = dataclasses.replace(fmt, limits=Limits(max_threads_per_block=1))
+    with pytest.raises(PlanError, match="cannot be encoded as a training trajectory"):
+        check_trajectory(parse_text(TWO_THREADS), Limits(), one_thread_per_block)
+
+
+def test_step5_raises_a_bug_instead_of_counting_it_as_a_rejected_plan(fmt):
+    """Only the format's NonCanonicalTrajectory rejects a plan; any other error is a bug and surfaces."""
+    import dataclasses
+
+    def encode(text: str) -> list[int]:
+        if "Plan." in text:
+            raise ValueError("a bug in the tokenizer wrapper")
+        return fmt.encode(text)
+
+    with pytest.raises(ValueError, match="a bug in the tokenizer wrapper") as raised:
+        check_trajectory(parse_text(TWO_THREADS), Limits(), dataclasses.replace(fmt, encode=encode))
+    assert not isinstance(raised.value, PlanError)  # (a PlanError is a ValueError too)

@@ -14,8 +14,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from _scripted_openai import ScriptedOpenAI
 from generator_script import EXPECTED, make_sample, script
-from generator_scripted_openai import ScriptedOpenAI
 
 from threadweaver_verl.config import load_config
 from threadweaver_verl.data.chat import response_ids
@@ -25,15 +25,6 @@ from threadweaver_verl.generator import prompts
 from threadweaver_verl.generator.cli import main as cli_main
 from threadweaver_verl.generator.stage1 import Stage1Config, run_stage1
 from threadweaver_verl.rl.correctness import check_answer
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from threadweaver_verl.models.tiny import build_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer().save_pretrained(out)
-    return out
 
 
 def _write_input(path: Path, kinds) -> list[dict]:
@@ -54,7 +45,6 @@ def _config(inp: Path, out: Path, url: str, *extra: str) -> Stage1Config:
             f"llm.http.base_url={url}",
             "llm.http.api_key_env=null",
             "llm.http.timeout_s=0.5",
-            "llm.http.backoff_s=0.01",
             "llm.http.max_retries=2",
             "llm.price_prompt_per_mtok=2.0",
             "llm.price_completion_per_mtok=8.0",
@@ -77,12 +67,12 @@ def _user_questions(bodies) -> Counter:
     return c
 
 
-def test_every_scripted_behaviour_ends_in_the_right_record(tmp_path, tokenizer_dir):
+def test_every_scripted_behaviour_ends_in_the_right_record(tmp_path, tok_dir):
     from transformers import AutoTokenizer
 
     rows = _write_input(tmp_path / "in.jsonl", list(EXPECTED))
     with ScriptedOpenAI(script) as server:
-        summary = run_stage1(_config(tmp_path / "in.jsonl", tmp_path / "out", server.url, f"tokenizer={tokenizer_dir}"))
+        summary = run_stage1(_config(tmp_path / "in.jsonl", tmp_path / "out", server.url, f"tokenizer={tok_dir}"))
         received = list(server.received)
 
     recs = {r["id"]: r for r in _records(tmp_path / "out")}
@@ -117,7 +107,7 @@ def test_every_scripted_behaviour_ends_in_the_right_record(tmp_path, tokenizer_d
     assert usage["cost"] == pytest.approx((100 * 2.0 + 20 * 8.0) * usage["calls"] / 1e6)
 
     # Accepted rewrites: valid trajectories that keep the answer and encode to training ids.
-    fmt = TokenFormat.from_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), limits=Limits(4, 1))
+    fmt = TokenFormat.from_tokenizer(AutoTokenizer.from_pretrained(tok_dir), limits=Limits(4, 1))
     accepted = [r for r in recs.values() if r["status"] == "accepted"]
     assert summary["accepted"] == len(accepted) == 7
     assert summary["rejected_by_step"] == {
@@ -226,7 +216,7 @@ def test_cli_runs_stage1_and_names_bad_settings(tmp_path, capsys):
 def test_llm_client_caches_by_every_parameter_and_sends_identical_calls_once(tmp_path):
     import asyncio
 
-    from generator_scripted_openai import Reply, Slow
+    from _scripted_openai import Reply, Slow
 
     from threadweaver_verl.generator.llm import ChatLLM, LLMConfig
     from threadweaver_verl.rollout.http import OpenAIHTTPConfig

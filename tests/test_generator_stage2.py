@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from _scripted_openai import ScriptedOpenAI
 from generator_oracle import Oracle, Raw
-from generator_scripted_openai import ScriptedOpenAI
 
 from threadweaver_verl.config import load_config
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle, prompt_ids, response_ids
@@ -78,7 +78,7 @@ def _cfg(d: Path, url: str, tok: Path, out: str, *extra: str) -> Stage2Config:
             "n_samples=5",
             "progress=false",
             "temperature=0",
-            "engine.max_retries=0",
+            "engine.http.max_retries=0",
             "chunk_size=2",
             *extra,
         ],
@@ -210,3 +210,22 @@ def test_min_blocks_counts_the_blocks_the_format_accepts():
         # the validator agrees: a block that does not count is a format error under the same setting
         rules = {e.rule for e in validate(parse_text(text), limits=limits)}
         assert ("single_thread_block" in rules) == (not limits.single_thread_blocks) and "empty_block" in rules
+
+
+def test_a_bug_while_encoding_is_raised_not_counted_as_non_canonical(fmt):
+    """Only the format's NonCanonicalTrajectory means "not the sampled ids"; any other error is a bug."""
+    import dataclasses
+
+    from threadweaver_verl.generator.stage2 import _judge
+
+    ids = response_ids(fmt, "<think>\nthe product is 56\n</think>\n\\boxed{56}")
+    rec = {"sample": 0, "valid": True, "events": [], "correct": True, "response_ids": ids, "stats": {}}
+    assert _judge(rec, fmt, record_response=False)[0]["canonical"] is True
+
+    def encode(text: str) -> list[int]:
+        if "product" in text:
+            raise ValueError("a bug in the tokenizer wrapper")
+        return fmt.encode(text)
+
+    with pytest.raises(ValueError, match="a bug in the tokenizer wrapper"):
+        _judge(rec, dataclasses.replace(fmt, encode=encode), record_response=False)

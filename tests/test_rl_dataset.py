@@ -17,16 +17,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from verl.utils import hf_tokenizer
-
-    from threadweaver_verl.models.tiny import build_tiny_model
-
-    model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny"))
-    return hf_tokenizer(str(model_dir))
-
-
-@pytest.fixture(scope="module")
 def preset_data_config():
     from hydra import compose, initialize_config_dir
 
@@ -64,10 +54,10 @@ def raw_parquet(tmp_path):
     return str(p)
 
 
-def test_raw_rows_get_our_prompt_agent_and_reward(preset_data_config, tokenizer, raw_parquet):
+def test_raw_rows_get_our_prompt_agent_and_reward(preset_data_config, tiny_tokenizer, raw_parquet):
     from threadweaver_verl.integrations.verl.rl_dataset import ThreadWeaverRLDataset
 
-    ds = make(preset_data_config, raw_parquet, tokenizer, **{"threadweaver.data_source": "toy"})
+    ds = make(preset_data_config, raw_parquet, tiny_tokenizer, **{"threadweaver.data_source": "toy"})
     assert isinstance(ds, ThreadWeaverRLDataset) and len(ds) == 3
     item = ds[1]
     # verl's outputs are kept
@@ -81,52 +71,52 @@ def test_raw_rows_get_our_prompt_agent_and_reward(preset_data_config, tokenizer,
     assert item["extra_info"]["question"] == "What is 4 * 5?" and item["extra_info"]["source_id"] == "b"
 
 
-def test_batches_through_verl_collate(preset_data_config, tokenizer, raw_parquet):
+def test_batches_through_verl_collate(preset_data_config, tiny_tokenizer, raw_parquet):
     from torch.utils.data import DataLoader
     from verl.utils.dataset.rl_dataset import collate_fn
 
-    ds = make(preset_data_config, raw_parquet, tokenizer, **{"threadweaver.data_source": "toy"})
+    ds = make(preset_data_config, raw_parquet, tiny_tokenizer, **{"threadweaver.data_source": "toy"})
     batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate_fn)))
     assert list(batch["agent_name"]) == ["threadweaver"] * 3
     assert [rm["ground_truth"] for rm in batch["reward_model"]] == ["5", "20", "5"]
     assert batch["dummy_tensor"].shape == (3, 1)
 
 
-def test_preprocessed_parquet_is_used_as_written(preset_data_config, tokenizer, raw_parquet, tmp_path):
+def test_preprocessed_parquet_is_used_as_written(preset_data_config, tiny_tokenizer, raw_parquet, tmp_path):
     out = tmp_path / "rl.parquet"
     run(PreprocessConfig(input=raw_parquet, output=str(out), data_source="toy"), progress=False)
-    ds = make(preset_data_config, str(out), tokenizer)
+    ds = make(preset_data_config, str(out), tiny_tokenizer)
     written = pd.read_parquet(out)
     assert len(ds) == 3
     assert ds[2]["prompt"] == [dict(m) for m in written["prompt"][2]]
     assert ds[2]["extra_info"]["index"] == 2
 
 
-def test_agent_name_setting(preset_data_config, tokenizer, raw_parquet, tmp_path):
+def test_agent_name_setting(preset_data_config, tiny_tokenizer, raw_parquet, tmp_path):
     out = tmp_path / "rl.parquet"
     run(PreprocessConfig(input=raw_parquet, output=str(out), data_source="toy", agent_name="my_loop"), progress=False)
-    assert make(preset_data_config, str(out), tokenizer)[0]["agent_name"] == "threadweaver"  # config wins
-    ds = make(preset_data_config, str(out), tokenizer, **{"threadweaver.agent_name": None})
+    assert make(preset_data_config, str(out), tiny_tokenizer)[0]["agent_name"] == "threadweaver"  # config wins
+    ds = make(preset_data_config, str(out), tiny_tokenizer, **{"threadweaver.agent_name": None})
     assert ds[0]["agent_name"] == "my_loop"  # null keeps the row's own
-    ds = make(preset_data_config, str(out), tokenizer, **{"threadweaver.agent_name": "single_turn_agent"})
+    ds = make(preset_data_config, str(out), tiny_tokenizer, **{"threadweaver.agent_name": "single_turn_agent"})
     assert {ds[i]["agent_name"] for i in range(3)} == {"single_turn_agent"}
 
 
-def test_jsonl_input(preset_data_config, tokenizer, tmp_path):
+def test_jsonl_input(preset_data_config, tiny_tokenizer, tmp_path):
     p = tmp_path / "aime.jsonl"
     p.write_text("\n".join(json.dumps({"ID": f"2024-{i}", "Problem": f"Find {i}.", "Answer": i}) for i in (1, 2)))
-    ds = make(preset_data_config, str(p), tokenizer, **{"threadweaver.data_source": "aime"})
+    ds = make(preset_data_config, str(p), tiny_tokenizer, **{"threadweaver.data_source": "aime"})
     assert [ds[i]["reward_model"]["ground_truth"] for i in range(2)] == ["1", "2"]
 
 
-def test_overlong_prompts_filtered_with_our_prompt_ids(preset_data_config, tokenizer, tmp_path):
+def test_overlong_prompts_filtered_with_our_prompt_ids(preset_data_config, tiny_tokenizer, tmp_path):
     p = tmp_path / "mixed.parquet"
     pd.DataFrame([{"problem": "1+1?", "answer": "2"}, {"problem": "9 " * 400, "answer": "9"}]).to_parquet(p)
-    ds = make(preset_data_config, str(p), tokenizer, **{"threadweaver.data_source": "toy"})
+    ds = make(preset_data_config, str(p), tiny_tokenizer, **{"threadweaver.data_source": "toy"})
     assert len(ds) == 1 and ds[0]["reward_model"]["ground_truth"] == "2"
-    assert len(prompt_ids(tokenizer, ds[0]["prompt"])) <= 256
+    assert len(prompt_ids(tiny_tokenizer, ds[0]["prompt"])) <= 256
     with pytest.raises(SchemaError, match="longer than data.max_prompt_length"):
-        make(preset_data_config, str(p), tokenizer, max_prompt_length=10, **{"threadweaver.data_source": "toy"})
+        make(preset_data_config, str(p), tiny_tokenizer, max_prompt_length=10, **{"threadweaver.data_source": "toy"})
 
 
 # ------------------------------------------------------------------ clear errors
@@ -136,19 +126,19 @@ def write(tmp_path, rows, name="bad.parquet"):
     return str(p)
 
 
-def test_missing_columns(preset_data_config, tokenizer, tmp_path):
+def test_missing_columns(preset_data_config, tiny_tokenizer, tmp_path):
     p = write(tmp_path, [{"text": "What is 1?", "answer": "1"}])
     with pytest.raises(SchemaError, match="no question field found.*question_key"):
-        make(preset_data_config, p, tokenizer, **{"threadweaver.data_source": "toy"})
+        make(preset_data_config, p, tiny_tokenizer, **{"threadweaver.data_source": "toy"})
     p = write(tmp_path, [{"problem": "What is 1?", "hint": "1"}])
     with pytest.raises(SchemaError, match="no answer field found"):
-        make(preset_data_config, p, tokenizer, **{"threadweaver.data_source": "toy"})
+        make(preset_data_config, p, tiny_tokenizer, **{"threadweaver.data_source": "toy"})
     p = write(tmp_path, RAW)
     with pytest.raises(SchemaError, match="data_source"):
-        make(preset_data_config, p, tokenizer)
+        make(preset_data_config, p, tiny_tokenizer)
 
 
-def test_empty_prompt_and_missing_ground_truth(preset_data_config, tokenizer, raw_parquet, tmp_path):
+def test_empty_prompt_and_missing_ground_truth(preset_data_config, tiny_tokenizer, raw_parquet, tmp_path):
     out = tmp_path / "rl.parquet"
     run(PreprocessConfig(input=raw_parquet, output=str(out), data_source="toy"), progress=False)
     frame = pd.read_parquet(out)
@@ -158,33 +148,33 @@ def test_empty_prompt_and_missing_ground_truth(preset_data_config, tokenizer, ra
     p = tmp_path / "bad_rl.parquet"
     bad.to_parquet(p)
     with pytest.raises(SchemaError) as err:
-        make(preset_data_config, str(p), tokenizer)
+        make(preset_data_config, str(p), tiny_tokenizer)
     text = str(err.value)
     assert "2 bad row(s) of 3" in text and "row 0" in text and "ground_truth is empty" in text
     assert "row 1" in text and "user message is empty" in text
     p = write(tmp_path, [{"problem": "   ", "answer": "1"}], "empty_q.parquet")
     with pytest.raises(SchemaError, match="question field 'problem' is empty"):
-        make(preset_data_config, p, tokenizer, **{"threadweaver.data_source": "toy"})
+        make(preset_data_config, p, tiny_tokenizer, **{"threadweaver.data_source": "toy"})
 
 
-def test_prompt_without_our_instruction(preset_data_config, tokenizer, raw_parquet, tmp_path):
+def test_prompt_without_our_instruction(preset_data_config, tiny_tokenizer, raw_parquet, tmp_path):
     out = tmp_path / "plain.parquet"
     run(PreprocessConfig(input=raw_parquet, output=str(out), data_source="toy", instruction=None), progress=False)
     with pytest.raises(SchemaError, match="lacks the instruction"):
-        make(preset_data_config, str(out), tokenizer)
-    ds = make(preset_data_config, str(out), tokenizer, **{"threadweaver.require_instruction": False})
+        make(preset_data_config, str(out), tiny_tokenizer)
+    ds = make(preset_data_config, str(out), tiny_tokenizer, **{"threadweaver.require_instruction": False})
     assert ds[0]["prompt"][-1]["content"] == "What is 2 + 3?"
 
 
-def test_bad_settings(preset_data_config, tokenizer, raw_parquet):
+def test_bad_settings(preset_data_config, tiny_tokenizer, raw_parquet):
     with pytest.raises(SchemaError, match="unknown key.*agent"):
-        make(preset_data_config, raw_parquet, tokenizer, **{"threadweaver.agent": "x"})
+        make(preset_data_config, raw_parquet, tiny_tokenizer, **{"threadweaver.agent": "x"})
     with pytest.raises(SchemaError, match="answer_format"):
-        make(preset_data_config, raw_parquet, tokenizer, **{"threadweaver.answer_format": "latex"})
+        make(preset_data_config, raw_parquet, tiny_tokenizer, **{"threadweaver.answer_format": "latex"})
     with pytest.raises(SchemaError, match="prompt_key"):
-        make(preset_data_config, raw_parquet, tokenizer, prompt_key="question")
+        make(preset_data_config, raw_parquet, tiny_tokenizer, prompt_key="question")
 
 
-def test_missing_file(preset_data_config, tokenizer, tmp_path):
+def test_missing_file(preset_data_config, tiny_tokenizer, tmp_path):
     with pytest.raises(SchemaError, match="nope.parquet' not found: check data.train_files"):
-        make(preset_data_config, str(tmp_path / "nope.parquet"), tokenizer)
+        make(preset_data_config, str(tmp_path / "nope.parquet"), tiny_tokenizer)

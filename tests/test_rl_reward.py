@@ -22,15 +22,6 @@ HANG_ANSWER = "9^{9^{9^{9}}}"  # sympy evaluates the power tower forever (see te
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from threadweaver_verl.models.tiny import build_tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    build_tokenizer().save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
 def build(tok):
     """ids from pieces: a tag string is its one token; other text is one token per character."""
     tags = {t.value for t in Tag}

@@ -8,13 +8,13 @@ import asyncio
 import json
 
 import pytest
+from _steered_engine import SteeredEngine
 
 from threadweaver_verl.data.chat import PromptStyle, prompt_ids
 from threadweaver_verl.data.schema import rl_row, write_rl
 from threadweaver_verl.format import SEQUENTIAL, THREAD, BlockLayout, Tag, split_requests
 from threadweaver_verl.format.tree import atoms_text
 from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, Reason
-from threadweaver_verl.rollout.engine import Completion
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine
 
 pytestmark = pytest.mark.slow
@@ -25,30 +25,6 @@ OUTLINES = ("the tens", "the ones", "the carry")
 def block_text(outlines=OUTLINES) -> str:
     """A block up to its </Outlines>, as the data writers lay it out (outline k reads "k: ...")."""
     return atoms_text(BlockLayout.outline_atoms(outlines))
-
-
-class SteeredEngine:
-    """The real engine, except that the first main-line answer is a fixed outline block. The server
-    still reads that block (a one-token request on context + block), so what the threads share is in
-    its prefix cache exactly as if the model had written it."""
-
-    def __init__(self, real: OpenAICompletionsEngine, block_ids: list[int]):
-        self.real, self.block_ids, self.steered = real, block_ids, False
-
-    async def complete(self, prompt_ids, *, max_tokens, stop_token_ids, routing_key, sampling=None):
-        if not self.steered:
-            self.steered = True
-            await self.real.complete(
-                list(prompt_ids) + self.block_ids,
-                max_tokens=1,
-                stop_token_ids=[],
-                routing_key=routing_key,
-                sampling=sampling,
-            )
-            return Completion(list(self.block_ids), "stop")
-        return await self.real.complete(
-            prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids, routing_key=routing_key, sampling=sampling
-        )
 
 
 def long_question() -> str:
@@ -68,7 +44,7 @@ def test_fork_join_on_vllm(vllm_server, tiny_tokenizer, tiny_fmt):
 
     async def go():
         async with OpenAICompletionsEngine(base_url=vllm_server.url) as real:
-            engine = SteeredEngine(real, block_ids)
+            engine = SteeredEngine(real, [block_ids], thread_close_id=fmt.tag_id(Tag.THREAD_CLOSE), prefill=True)
             return await ForkJoinController(fmt, cfg).run(engine, prompt, routing_key="vllm-traj-1", sampling=sampling)
 
     result = asyncio.run(go())

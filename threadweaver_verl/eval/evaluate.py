@@ -145,7 +145,6 @@ async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str)
 
     fmt = TokenFormat.from_tokenizer(tokenizer)
     controller = ForkJoinController(fmt, cfg.controller)
-    engine_cfg = OpenAIEngineConfig(**{**asdict(cfg.engine), "base_url": base_url})
     sampling = sampling_of(cfg)
     jobs = [(row, problem_key(row), j) for row in rows for j in range(cfg.n_samples)]
     records: list[dict | None] = [None] * len(jobs)
@@ -156,7 +155,7 @@ async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str)
 
         bar = tqdm(total=len(jobs), desc="eval trajectories", unit="traj")
     t0 = time.perf_counter()
-    async with OpenAICompletionsEngine(engine_cfg) as engine:
+    async with OpenAICompletionsEngine(cfg.engine, base_url=base_url) as engine:
 
         async def one(i: int, row: dict, key: str, j: int) -> None:
             async with gate:

@@ -1,8 +1,10 @@
 """Stage 1's chat client: any OpenAI-compatible ``/v1/chat/completions`` API.
 
-Transport (concurrency limit, timeouts, retries with backoff on 429/5xx and
-timeouts, the API key from an environment variable) is
-:class:`threadweaver_verl.rollout.http.OpenAIHTTP`. This module adds:
+Transport is the ``openai`` SDK's client as the rollout uses it,
+:class:`threadweaver_verl.rollout.http.OpenAIHTTP` (concurrency limit, timeouts,
+retries with backoff on 429/5xx and timeouts, the API key from an environment
+variable). The request body on the wire is :meth:`ChatLLM.payload` (model and
+messages by name, every other field in the SDK's ``extra_body``). This module adds:
 
 * a persistent request cache (sqlite, one committed row per answered call):
   the key is a hash of model + messages + every other request parameter, so a
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openai.types.chat import ChatCompletion
+
 from threadweaver_verl.rollout.http import OpenAIHTTP, OpenAIHTTPConfig
 
 
@@ -33,8 +37,6 @@ def _default_http() -> OpenAIHTTPConfig:
         max_concurrency=8,
         timeout_s=300.0,
         max_retries=6,
-        backoff_s=2.0,
-        max_backoff_s=60.0,
     )
 
 
@@ -45,7 +47,7 @@ class LLMConfig:
     model: str = ""
     """Model name sent to the API (required)."""
     http: OpenAIHTTPConfig = field(default_factory=_default_http)
-    """Server URL, API-key environment variable, concurrency, timeout and retries (see openai_http)."""
+    """Server URL, API-key environment variable, concurrency, timeout and retries (see rollout.http)."""
     temperature: float | None = None
     """Sampling temperature; None: not sent (some reasoning models reject it)."""
     max_tokens: int | None = None
@@ -226,9 +228,7 @@ class ChatLLM:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            answer = await self.http.post_json("/v1/chat/completions", body)
-            if not isinstance(answer, dict):
-                raise LLMError(f"the API answered {type(answer).__name__}, not a JSON object")
+            answer = await self._send(body)
             reply = _reply_of(answer, cached=False)  # checks the shape before it is cached
             self.cache.put(key, body, answer)
             fut.set_result(answer)
@@ -240,6 +240,16 @@ class ChatLLM:
             del self._inflight[key]
         self.usage.add(reply)
         return reply
+
+    async def _send(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` as it is; the answer as the server sent it (a JSON object)."""
+        rest = dict(body)
+        completion = await self.http.chat_completion(
+            model=rest.pop("model"), messages=rest.pop("messages"), extra_body=rest
+        )
+        if not isinstance(completion, ChatCompletion):
+            raise LLMError(f"the API answered {type(completion).__name__}, not a chat completion object")
+        return completion.to_dict(mode="json")
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -22,6 +22,7 @@ from threadweaver_verl.format import (
     BlockLayout,
     Limits,
     Marker,
+    NonCanonicalTrajectory,
     Span,
     Tag,
     TokenFormat,
@@ -351,7 +352,7 @@ def check_trajectory(traj: Trajectory, limits: Limits, fmt: TokenFormat | None =
 
         try:
             ids = response_ids(fmt, text)
-        except ValueError as e:  # NonCanonicalTrajectory and tokenizer errors
+        except NonCanonicalTrajectory as e:
             raise PlanError(f"the text cannot be encoded as a training trajectory: {e}") from None
         if fmt.decode(ids[:-1]) != text:
             raise PlanError("the training ids do not decode back to the text (the tokenizer is not lossless here)")

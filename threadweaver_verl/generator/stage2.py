@@ -88,6 +88,7 @@ class Stage2Config(EvalConfig):
 def _judge(rec: dict[str, Any], fmt, record_response: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A sample's summary, and (when it is a candidate for keeping) its text and ids."""
     from threadweaver_verl.data.chat import response_ids
+    from threadweaver_verl.format import NonCanonicalTrajectory
 
     ids = list(rec.get("response_ids") or [])
     ended_on_eos = bool(ids) and ids[-1] in fmt.eos_ids
@@ -114,7 +115,7 @@ def _judge(rec: dict[str, Any], fmt, record_response: bool) -> tuple[dict[str, A
     text = fmt.decode(ids[:-1])
     try:
         canonical = response_ids(fmt, text) == ids
-    except ValueError:  # NonCanonicalTrajectory: the text does not encode the way it was sampled
+    except NonCanonicalTrajectory:  # the text does not encode the way it was sampled
         canonical = False
     s["canonical"] = canonical
     if not canonical:

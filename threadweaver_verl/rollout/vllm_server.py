@@ -238,9 +238,6 @@ class VLLMServer:
                         f"{path}: {reply.text[:500]}. Log {self.log_path}"
                     )
 
-    def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines) if self.log_path else ""
-
     def __enter__(self) -> VLLMServer:
         return self.start()
 
