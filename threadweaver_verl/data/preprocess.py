@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle
-from threadweaver_verl.data.schema import DEFAULT_AGENT_NAME, SchemaError, _plain, rl_row, write_rl
+from threadweaver_verl.data.schema import AGENT_NAME, SchemaError, _plain, rl_row, write_rl
 
 QUESTION_KEYS = ("problem", "question", "Problem", "Question", "query")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "ground_truth", "expected_answer")
@@ -56,7 +56,7 @@ class RowConversion:
     split: str = "train"  # recorded in extra_info.split
     instruction: str | None = "default"  # "default" = our trained instruction; null = none; else this text
     system: str | None = None  # optional system message
-    agent_name: str = DEFAULT_AGENT_NAME  # the agent loop verl runs for each row
+    agent_name: str = AGENT_NAME  # the agent loop verl runs for each row
 
     def style(self) -> PromptStyle:
         text = DEFAULT_INSTRUCTION if self.instruction == "default" else (self.instruction or None)

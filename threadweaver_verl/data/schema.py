@@ -29,8 +29,9 @@ from typing import Any
 
 from threadweaver_verl.data.chat import PromptStyle
 
-# The name the plugin registers its fork/join agent loop under (see plugin.REGISTRATIONS).
-DEFAULT_AGENT_NAME = "threadweaver"
+# The name the plugin registers its fork/join agent loop under, and the default agent_name of the rows:
+# the one definition (integrations.verl.agent_loop, the RL dataset and the task commands import it).
+AGENT_NAME = "threadweaver"
 
 RL_COLUMNS: tuple[str, ...] = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
 SFT_COLUMNS: tuple[str, ...] = ("data_source", "prompt", "response", "extra_info")
@@ -63,7 +64,7 @@ def rl_row(
     split: str,
     style: PromptStyle = PromptStyle(),
     ability: str = "math",
-    agent_name: str = DEFAULT_AGENT_NAME,
+    agent_name: str = AGENT_NAME,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One RL row (verl's schema) for a question with a rule-checked answer."""

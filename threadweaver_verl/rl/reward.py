@@ -61,7 +61,7 @@ from typing import Any
 from threadweaver_verl.rl.correctness import ERROR, TIMEOUT, AnswerCheck, CorrectnessConfig, check_answer
 
 ACCELERATION_FORMS = ("one_minus_ratio", "ratio_minus_one", "none")
-STATS_KEY = "threadweaver"  # extra_info[STATS_KEY]: the agent loop's per-trajectory stats
+STATS_KEY = "threadweaver"  # extra_info[STATS_KEY]: the agent loop's per-trajectory stats (the one definition)
 STATS_KEYS = ("total_tokens", "critical_path", "num_blocks", "num_threads", "format_ok")  # required in it
 # Keyword arguments verl itself may add to a compute_score call; accepted and ignored.
 _VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})

@@ -35,8 +35,8 @@ from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 
 from threadweaver_verl.integrations.verl.advantage import ESTIMATOR_NAME, row_keys
 from threadweaver_verl.rl.advantage import parse_row_key
+from threadweaver_verl.rl.reward import STATS_KEY  # the agent loop's per-trajectory stats in the final row
 
-STATS_KEY = "threadweaver"  # the agent loop's per-trajectory stats in the final row's extra_fields
 METRIC_KEYS = (
     "speedup",
     "parallel_ratio",
