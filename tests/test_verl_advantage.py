@@ -194,7 +194,7 @@ def test_registration_is_idempotent_and_found_by_verl():
 def test_threadweaver_trainers_registered_with_their_base_modes():
     from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSync, get_trainer_cls
 
-    from threadweaver_verl.rl import trainer as tw_trainer
+    from threadweaver_verl.integrations.verl import trainer as tw_trainer
 
     tw_trainer.register()
     tw_trainer.register()
@@ -230,10 +230,12 @@ def test_threadweaver_trainers_registered_with_their_base_modes():
 
 
 def test_trajectory_metrics_use_each_sessions_final_row():
-    from threadweaver_verl.integrations.verl.trainer import final_row_positions, trajectory_metrics
+    from threadweaver_verl.integrations.verl.trainer import trajectory_metrics
+    from threadweaver_verl.rl.advantage import final_rows
 
     keys = ["u_0_0", "u_0_1", "u_1_0", "padx_0_0"]
-    assert final_row_positions(keys, [False, False, False, True]) == [1, 2]
+    assert final_rows(keys, [False, False, False, True]) == {("u", "0"): 1, ("u", "1"): 2}
+    assert final_rows(["u_0_2", "u_0_0", "u_0_1"]) == {("u", "0"): 0}  # the highest index, wherever it sits
     m = trajectory_metrics(
         [
             {"speedup": 2.0, "threads_per_block": [2, 4], "format_ok": True},

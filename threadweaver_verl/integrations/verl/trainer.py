@@ -34,7 +34,7 @@ from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 
 from threadweaver_verl.integrations.verl.advantage import ESTIMATOR_NAME, row_keys
-from threadweaver_verl.rl.advantage import parse_row_key
+from threadweaver_verl.rl.advantage import final_rows
 from threadweaver_verl.rl.reward import STATS_KEY  # the agent loop's per-trajectory stats in the final row
 
 METRIC_KEYS = (
@@ -47,18 +47,6 @@ METRIC_KEYS = (
     "num_requests",
     "format_ok",
 )
-
-
-def final_row_positions(keys: Sequence[str], is_padding: Sequence[bool] | None = None) -> list[int]:
-    """Positions of each session's final row (highest output index), padding rows left out."""
-    best: dict[tuple[str, str], tuple[int, int]] = {}
-    for pos, key in enumerate(keys):
-        if is_padding is not None and is_padding[pos]:
-            continue
-        uid, session, index = parse_row_key(key)
-        if (uid, session) not in best or index > best[(uid, session)][0]:
-            best[(uid, session)] = (index, pos)
-    return sorted(pos for _, pos in best.values())
 
 
 def trajectory_metrics(stats: Sequence[dict[str, Any] | None]) -> dict[str, float]:
@@ -103,7 +91,7 @@ class ThreadWeaverTrainerMixin:
         import transfer_queue as tq
 
         padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
-        finals = final_row_positions(batch.keys, padding)
+        finals = sorted(final_rows(batch.keys, padding).values())
         if not finals:
             return {}
         keys = [batch.keys[i] for i in finals]
