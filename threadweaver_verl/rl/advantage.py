@@ -34,7 +34,9 @@ algorithm.norm_adv_by_std_in_grpo=False`` on verl's V1 trainer gives the same
 advantages for every group of two or more trajectories (V1 special-cases the
 name ``grpo``: it scores each session's final row and broadcasts). P-GRPO adds
 the singleton rule, the equal-group switch and std division as an explicit
-setting whose default is off (``norm_adv_by_std_in_grpo`` defaults to True).
+setting whose default is off. verl's ``algorithm.norm_adv_by_std_in_grpo``
+(default True) is not ignored: the verl estimator refuses a value that disagrees
+with ``algorithm.p_grpo.norm_adv_by_std``, so the preset sets both false.
 
 Settings live under ``algorithm.p_grpo`` (``+algorithm.p_grpo.norm_adv_by_std=true``
 on a command line; see ``configs/``).
@@ -55,7 +57,8 @@ class PGRPOConfig:
 
     norm_adv_by_std: bool = False
     """Divide ``r - mean`` by the group's (unbiased) std + ``epsilon``. Off: mean-centred only, as ThreadWeaver
-    trains (with std division the small acceleration bonus dominates when all answers are right)."""
+    trains (with std division the small acceleration bonus dominates when all answers are right). Under verl,
+    ``algorithm.norm_adv_by_std_in_grpo`` must have the same value (a conflict is an error)."""
     zero_equal_groups: bool = False
     """Give every trajectory of a group ``A = 0`` exactly when all its rewards are equal (mean-centring already
     gives 0 up to float rounding; with std division it avoids dividing rounding noise by ``epsilon``)."""

@@ -33,7 +33,7 @@ from typing import Any
 from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync, PPOTrainerSync
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 
-from threadweaver_verl.integrations.verl.advantage import ESTIMATOR_NAME, row_keys
+from threadweaver_verl.integrations.verl.advantage import ESTIMATOR_NAME, read_config, row_keys
 from threadweaver_verl.rl.advantage import final_rows
 from threadweaver_verl.rl.reward import STATS_KEY  # the agent loop's per-trajectory stats in the final row
 
@@ -73,6 +73,8 @@ class ThreadWeaverTrainerMixin:
     base_mode: str = "sync"
 
     def _build_replay_buffer(self):  # called from PPOTrainer.__init__ right after trainer_mode is read
+        if str(self.config.algorithm.get("adv_estimator")) == ESTIMATOR_NAME:
+            read_config(self.config.algorithm)  # bad or conflicting p_grpo settings fail here, before any rollout
         self.trainer_mode = self.base_mode
         self.parameter_sync_step = self.config.trainer.v1.get(self.base_mode, {}).get("parameter_sync_step", 1)
         return super()._build_replay_buffer()
