@@ -69,16 +69,15 @@ class EvalConfig:
     """Nucleus sampling."""
     top_k: int = -1
     """Top-k sampling (-1 = off)."""
-    logprobs: bool = False
-    """Ask the server for log-probs (not needed to evaluate)."""
     baseline: str | None = None
     """``trajectories.jsonl`` of a sequential run (``controller.fork=false``) of the same data, for token speedup."""
     fail_on_error: bool = False
     """Stop at the first failed trajectory; otherwise failures are counted, reported and make the exit code 1."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """Budgets and policies of the fork/join controller; ``controller.fork=false`` gives the sequential baseline."""
-    engine: OpenAIEngineConfig = field(default_factory=OpenAIEngineConfig)
-    """HTTP client settings (``engine.base_url`` is set from ``server_url`` or the launched server)."""
+    engine: OpenAIEngineConfig = field(default_factory=lambda: OpenAIEngineConfig(logprobs=False))
+    """HTTP client settings (``engine.base_url`` is set from ``server_url`` or the launched server).
+    ``engine.logprobs`` is off here: evaluating needs no log-probs."""
     vllm: VLLMServerConfig = field(default_factory=VLLMServerConfig)
     """Launch settings when ``model`` is given (``vllm.model`` is set from ``model``)."""
     correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
@@ -112,7 +111,6 @@ def sampling_of(cfg: EvalConfig) -> dict[str, Any]:
     s: dict[str, Any] = {"temperature": cfg.temperature, "top_p": cfg.top_p}
     if cfg.top_k and cfg.top_k > 0:
         s["top_k"] = cfg.top_k
-    s["logprobs"] = cfg.logprobs
     return s
 
 
