@@ -20,6 +20,8 @@ format-valid rate, mean T (response tokens), mean L (critical path), mean T/L, t
 speedup against ``baseline`` (a sequential run's JSONL: per problem, the baseline's mean L
 over this run's mean L; the mean of those and the ratio of the means), wall-clock per
 problem, prefix-cache hit rate (cached / prompt tokens over the calls that report it).
+
+:func:`run_problems` is the sampling itself (stage 2 of the data generator uses it too).
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ def trajectory_record(
     return rec
 
 
-async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str) -> tuple[list[dict], float]:
+async def run_problems(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str) -> tuple[list[dict], float]:
+    """Sample ``cfg.n_samples`` trajectories of each RL-schema row on the server at ``base_url``, check their
+    answers, and return their records (in row, then sample order) and the wall-clock seconds it took."""
     from threadweaver_verl.data.chat import prompt_ids
     from threadweaver_verl.format import TokenFormat
 
@@ -349,7 +353,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             base_url = server.url
         else:
             base_url = cfg.server_url
-        records, wall = asyncio.run(_evaluate(cfg, rows, tokenizer, base_url))
+        records, wall = asyncio.run(run_problems(cfg, rows, tokenizer, base_url))
     with open(out / "trajectories.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.config import ConfigError
-from threadweaver_verl.eval.evaluate import EvalConfig, _evaluate, problem_key
+from threadweaver_verl.eval.evaluate import EvalConfig, problem_key, run_problems
 from threadweaver_verl.generator.records import RecordStore
 from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
@@ -224,7 +224,7 @@ def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
                 base_url = cfg.server_url or ""
             for start in range(0, len(todo), cfg.chunk_size):
                 chunk = todo[start : start + cfg.chunk_size]
-                samples, _ = asyncio.run(_evaluate(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url))
+                samples, _ = asyncio.run(run_problems(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url))
                 by_problem: dict[str, list[dict]] = {}
                 for rec in samples:
                     by_problem.setdefault(rec["problem"], []).append(rec)
