@@ -97,11 +97,13 @@ _LABELS = {
 def _print_rows(console, title: str, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
+    from threadweaver_verl.eval.report import format_cell
+
     table = Table(title=title)
     for k in rows[0]:
         table.add_column(_LABELS.get(k, k), justify="right")
     for r in rows:
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()))
+        table.add_row(*(format_cell(v) for v in r.values()))
     console.print(table)
 
 
