@@ -36,7 +36,7 @@ def test_rl_row_is_verls_layout():
     ]
     assert row["reward_model"] == {"style": "rule", "ground_truth": "12"}
     assert row["extra_info"] == {"index": 4, "split": "train", "question": "What is 4 * 3?", "digits": [1, 1]}
-    assert row["agent_name"] == schema.DEFAULT_AGENT_NAME and row["ability"] == "math"
+    assert row["agent_name"] == schema.AGENT_NAME and row["ability"] == "math"
 
 
 def test_round_trips(tmp_path):
@@ -93,3 +93,20 @@ def test_sft_checks(tmp_path):
         schema.read_rl(tmp_path / "missing.parquet")
     with pytest.raises(schema.SchemaError, match="empty"):
         schema.write_rl([], tmp_path / "empty.parquet")
+
+
+def test_the_agent_name_and_the_stats_key_are_defined_once():
+    """One constant each (data.schema.AGENT_NAME, rl.reward.STATS_KEY); every other module imports it, so a
+    second literal copy, which could drift, fails here."""
+    import re
+    from pathlib import Path
+
+    package = Path(schema.__file__).resolve().parents[1]
+    definition = re.compile(r"^\s*(\w*(?:agent|stats)\w*)\s*(?::[^=]*)?=\s*[\"']threadweaver[\"']", re.IGNORECASE)
+    found = sorted(
+        (str(path.relative_to(package)), m.group(1))
+        for path in package.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if (m := definition.match(line))
+    )
+    assert found == [("data/schema.py", "AGENT_NAME"), ("rl/reward.py", "STATS_KEY")]

@@ -7,8 +7,8 @@ import json
 
 from threadweaver_verl.cli.demo import DemoConfig
 from threadweaver_verl.data.chat import PromptStyle, prompt_ids
-from threadweaver_verl.eval.evaluate import write_report
-from threadweaver_verl.eval.report import pick_trajectory, write_demo_report
+from threadweaver_verl.eval.records import EvalSummary
+from threadweaver_verl.eval.report import pick_trajectory, write_demo_report, write_eval_report
 from threadweaver_verl.tasks import multiplication as mul
 
 
@@ -18,6 +18,10 @@ def _record(fmt, tok, sample, i, **over):
     st = fmt.stats(fmt.parse(response))
     rec = {
         "problem": f"p{i}",
+        "sample": 0,
+        "data_source": "test/mult",
+        "index": i,
+        "ground_truth": sample.problem.answer,
         "error": None,
         "valid": True,
         "correct": True,
@@ -42,8 +46,8 @@ def test_report_shows_table_histogram_threads_mask_and_loss(tiny_model_dir, tiny
     ]
     jsonl = out / "eval_parallel" / "trajectories.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert pick_trajectory(jsonl)["problem"] == "p2"
-    write_report(out / "eval_parallel", {"accuracy": 1.0}, {"p2": 1.29}, vs_baseline=True)
+    assert pick_trajectory(jsonl).problem == "p2"
+    write_eval_report(out / "eval_parallel", EvalSummary(accuracy=1.0, token_speedup=1.29), {"p2": 1.29}, True)
     curves = {}
     for kind in ("parallel", "sequential"):
         path = tmp_path / f"{kind}.csv"
@@ -71,6 +75,11 @@ def test_report_shows_table_histogram_threads_mask_and_loss(tiny_model_dir, tiny
     assert "Held-out accuracy vs training steps" in html and "report_assets/accuracy_curve.png" in html
     for png in ("speedup_hist.png", "trie_mask.png", "loss.png", "accuracy_curve.png"):
         assert (out / "report_assets" / png).stat().st_size > 1000, png
+
+    def style(path):
+        return path.read_text().split("<style>")[1].split("</style>")[0]
+
+    assert style(page) == style(out / "eval_parallel" / "report.html")  # one page writer for both reports
 
 
 def test_report_says_so_when_no_trajectory_is_valid(tiny_model_dir, tiny_tokenizer, tiny_fmt, tmp_path):

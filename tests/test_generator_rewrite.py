@@ -167,7 +167,7 @@ def test_inputs_load_from_parquet_and_jsonl_with_stable_ids(tmp_path):
     )
     with pytest.raises(InputError, match="share the id 'x'"):
         load_samples(str(tmp_path / "clash.jsonl"), "q", "t", "a", id_field="id")
-    with pytest.raises(InputError, match="use .parquet or .jsonl"):
+    with pytest.raises(InputError, match="use .parquet, .jsonl or .json"):
         (tmp_path / "in.csv").write_text("q,t,a\n")
         load_samples(str(tmp_path / "in.csv"))
 

@@ -118,7 +118,7 @@ def test_eval_command_on_vllm(vllm_server, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "fj"
     assert main(common + [f"out_dir={out}", f"baseline={seq / 'trajectories.jsonl'}"]) == 0
     printed = capsys.readouterr().out
-    assert "accuracy" in printed and "speedup_vs_baseline" in printed
+    assert "accuracy" in printed and "token_speedup" in printed
 
     lines = [json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and {r["problem"] for r in lines} == {"tiny/mult#0", "tiny/mult#1", "tiny/mult#2"}
@@ -128,7 +128,7 @@ def test_eval_command_on_vllm(vllm_server, tiny_model_dir, tmp_path, capsys):
         assert len(r["response_ids"]) <= 96
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trajectories"] == 6 and summary["failed_trajectories"] == 0
-    assert summary["mode"] == "fork/join" and summary["speedup_vs_baseline"] is not None
+    assert summary["mode"] == "fork/join" and summary["token_speedup"] is not None
     assert summary["prefix_cache_hit_rate"] is not None
     seq_summary = json.loads((seq / "summary.json").read_text())
     assert seq_summary["mode"] == "sequential" and seq_summary["mean_engine_calls"] == 1.0

@@ -56,8 +56,11 @@ def _batch(groups=GROUPS, seed: int = 0, pad_rows: int = 0):
     return data, [k for k, _, _, _ in rows]
 
 
-def _algo(estimator: str, **p_grpo):
-    cfg = {"adv_estimator": estimator, "gamma": 1.0, "lam": 1.0, "norm_adv_by_std_in_grpo": False}
+def _algo(estimator: str, norm_adv_by_std_in_grpo: bool | None = None, **p_grpo):
+    """verl's algorithm section; its norm_adv_by_std_in_grpo agrees with p_grpo's unless given."""
+    if norm_adv_by_std_in_grpo is None:
+        norm_adv_by_std_in_grpo = bool(p_grpo.get("norm_adv_by_std", False))
+    cfg = {"adv_estimator": estimator, "gamma": 1.0, "lam": 1.0, "norm_adv_by_std_in_grpo": norm_adv_by_std_in_grpo}
     if p_grpo:
         cfg["p_grpo"] = p_grpo
     return OmegaConf.create(cfg)
@@ -159,6 +162,26 @@ def test_std_normalisation_and_equal_group_settings():
     assert exact.abs().max().item() == 0.0
 
 
+def test_verl_norm_adv_by_std_in_grpo_is_never_silently_ignored():
+    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+
+    from threadweaver_verl.integrations.verl.trainer import trainer_class
+
+    data, keys = _batch()
+    adv.register()
+    for verl_std, ours in ((True, {}), (False, {"norm_adv_by_std": True})):
+        algo = _algo("p_grpo", norm_adv_by_std_in_grpo=verl_std, **ours)
+        with row_keys(keys), pytest.raises(PGRPOError, match="norm_adv_by_std_in_grpo=.* conflicts with"):
+            compute_advantage_for_multi_trajectories(data, batch_keys=keys, adv_estimator="p_grpo", config=algo)
+    # verl's default (true) against p_grpo's (false): the ThreadWeaver trainer refuses it when it is built
+    t = object.__new__(trainer_class("threadweaver"))
+    t.config = OmegaConf.create({"algorithm": {"adv_estimator": "p_grpo", "norm_adv_by_std_in_grpo": True}})
+    with pytest.raises(PGRPOError, match="set both false"):
+        t._build_replay_buffer()
+    # agreeing settings are honoured: both true divides by the std (checked against the expected values above)
+    assert adv.read_config(_algo("p_grpo", norm_adv_by_std=True)).norm_adv_by_std is True
+
+
 def test_final_row_reward_is_the_trajectory_reward():
     # a session's reward is read from its highest-index row, as verl's V1 grpo does
     scores = torch.tensor([5.0, 1.0, 0.0])
@@ -230,10 +253,12 @@ def test_threadweaver_trainers_registered_with_their_base_modes():
 
 
 def test_trajectory_metrics_use_each_sessions_final_row():
-    from threadweaver_verl.integrations.verl.trainer import final_row_positions, trajectory_metrics
+    from threadweaver_verl.integrations.verl.trainer import trajectory_metrics
+    from threadweaver_verl.rl.advantage import final_rows
 
     keys = ["u_0_0", "u_0_1", "u_1_0", "padx_0_0"]
-    assert final_row_positions(keys, [False, False, False, True]) == [1, 2]
+    assert final_rows(keys, [False, False, False, True]) == {("u", "0"): 1, ("u", "1"): 2}
+    assert final_rows(["u_0_2", "u_0_0", "u_0_1"]) == {("u", "0"): 0}  # the highest index, wherever it sits
     m = trajectory_metrics(
         [
             {"speedup": 2.0, "threads_per_block": [2, 4], "format_ok": True},

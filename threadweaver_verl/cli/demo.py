@@ -204,6 +204,7 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
     model's weights (fork/join); after each final evaluation it reloads that model's intermediate
     checkpoints for the accuracy-vs-steps curve."""
     from threadweaver_verl.eval.evaluate import EvalConfig, evaluate
+    from threadweaver_verl.eval.records import EvalSummary
     from threadweaver_verl.rollout.controller import ControllerConfig
     from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
@@ -218,7 +219,9 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
         extra_args=["--block-size", str(cfg.kv_block_size)],
     )
 
-    def run_eval(server: VLLMServer, kind: str, out_dir: Path, concurrency: int, baseline: str | None = None) -> dict:
+    def run_eval(
+        server: VLLMServer, kind: str, out_dir: Path, concurrency: int, baseline: str | None = None
+    ) -> EvalSummary:
         return evaluate(
             EvalConfig(
                 data=str(data / "test.parquet"),
@@ -240,13 +243,14 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
                 server.reload_weights(sft[kind]["model_dir"])
             console.print(f"evaluating the {kind} model ({'fork/join' if fork else 'plain decoding'})")
             baseline = str(out / "eval_sequential" / "trajectories.jsonl") if fork else None
-            results[kind] = run_eval(server, kind, out / f"eval_{kind}", cfg.eval_concurrency, baseline)
-            results["curve"][kind][str(sft[kind]["steps"])] = results[kind]["accuracy"]
+            summary = run_eval(server, kind, out / f"eval_{kind}", cfg.eval_concurrency, baseline)
+            results[kind] = summary.to_json()
+            results["curve"][kind][str(sft[kind]["steps"])] = summary.accuracy
             for step, checkpoint in sft[kind].get("checkpoints", {}).items():
                 console.print(f"accuracy curve: the {kind} model at step {step}")
                 server.reload_weights(checkpoint)
                 summary = run_eval(server, kind, out / "curve" / f"{kind}_step{step}", cfg.curve_concurrency)
-                results["curve"][kind][step] = summary["accuracy"]
+                results["curve"][kind][step] = summary.accuracy
     results["curve"] = {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in results["curve"].items()}
     return results
 
@@ -258,23 +262,25 @@ def curve_rows(curve: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
 
 
 def results_table(evals: dict) -> list[dict[str, Any]]:
-    seq, par = evals["sequential"], evals["parallel"]
-    seq_T = seq["mean_T"]
+    """One row per model from the eval stage's summaries. ``token_speedup`` is the parallel evaluation's, measured
+    against the sequential model's trajectories (:mod:`threadweaver_verl.eval.metrics`); the sequential model is
+    that baseline itself (T = L), so its own is 1."""
+    from threadweaver_verl.eval.records import EvalSummary
+
+    seq, par = (EvalSummary.from_json(evals[k], f"demo eval stage ({k})") for k in KINDS)
     rows = []
-    for name, s in (("sequential", seq), ("parallel (fork/join)", par)):
+    for name, s, speedup in (("sequential", seq, 1.0), ("parallel (fork/join)", par, par.token_speedup)):
         rows.append(
             {
                 "model": name,
-                "accuracy": s["accuracy"],
-                "format_valid": s["format_valid_rate"],
-                "mean_T": s["mean_T"],
-                "mean_L": s["mean_L"],
-                "token_speedup": (seq_T / s["mean_L"]) if s["mean_L"] else None,
-                "wall_s_per_problem": s["wall_s_per_problem"],
-                "wall_speedup": seq["wall_s_per_problem"] / s["wall_s_per_problem"]
-                if s["wall_s_per_problem"]
-                else None,
-                "thread_cache_hit_rate": s.get("thread_cache_hit_rate"),
+                "accuracy": s.accuracy,
+                "format_valid": s.format_valid_rate,
+                "mean_T": s.mean_T,
+                "mean_L": s.mean_L,
+                "token_speedup": speedup,
+                "wall_s_per_problem": s.wall_s_per_problem,
+                "wall_speedup": seq.wall_s_per_problem / s.wall_s_per_problem if s.wall_s_per_problem else None,
+                "thread_cache_hit_rate": s.thread_cache_hit_rate,
             }
         )
     return rows

@@ -27,15 +27,12 @@ The RL dataset (:mod:`threadweaver_verl.integrations.verl.rl_dataset`) converts 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle
-from threadweaver_verl.data.schema import DEFAULT_AGENT_NAME, SchemaError, _plain, rl_row, write_rl
+from threadweaver_verl.data.schema import AGENT_NAME, SchemaError, read_records, rl_row, write_rl
 
 QUESTION_KEYS = ("problem", "question", "Problem", "Question", "query")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "ground_truth", "expected_answer")
@@ -56,7 +53,7 @@ class RowConversion:
     split: str = "train"  # recorded in extra_info.split
     instruction: str | None = "default"  # "default" = our trained instruction; null = none; else this text
     system: str | None = None  # optional system message
-    agent_name: str = DEFAULT_AGENT_NAME  # the agent loop verl runs for each row
+    agent_name: str = AGENT_NAME  # the agent loop verl runs for each row
 
     def style(self) -> PromptStyle:
         text = DEFAULT_INSTRUCTION if self.instruction == "default" else (self.instruction or None)
@@ -106,35 +103,6 @@ def load_records(cfg: PreprocessConfig) -> list[dict[str, Any]]:
     else:
         records = read_records(cfg.input)
     return records[: cfg.limit] if cfg.limit >= 0 else records
-
-
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise SchemaError(f"input file {str(p)!r} not found")
-    name = p.name.lower()
-    if name.endswith(".parquet"):
-        import pandas as pd
-
-        return [{k: _plain(v) for k, v in r.items()} for r in pd.read_parquet(p).to_dict(orient="records")]
-    if name.endswith(".jsonl"):
-        out = []
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SchemaError(f"{p}: line {n} is not valid JSON: {e}") from e
-        return out
-    if name.endswith(".json"):
-        data = json.loads(p.read_text(encoding="utf-8"))
-        if isinstance(data, Mapping) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise SchemaError(f"{p}: expected a JSON list of records (or {{'data': [...]}})")
-        return data
-    raise SchemaError(f"input {str(p)!r}: unsupported file type; use .parquet, .jsonl or .json")
 
 
 # --------------------------------------------------------------------------- one record

@@ -22,6 +22,7 @@ the rows and raises :class:`SchemaError` naming the file, row and column.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,8 +30,9 @@ from typing import Any
 
 from threadweaver_verl.data.chat import PromptStyle
 
-# The name the plugin registers its fork/join agent loop under (see plugin.REGISTRATIONS).
-DEFAULT_AGENT_NAME = "threadweaver"
+# The name the plugin registers its fork/join agent loop under, and the default agent_name of the rows:
+# the one definition (integrations.verl.agent_loop, the RL dataset and the task commands import it).
+AGENT_NAME = "threadweaver"
 
 RL_COLUMNS: tuple[str, ...] = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
 SFT_COLUMNS: tuple[str, ...] = ("data_source", "prompt", "response", "extra_info")
@@ -63,7 +65,7 @@ def rl_row(
     split: str,
     style: PromptStyle = PromptStyle(),
     ability: str = "math",
-    agent_name: str = DEFAULT_AGENT_NAME,
+    agent_name: str = AGENT_NAME,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One RL row (verl's schema) for a question with a rule-checked answer."""
@@ -193,13 +195,36 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _read(path: str | os.PathLike) -> list[dict[str, Any]]:
-    import pandas as pd
-
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``.parquet`` (lists as lists), ``.jsonl`` (one JSON object a line, blank lines
+    skipped) or ``.json`` file (a list of objects, or ``{"data": [...]}``), unchecked: the one reader
+    of record files; :func:`read_rl` and :func:`read_sft` check what it returns."""
     p = Path(path)
     if not p.is_file():
-        raise SchemaError(f"dataset file {str(p)!r} not found")
-    return [{k: _plain(v) for k, v in r.items()} for r in pd.read_parquet(p).to_dict(orient="records")]
+        raise SchemaError(f"input file {str(p)!r} not found")
+    name = p.name.lower()
+    if name.endswith(".parquet"):
+        import pandas as pd
+
+        return [{k: _plain(v) for k, v in r.items()} for r in pd.read_parquet(p).to_dict(orient="records")]
+    if name.endswith(".jsonl"):
+        out = []
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise SchemaError(f"{p}: line {n} is not valid JSON: {e}") from e
+        return out
+    if name.endswith(".json"):
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(data, Mapping) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise SchemaError(f"{p}: expected a JSON list of records (or {{'data': [...]}})")
+        return data
+    raise SchemaError(f"input {str(p)!r}: unsupported file type; use .parquet, .jsonl or .json")
 
 
 def write_rl(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -215,16 +240,16 @@ def write_sft(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
 
 
 def read_rl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of an RL parquet file as plain dicts/lists (checked)."""
-    rows = _read(path)
+    """Rows of an RL dataset file (parquet, or JSON lines) as plain dicts/lists (checked)."""
+    rows = read_records(path)
     for i, r in enumerate(rows):
         check_rl_row(r, i, str(path))
     return rows
 
 
 def read_sft(path: str | os.PathLike, eos_token: str | None = None) -> list[dict[str, Any]]:
-    """Rows of an SFT parquet file as plain dicts/lists (checked)."""
-    rows = _read(path)
+    """Rows of an SFT dataset file (parquet, or JSON lines) as plain dicts/lists (checked)."""
+    rows = read_records(path)
     for i, r in enumerate(rows):
         check_sft_row(r, i, str(path), eos_token)
     return rows

@@ -11,32 +11,37 @@ Either ``server_url`` (any OpenAI-compatible server with token-id prompts, see
 :mod:`threadweaver_verl.rollout.openai_engine`) or ``model`` (a local folder: a vLLM
 server is launched for it) is required. Outputs in ``out_dir``:
 
-- ``trajectories.jsonl``: one line per trajectory (ids, text, answer check, stats, reasons);
-- ``summary.json``: the summary table below;
-- ``report.html`` + ``speedup_hist.png``: the per-problem token speedup histogram.
+- ``trajectories.jsonl``: one :class:`~threadweaver_verl.eval.records.TrajectoryRecord` per line
+  (ids, text, answer check, stats, reasons);
+- ``summary.json``: the :class:`~threadweaver_verl.eval.records.EvalSummary` below;
+- ``report.html`` + ``speedup_hist.png``: the summary and the per-problem speedup histogram.
 
 Summary: accuracy (math-verify via :func:`threadweaver_verl.rl.correctness.check_answer`),
-format-valid rate, mean T (response tokens), mean L (critical path), mean T/L, token
-speedup against ``baseline`` (a sequential run's JSONL: per problem, the baseline's mean L
-over this run's mean L; the mean of those and the ratio of the means), wall-clock per
-problem, prefix-cache hit rate (cached / prompt tokens over the calls that report it).
+format-valid rate, mean T (response tokens), mean L (critical path), mean T/L, the token
+speedup against ``baseline`` (a sequential run's JSONL; the one definition is in
+:mod:`threadweaver_verl.eval.metrics`), wall-clock per problem, prefix-cache hit rate
+(cached / prompt tokens over the calls that report it).
+
+:func:`run_problems` is the sampling itself (stage 2 of the data generator uses it too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
+import dataclasses
 import json
-import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.config import load_config
+from threadweaver_verl.eval.metrics import mean, token_speedup
+from threadweaver_verl.eval.records import EvalSummary, TrajectoryRecord, read_trajectories, write_trajectories
+from threadweaver_verl.eval.report import format_cell, write_eval_report
 from threadweaver_verl.rl.correctness import CorrectnessConfig, check_answer
 from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, RolloutError, RolloutResult
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
@@ -69,16 +74,15 @@ class EvalConfig:
     """Nucleus sampling."""
     top_k: int = -1
     """Top-k sampling (-1 = off)."""
-    logprobs: bool = False
-    """Ask the server for log-probs (not needed to evaluate)."""
     baseline: str | None = None
     """``trajectories.jsonl`` of a sequential run (``controller.fork=false``) of the same data, for token speedup."""
     fail_on_error: bool = False
     """Stop at the first failed trajectory; otherwise failures are counted, reported and make the exit code 1."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """Budgets and policies of the fork/join controller; ``controller.fork=false`` gives the sequential baseline."""
-    engine: OpenAIEngineConfig = field(default_factory=OpenAIEngineConfig)
-    """HTTP client settings (``engine.base_url`` is set from ``server_url`` or the launched server)."""
+    engine: OpenAIEngineConfig = field(default_factory=lambda: OpenAIEngineConfig(logprobs=False))
+    """HTTP client settings (``engine.base_url`` is set from ``server_url`` or the launched server).
+    ``engine.logprobs`` is off here: evaluating needs no log-probs."""
     vllm: VLLMServerConfig = field(default_factory=VLLMServerConfig)
     """Launch settings when ``model`` is given (``vllm.model`` is set from ``model``)."""
     correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
@@ -112,34 +116,38 @@ def sampling_of(cfg: EvalConfig) -> dict[str, Any]:
     s: dict[str, Any] = {"temperature": cfg.temperature, "top_p": cfg.top_p}
     if cfg.top_k and cfg.top_k > 0:
         s["top_k"] = cfg.top_k
-    s["logprobs"] = cfg.logprobs
     return s
 
 
 def trajectory_record(
     row: dict, key: str, sample: int, fmt, result: RolloutResult | None, check, error: str | None
-) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "problem": key,
-        "sample": sample,
-        "data_source": row["data_source"],
-        "index": row["extra_info"]["index"],
-        "ground_truth": row["reward_model"]["ground_truth"],
-        "error": error,
-    }
+) -> TrajectoryRecord:
+    """The record of one trajectory: a finished rollout with its answer check, or a failed one with its error."""
+    identity = dict(
+        problem=key,
+        sample=sample,
+        data_source=row["data_source"],
+        index=row["extra_info"]["index"],
+        ground_truth=row["reward_model"]["ground_truth"],
+    )
     if result is None:
-        return rec | {"correct": False, "valid": False}
-    rec |= {
-        "response_text": fmt.decode(result.response_ids),
-        "correct": bool(check.correct),
-        "extracted": check.extracted,
-        "answer_status": check.status,
-    }
-    rec |= result.summary()
-    return rec
+        return TrajectoryRecord(**identity, error=error)
+    return TrajectoryRecord(
+        **identity,
+        error=error,
+        response_text=fmt.decode(result.response_ids),
+        correct=bool(check.correct),
+        extracted=check.extracted,
+        answer_status=check.status,
+        **result.summary(),
+    )
 
 
-async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str) -> tuple[list[dict], float]:
+async def run_problems(
+    cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str
+) -> tuple[list[TrajectoryRecord], float]:
+    """Sample ``cfg.n_samples`` trajectories of each RL-schema row on the server at ``base_url``, check their
+    answers, and return their records (in row, then sample order) and the wall-clock seconds it took."""
     from threadweaver_verl.data.chat import prompt_ids
     from threadweaver_verl.format import TokenFormat
 
@@ -147,7 +155,7 @@ async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str)
     controller = ForkJoinController(fmt, cfg.controller)
     sampling = sampling_of(cfg)
     jobs = [(row, problem_key(row), j) for row in rows for j in range(cfg.n_samples)]
-    records: list[dict | None] = [None] * len(jobs)
+    records: list[TrajectoryRecord | None] = [None] * len(jobs)
     gate = asyncio.Semaphore(cfg.concurrency)
     bar = None
     if cfg.progress:
@@ -181,156 +189,77 @@ async def _evaluate(cfg: EvalConfig, rows: list[dict], tokenizer, base_url: str)
     return [r for r in records if r is not None], time.perf_counter() - t0
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.fmean(xs) if xs else None
-
-
-def _thread_cache_hit_rate(records: list[dict]) -> float | None:
+def _thread_cache_hit_rate(records: list[TrajectoryRecord]) -> float | None:
     """Share of thread requests' prompt tokens served from the prefix cache (None: not reported)."""
-    calls = [c for r in records for c in r.get("thread_requests", []) if c.get("cached_tokens") is not None]
+    calls = [c for r in records for c in r.thread_requests if c.get("cached_tokens") is not None]
     prompt = sum(c["prompt_tokens"] for c in calls)
     return sum(c["cached_tokens"] for c in calls) / prompt if prompt else None
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def summarize(records: list[dict], wall_s: float, baseline: list[dict] | None = None) -> tuple[dict, dict[str, float]]:
-    """The summary dict and the per-problem speedups (vs baseline if given, else T/L)."""
-    ok = [r for r in records if not r.get("error")]
-    problems = sorted({r["problem"] for r in records})
-    by_problem: dict[str, list[dict]] = {}
+def summarize(
+    records: list[TrajectoryRecord], wall_s: float, baseline: list[TrajectoryRecord] | None = None
+) -> tuple[EvalSummary, dict[str, float]]:
+    """The summary and the per-problem speedups: ``L_seq / L`` against the baseline if given, else T / L."""
+    ok = [r for r in records if r.ok]
+    problems = sorted({r.problem for r in records})
+    by_problem: dict[str, list[TrajectoryRecord]] = {}
     for r in ok:
-        by_problem.setdefault(r["problem"], []).append(r)
-    prompt_reported = sum(r["prompt_tokens"] for r in ok if r.get("cached_tokens") is not None)
-    cached = sum(r["cached_tokens"] for r in ok if r.get("cached_tokens") is not None)
-    summary: dict[str, Any] = {
-        "problems": len(problems),
-        "trajectories": len(records),
-        "failed_trajectories": len(records) - len(ok),
-        "accuracy": _mean([float(r["correct"]) for r in records]),
-        "format_valid_rate": _mean([float(r["valid"]) for r in records]),
-        "mean_T": _mean([r["stats"]["total_tokens"] for r in ok]),
-        "mean_L": _mean([r["stats"]["critical_path"] for r in ok]),
-        "mean_T_over_L": _mean([r["stats"]["speedup"] for r in ok]),
-        "mean_blocks": _mean([r["stats"]["num_blocks"] for r in ok]),
-        "mean_engine_calls": _mean([r["num_engine_calls"] for r in ok]),
-        "wall_s_per_problem": wall_s / len(problems) if problems else None,
-        "mean_trajectory_wall_s": _mean([r["wall_time_s"] for r in ok]),
-        "prefix_cache_hit_rate": cached / prompt_reported if prompt_reported else None,
-        "thread_cache_hit_rate": _thread_cache_hit_rate(ok),
-        "speedup_vs_baseline": None,
-        "speedup_vs_baseline_ratio_of_means": None,
-        "baseline_mean_L": None,
-    }
-    per_problem: dict[str, float] = {}
-    if baseline is not None:
-        base_l: dict[str, list[float]] = {}
-        for r in baseline:
-            if not r.get("error"):
-                base_l.setdefault(r["problem"], []).append(r["stats"]["critical_path"])
-        common = [p for p in by_problem if p in base_l]
-        if not common and by_problem and base_l:
-            raise EvalError("the baseline JSONL shares no problem with this run (keys are data_source#index)")
-        for p in common:
-            ours = statistics.fmean(r["stats"]["critical_path"] for r in by_problem[p])
-            per_problem[p] = statistics.fmean(base_l[p]) / ours if ours else float("nan")
-        summary["speedup_vs_baseline"] = _mean(list(per_problem.values()))
-        if not common:  # every trajectory of one side failed: nothing to compare (failures are counted above)
-            return _finish(summary, ok), per_problem
-        b_mean = statistics.fmean(statistics.fmean(base_l[p]) for p in common)
-        o_mean = statistics.fmean(statistics.fmean(r["stats"]["critical_path"] for r in by_problem[p]) for p in common)
-        summary["baseline_mean_L"] = b_mean
-        summary["speedup_vs_baseline_ratio_of_means"] = b_mean / o_mean if o_mean else None
-    else:
-        for p, rs in by_problem.items():
-            per_problem[p] = statistics.fmean(r["stats"]["speedup"] for r in rs)
-    return _finish(summary, ok), per_problem
-
-
-def _finish(summary: dict, ok: list[dict]) -> dict:
+        by_problem.setdefault(r.problem, []).append(r)
+    reported = [r for r in ok if r.cached_tokens is not None]
+    prompt_reported = sum(r.prompt_tokens for r in reported)
     terminations: dict[str, int] = {}
     for r in ok:
-        for t in r.get("terminations", []):
+        for t in r.terminations:
             terminations[t] = terminations.get(t, 0) + 1
-    summary["terminations"] = terminations
-    return summary
+    summary = EvalSummary(
+        problems=len(problems),
+        trajectories=len(records),
+        failed_trajectories=len(records) - len(ok),
+        accuracy=mean(float(r.correct) for r in records),
+        format_valid_rate=mean(float(r.valid) for r in records),
+        mean_T=mean(r.stats["total_tokens"] for r in ok),
+        mean_L=mean(r.stats["critical_path"] for r in ok),
+        mean_T_over_L=mean(r.stats["speedup"] for r in ok),
+        mean_blocks=mean(r.stats["num_blocks"] for r in ok),
+        mean_engine_calls=mean(r.num_engine_calls for r in ok),
+        wall_s_per_problem=wall_s / len(problems) if problems else None,
+        mean_trajectory_wall_s=mean(r.wall_time_s for r in ok),
+        prefix_cache_hit_rate=sum(r.cached_tokens for r in reported) / prompt_reported if prompt_reported else None,
+        thread_cache_hit_rate=_thread_cache_hit_rate(ok),
+        terminations=terminations,
+    )
+    if baseline is None:
+        return summary, {p: statistics.fmean(r.stats["speedup"] for r in rs) for p, rs in by_problem.items()}
+    run_L = {p: [r.stats["critical_path"] for r in rs] for p, rs in by_problem.items()}
+    base_L: dict[str, list[float]] = {}
+    for r in baseline:
+        if r.ok:
+            base_L.setdefault(r.problem, []).append(r.stats["critical_path"])
+    common = [p for p in run_L if p in base_L]
+    if not common and run_L and base_L:
+        raise EvalError("the baseline JSONL shares no problem with this run (keys are data_source#index)")
+    per_problem = {}
+    for p in common:
+        ours = statistics.fmean(run_L[p])
+        per_problem[p] = statistics.fmean(base_L[p]) / ours if ours else float("nan")
+    summary.token_speedup = token_speedup(base_L, run_L)
+    summary.baseline_mean_L = mean(statistics.fmean(base_L[p]) for p in common)
+    return summary, per_problem
 
 
-def print_summary(summary: dict, title: str = "eval summary") -> None:
+def print_summary(summary: EvalSummary, title: str = "eval summary") -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k, v in summary.items():
-        if isinstance(v, float):
-            v = f"{v:.4g}"
-        elif isinstance(v, dict):
-            v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
-        table.add_row(k, "-" if v is None else str(v))
+    for k, v in summary.to_json().items():
+        table.add_row(k, format_cell(v))
     Console().print(table)
 
 
-def speedup_bins(values: list[float], width: float = 0.02, max_bins: int = 60) -> list[float]:
-    """Bin edges for a speedup histogram: ``width`` apart on a fixed grid, so that near-equal speedups (a task
-    with a fixed layout) stay one visible bar instead of slivers; wider bins when the spread needs > max_bins."""
-    lo, hi = min(values), max(values)
-    while (hi - lo) / width > max_bins:
-        width *= 2
-    start = math.floor(lo / width) * width
-    n = max(1, math.ceil((hi - start) / width + 1e-9))
-    return [start + i * width for i in range(n + 1)]
-
-
-def write_report(out: Path, summary: dict, per_problem: dict[str, float], vs_baseline: bool) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    values = [v for v in per_problem.values() if v == v] or [1.0]
-    ax.hist(values, bins=speedup_bins(values), color="#4477aa")
-    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
-    mean = sum(values) / len(values)
-    ax.axvline(mean, color="#cc6677", linewidth=1.5, label=f"mean {mean:.3f}")
-    ax.legend(loc="upper left")
-    ax.set_xlabel("token speedup vs sequential baseline (L_seq / L)" if vs_baseline else "token speedup T / L")
-    ax.set_ylabel("problems")
-    ax.set_title("per-problem speedup")
-    fig.tight_layout()
-    png = out / "speedup_hist.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    rows = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in summary.items()
-    )
-    page = out / "report.html"
-    page.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>threadweaver eval</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 12px;border-bottom:1px solid #ddd}</style>"
-        f"</head><body><h1>threadweaver eval</h1><table>{rows}</table>"
-        f"<h2>Per-problem speedup</h2><img src='{png.name}' alt='speedup histogram'></body></html>"
-    )
-    return page
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
-    return str(v)
-
-
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig) -> EvalSummary:
     """Run the evaluation; return the summary (also written to ``out_dir``)."""
     from transformers import AutoTokenizer
 
@@ -341,29 +270,27 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.max_problems:
         rows = rows[: cfg.max_problems]
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    baseline = read_jsonl(cfg.baseline) if cfg.baseline else None
+    baseline = read_trajectories(cfg.baseline) if cfg.baseline else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if cfg.model:
-            server = stack.enter_context(VLLMServer(VLLMServerConfig(**{**asdict(cfg.vllm), "model": cfg.model})))
+            server = stack.enter_context(VLLMServer(dataclasses.replace(cfg.vllm, model=cfg.model)))
             base_url = server.url
         else:
             base_url = cfg.server_url
-        records, wall = asyncio.run(_evaluate(cfg, rows, tokenizer, base_url))
-    with open(out / "trajectories.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        records, wall = asyncio.run(run_problems(cfg, rows, tokenizer, base_url))
+    write_trajectories(records, out / "trajectories.jsonl")
     summary, per_problem = summarize(records, wall, baseline)
-    summary["mode"] = "fork/join" if cfg.controller.fork else "sequential"
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(out, summary, per_problem, baseline is not None)
+    summary.mode = "fork/join" if cfg.controller.fork else "sequential"
+    (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    write_eval_report(out, summary, per_problem, baseline is not None)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(EvalConfig, list(argv or []))
     summary = evaluate(cfg)
-    print_summary(summary, f"eval: {cfg.data} ({summary['mode']}, n={cfg.n_samples})")
+    print_summary(summary, f"eval: {cfg.data} ({summary.mode}, n={cfg.n_samples})")
     print(f"wrote {Path(cfg.out_dir) / 'trajectories.jsonl'}, summary.json, report.html")
-    return 1 if summary["failed_trajectories"] else 0
+    return 1 if summary.failed_trajectories else 0

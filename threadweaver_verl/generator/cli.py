@@ -22,15 +22,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from threadweaver_verl.eval.report import format_cell
+
 USAGE = "usage: python -m threadweaver_verl generate stage=1|2 [--config FILE.yaml] [key=value ...]"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if v is None:
-        return "-"
-    return str(v)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -51,7 +45,7 @@ def print_stage1(summary: dict[str, Any]) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     for k, v in _flat(summary):
-        table.add_row(k, _fmt(v))
+        table.add_row(k, format_cell(v))
     Console(stderr=False).print(table)
 
 
@@ -75,13 +69,13 @@ def print_stage2(summary: dict[str, Any]) -> None:
         "mean_speedup_kept",
         "kept",
     ):
-        table.add_row(metric, *(_fmt(r.get(metric)) for r in rounds))
+        table.add_row(metric, *(format_cell(r.get(metric)) for r in rounds))
     console.print(table)
     detail = Table(title=f"stage 2 round {summary['round']}: details")
     detail.add_column("")
     detail.add_column("value", justify="right")
     for k, v in _flat({k: v for k, v in summary.items() if k != "rounds"}):
-        detail.add_row(k, _fmt(v))
+        detail.add_row(k, format_cell(v))
     console.print(detail)
 
 

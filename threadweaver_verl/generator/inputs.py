@@ -1,6 +1,7 @@
 """Stage-1 input: correct sequential traces, one ``(question, trace, answer)`` row each.
 
-Read from ``.parquet`` or ``.jsonl``; the column names are settings. A sample's id
+Read from ``.parquet``, ``.jsonl`` or ``.json`` (:func:`threadweaver_verl.data.schema.read_records`);
+the column names are settings. A sample's id
 is its ``id`` column when one is named, else a content hash of question and
 trace, so ids stay stable across reruns and reorderings of the input file.
 
@@ -12,12 +13,12 @@ separator, so joining the units back gives the original reasoning exactly.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from threadweaver_verl.data.schema import SchemaError, read_records
 from threadweaver_verl.format.tags import TAG_PATTERN, Tag
 
 
@@ -52,27 +53,6 @@ class SplitTrace:
         return "".join(parts)
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise InputError(f"input file {str(path)!r} not found")
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict(orient="records")
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: not a JSON line ({e})") from e
-        return rows
-    raise InputError(f"input file {str(path)!r}: use .parquet or .jsonl")
-
-
 def _field(row: dict[str, Any], name: str, path: Path, i: int) -> str:
     if name not in row:
         raise InputError(
@@ -102,7 +82,10 @@ def load_samples(
     rows (same content hash) are one sample.
     """
     p = Path(path)
-    rows = _read_rows(p)
+    try:
+        rows = read_records(p)
+    except SchemaError as e:  # the file itself: missing, unsupported type, a line that is not JSON
+        raise InputError(str(e)) from e
     out: list[SourceSample] = []
     seen: dict[str, SourceSample] = {}
     duplicates = 0

@@ -34,6 +34,7 @@ from typing import Any
 
 from threadweaver_verl.config import ConfigError
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle
+from threadweaver_verl.eval.metrics import mean
 from threadweaver_verl.format import Limits, TokenFormat
 from threadweaver_verl.generator import prompts
 from threadweaver_verl.generator.inputs import InputError, SourceSample, load_samples, split_trace
@@ -319,10 +320,6 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="stage 1 rewrite", unit="sample", file=sys.stderr)
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
 def _summarise(
     cfg: Stage1Config,
     samples: Sequence[SourceSample],
@@ -350,8 +347,8 @@ def _summarise(
         "rejected_by_step": {step: rejected.get(step, 0) for step in (INPUT, *prompts.STEPS, VALIDATE)},
         "errors_to_retry": errors,
         "missing": len(samples) - len(recs),
-        "mean_speedup": _mean([r["stats"]["speedup"] for r in accepted]),
-        "mean_blocks": _mean([r["stats"]["num_blocks"] for r in accepted]),
+        "mean_speedup": mean([r["stats"]["speedup"] for r in accepted]),
+        "mean_blocks": mean([r["stats"]["num_blocks"] for r in accepted]),
         "stats_unit": accepted[0]["stats_unit"] if accepted else None,
         "llm_usage": usage.as_dict(),
         "torn_record_bytes_repaired": torn_bytes,

@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.config import ConfigError
-from threadweaver_verl.eval.evaluate import EvalConfig, _evaluate, problem_key
+from threadweaver_verl.eval.evaluate import EvalConfig, problem_key, run_problems
+from threadweaver_verl.eval.metrics import mean
+from threadweaver_verl.eval.records import TrajectoryRecord
 from threadweaver_verl.generator.records import RecordStore
 from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
@@ -85,23 +87,23 @@ class Stage2Config(EvalConfig):
 # --------------------------------------------------------------------------- judging
 
 
-def _judge(rec: dict[str, Any], fmt, record_response: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _judge(rec: TrajectoryRecord, fmt, record_response: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A sample's summary, and (when it is a candidate for keeping) its text and ids."""
     from threadweaver_verl.data.chat import response_ids
     from threadweaver_verl.format import NonCanonicalTrajectory
 
-    ids = list(rec.get("response_ids") or [])
+    ids = list(rec.response_ids)
     ended_on_eos = bool(ids) and ids[-1] in fmt.eos_ids
-    format_valid = bool(rec.get("valid")) and not rec.get("events") and ended_on_eos
-    stats = rec.get("stats") or {}
+    format_valid = rec.valid and not rec.events and ended_on_eos
+    stats = rec.stats
     s: dict[str, Any] = {
-        "sample": rec["sample"],
-        "validator_pass": bool(rec.get("valid")),
+        "sample": rec.sample,
+        "validator_pass": rec.valid,
         "format_valid": format_valid,
-        "correct": bool(rec.get("correct")),
-        "answer_status": rec.get("answer_status"),
-        "extracted": rec.get("extracted"),
-        "terminations": rec.get("terminations", []),
+        "correct": rec.correct,
+        "answer_status": rec.answer_status,
+        "extracted": rec.extracted,
+        "terminations": rec.terminations,
         "total_tokens": stats.get("total_tokens"),
         "critical_path": stats.get("critical_path"),
         "speedup": stats.get("speedup"),
@@ -120,7 +122,7 @@ def _judge(rec: dict[str, Any], fmt, record_response: bool) -> tuple[dict[str, A
     s["canonical"] = canonical
     if not canonical:
         return s, None
-    return s, {"sample": rec["sample"], "response": text, "response_ids": ids, "stats": stats}
+    return s, {"sample": rec.sample, "response": text, "response_ids": ids, "stats": stats}
 
 
 def parallel_blocks(stats: dict[str, Any], limits) -> int:
@@ -154,9 +156,9 @@ def select(candidates: Sequence[dict[str, Any]], policy: str, seed: int, key: st
 
 
 def problem_record(
-    row: dict[str, Any], key: str, samples: Sequence[dict[str, Any]], fmt, cfg: Stage2Config
+    row: dict[str, Any], key: str, samples: Sequence[TrajectoryRecord], fmt, cfg: Stage2Config
 ) -> dict[str, Any]:
-    judged = [_judge(r, fmt, cfg.record_responses) for r in sorted(samples, key=lambda r: r["sample"])]
+    judged = [_judge(r, fmt, cfg.record_responses) for r in sorted(samples, key=lambda r: r.sample)]
     candidates = [c for _, c in judged if c is not None and parallel_blocks(c["stats"], fmt.limits) >= cfg.min_blocks]
     return {
         "id": key,
@@ -235,13 +237,13 @@ def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
                 base_url = cfg.server_url or ""
             for start in range(0, len(todo), cfg.chunk_size):
                 chunk = todo[start : start + cfg.chunk_size]
-                samples, _ = asyncio.run(_evaluate(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url))
-                by_problem: dict[str, list[dict]] = {}
+                samples, _ = asyncio.run(run_problems(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url))
+                by_problem: dict[str, list[TrajectoryRecord]] = {}
                 for rec in samples:
-                    by_problem.setdefault(rec["problem"], []).append(rec)
+                    by_problem.setdefault(rec.problem, []).append(rec)
                 for row, key in chunk:
                     recs = by_problem.get(key, [])
-                    errors = [r["error"] for r in recs if r.get("error")]
+                    errors = [r.error for r in recs if r.error]
                     if errors or len(recs) != cfg.n_samples:
                         failed_problems += 1
                         store.log_error(
@@ -260,11 +262,6 @@ def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
     _write_outputs(cfg, rows, keys, store, summary)
     store.close()
     return summary
-
-
-def _mean(xs: Sequence[float | None]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def summarize_round(
@@ -289,13 +286,13 @@ def summarize_round(
         "resumed_from_records": len(rows) - attempted,
         "failed_problems_to_retry": failed,
         "samples": len(samples),
-        "format_valid_rate": _mean([float(s["format_valid"]) for s in samples]),
-        "validator_pass_rate": _mean([float(s["validator_pass"]) for s in samples]),
-        "accuracy": _mean([float(s["correct"]) for s in samples]),
+        "format_valid_rate": mean([float(s["format_valid"]) for s in samples]),
+        "validator_pass_rate": mean([float(s["validator_pass"]) for s in samples]),
+        "accuracy": mean([float(s["correct"]) for s in samples]),
         "valid_and_correct": sum(1 for s in valid if s["correct"]),
         "non_canonical_dropped": sum(1 for s in samples if s["canonical"] is False),
-        "mean_speedup": _mean([s["speedup"] for s in valid]),
-        "mean_speedup_kept": _mean([k["stats"]["speedup"] for k in kept]),
+        "mean_speedup": mean([s["speedup"] for s in valid]),
+        "mean_speedup_kept": mean([k["stats"]["speedup"] for k in kept]),
         "kept": len(kept),
         "problems_with_kept": sum(1 for r in recs if r["kept"]),
         "selection": cfg.selection,

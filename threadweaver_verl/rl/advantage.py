@@ -34,7 +34,9 @@ algorithm.norm_adv_by_std_in_grpo=False`` on verl's V1 trainer gives the same
 advantages for every group of two or more trajectories (V1 special-cases the
 name ``grpo``: it scores each session's final row and broadcasts). P-GRPO adds
 the singleton rule, the equal-group switch and std division as an explicit
-setting whose default is off (``norm_adv_by_std_in_grpo`` defaults to True).
+setting whose default is off. verl's ``algorithm.norm_adv_by_std_in_grpo``
+(default True) is not ignored: the verl estimator refuses a value that disagrees
+with ``algorithm.p_grpo.norm_adv_by_std``, so the preset sets both false.
 
 Settings live under ``algorithm.p_grpo`` (``+algorithm.p_grpo.norm_adv_by_std=true``
 on a command line; see ``configs/``).
@@ -55,7 +57,8 @@ class PGRPOConfig:
 
     norm_adv_by_std: bool = False
     """Divide ``r - mean`` by the group's (unbiased) std + ``epsilon``. Off: mean-centred only, as ThreadWeaver
-    trains (with std division the small acceleration bonus dominates when all answers are right)."""
+    trains (with std division the small acceleration bonus dominates when all answers are right). Under verl,
+    ``algorithm.norm_adv_by_std_in_grpo`` must have the same value (a conflict is an error)."""
     zero_equal_groups: bool = False
     """Give every trajectory of a group ``A = 0`` exactly when all its rewards are equal (mean-centring already
     gives 0 up to float rounding; with std division it avoids dividing rounding noise by ``epsilon``)."""
@@ -75,30 +78,38 @@ def parse_row_key(key: str) -> tuple[str, str, int]:
     return parts[0], parts[1], int(parts[2])
 
 
+def final_rows(keys: Sequence[str], is_padding: Sequence[bool] | None = None) -> dict[tuple[str, str], int]:
+    """Each session's final row: ``(uid, session) -> position`` of its highest output index, in order of
+    first appearance; rows with ``is_padding`` set are left out. The one place a session's final row is
+    picked (its reward for the advantage, its stats for the trainer's metrics)."""
+    best: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, session) -> (index, row)
+    for row, key in enumerate(keys):
+        if is_padding is not None and is_padding[row]:
+            continue
+        uid, session, index = parse_row_key(key)
+        if (uid, session) not in best or index > best[(uid, session)][0]:
+            best[(uid, session)] = (index, row)
+    return {session: row for session, (_, row) in best.items()}
+
+
 def trajectory_advantages(scores: torch.Tensor, keys: Sequence[str], cfg: PGRPOConfig | None = None) -> torch.Tensor:
     """Per-row scalar advantages for rows ``keys`` whose rewards are ``scores`` (one float per row).
 
-    Each session's reward is its final row's score; the group of a session is its uid.
+    Each session's reward is its final row's score (:func:`final_rows`); the group of a session is its uid.
     """
     cfg = cfg or PGRPOConfig()
     scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     if len(keys) != scores.numel():
         raise PGRPOError(f"{len(keys)} row keys for {scores.numel()} rows")
-    final: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, session) -> (index, row)
-    row_session: list[tuple[str, str]] = []
-    for row, key in enumerate(keys):
-        uid, session, index = parse_row_key(key)
-        row_session.append((uid, session))
-        best = final.get((uid, session))
-        if best is None or index > best[0]:
-            final[(uid, session)] = (index, row)
+    final = final_rows(keys)
+    row_session = [parse_row_key(key)[:2] for key in keys]
     group: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for sess in final:
         group[sess[0]].append(sess)
     session_adv: dict[tuple[str, str], torch.Tensor] = {}
     with torch.no_grad():
         for sessions in group.values():
-            r = torch.stack([scores[final[s][1]] for s in sessions])
+            r = torch.stack([scores[final[s]] for s in sessions])
             if len(sessions) == 1 or (cfg.zero_equal_groups and bool((r == r[0]).all())):
                 adv = torch.zeros_like(r)
             else:

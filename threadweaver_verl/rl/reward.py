@@ -86,7 +86,7 @@ class StatsSource(enum.StrEnum):
     NONE = "none"  # no stats: no bonus
 
 
-STATS_KEY = "threadweaver"  # extra_info[STATS_KEY]: the agent loop's per-trajectory stats
+STATS_KEY = "threadweaver"  # extra_info[STATS_KEY]: the agent loop's per-trajectory stats (the one definition)
 STATS_KEYS = ("total_tokens", "critical_path", "num_blocks", "num_threads", "format_ok")  # required in it
 # Keyword arguments verl itself may add to a compute_score call; accepted and ignored.
 _VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from threadweaver_verl.data.schema import AGENT_NAME
 from threadweaver_verl.tasks import multiplication as mul
 
 
@@ -36,7 +37,7 @@ class MakeDataConfig:
     seed: int = 0
     instruction: str = "none"  # "none", "default" (data.chat.DEFAULT_INSTRUCTION) or the instruction text
     system: str | None = None  # system message, if any
-    agent_name: str = "threadweaver"  # verl agent loop of the RL rows
+    agent_name: str = AGENT_NAME  # verl agent loop of the RL rows
     tokenizer: str | None = None  # HF folder for prompt ids and token counts; default: the tiny tokenizer
     list_presets: bool = False  # print every preset's token table and exit
     table_samples: int = 200  # problems per preset for list_presets
@@ -96,11 +97,13 @@ _LABELS = {
 def _print_rows(console, title: str, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
+    from threadweaver_verl.eval.report import format_cell
+
     table = Table(title=title)
     for k in rows[0]:
         table.add_column(_LABELS.get(k, k), justify="right")
     for r in rows:
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()))
+        table.add_row(*(format_cell(v) for v in r.values()))
     console.print(table)
 
 

@@ -34,23 +34,42 @@ def row_keys(keys: Sequence[str]) -> Iterator[None]:
         _ROW_KEYS.reset(token)
 
 
-def read_config(config: Any) -> PGRPOConfig:
-    """The :class:`PGRPOConfig` under ``config.p_grpo`` (``config`` is verl's ``algorithm`` section)."""
-    section = None
-    if config is not None:
-        getter = getattr(config, "get", None)
-        section = getter("p_grpo", None) if getter else getattr(config, "p_grpo", None)
-    if section is None:
-        return PGRPOConfig()
-    if isinstance(section, PGRPOConfig):
-        return section
-    try:
-        from omegaconf import DictConfig, OmegaConf
+def _setting(config: Any, name: str) -> Any:
+    """``config.<name>`` of verl's ``algorithm`` section (a DictConfig, a dataclass or a dict), None if absent."""
+    if config is None:
+        return None
+    getter = getattr(config, "get", None)
+    return getter(name, None) if getter else getattr(config, name, None)
 
-        base = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-        return load_config(PGRPOConfig, base=base)
-    except ConfigError as e:
-        raise PGRPOError(f"bad algorithm.p_grpo settings: {e}") from e
+
+def read_config(config: Any) -> PGRPOConfig:
+    """The :class:`PGRPOConfig` under ``config.p_grpo`` (``config`` is verl's ``algorithm`` section).
+
+    verl's own ``algorithm.norm_adv_by_std_in_grpo`` must agree with ``algorithm.p_grpo.norm_adv_by_std``
+    when it is set: p_grpo never ignores it silently, a conflict is an error naming both.
+    """
+    section = _setting(config, "p_grpo")
+    if section is None:
+        cfg = PGRPOConfig()
+    elif isinstance(section, PGRPOConfig):
+        cfg = section
+    else:
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            base = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+            cfg = load_config(PGRPOConfig, base=base)
+        except ConfigError as e:
+            raise PGRPOError(f"bad algorithm.p_grpo settings: {e}") from e
+    verl_std = _setting(config, "norm_adv_by_std_in_grpo")
+    if verl_std is not None and bool(verl_std) != cfg.norm_adv_by_std:
+        raise PGRPOError(
+            f"algorithm.norm_adv_by_std_in_grpo={bool(verl_std)} conflicts with "
+            f"algorithm.p_grpo.norm_adv_by_std={cfg.norm_adv_by_std}: set both false for ThreadWeaver's "
+            "mean-centred advantages (configs/threadweaver/pgrpo.yaml does; verl's default is true) "
+            "or both true to divide by the group's std"
+        )
+    return cfg
 
 
 def compute_p_grpo_advantage(

@@ -88,14 +88,14 @@ from verl.experimental.agent_loop.agent_loop import (
 
 from threadweaver_verl.config import load_config
 from threadweaver_verl.data.chat import prompt_ids as chat_prompt_ids
+from threadweaver_verl.data.schema import AGENT_NAME
 from threadweaver_verl.format import SEQUENTIAL, Request, TokenFormat
+from threadweaver_verl.rl.reward import STATS_KEY  # final output's extra_fields[STATS_KEY]: what the reward reads
 from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, EngineError
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
-AGENT_NAME = "threadweaver"
-STATS_KEY = "threadweaver"  # final output's extra_fields[STATS_KEY]: what the reward reads
 REQUEST_KEY = "threadweaver_request"  # every output's extra_fields[REQUEST_KEY]: kind, path, finish
 
 

@@ -37,7 +37,7 @@ from verl.utils.dataset.rl_dataset import RLHFDataset
 
 from threadweaver_verl.data.chat import prompt_ids
 from threadweaver_verl.data.preprocess import RowConversion, to_rl_row
-from threadweaver_verl.data.schema import SchemaError, check_rl_row
+from threadweaver_verl.data.schema import AGENT_NAME, SchemaError, check_rl_row
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ MAX_REPORTED = 5
 class RLDatasetConfig(RowConversion):
     """``data.threadweaver``: RowConversion's fields (for raw rows) plus these."""
 
-    agent_name: str | None = "threadweaver"  # set on every row; null keeps each row's own agent_name
+    agent_name: str | None = AGENT_NAME  # set on every row; null keeps each row's own agent_name
     require_instruction: bool = True  # rows with a ready `prompt` must contain the configured instruction
 
 

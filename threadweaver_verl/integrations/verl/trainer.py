@@ -33,10 +33,10 @@ from typing import Any
 from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync, PPOTrainerSync
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 
-from threadweaver_verl.integrations.verl.advantage import ESTIMATOR_NAME, row_keys
-from threadweaver_verl.rl.advantage import parse_row_key
+from threadweaver_verl.integrations.verl.advantage import ESTIMATOR_NAME, read_config, row_keys
+from threadweaver_verl.rl.advantage import final_rows
+from threadweaver_verl.rl.reward import STATS_KEY  # the agent loop's per-trajectory stats in the final row
 
-STATS_KEY = "threadweaver"  # the agent loop's per-trajectory stats in the final row's extra_fields
 METRIC_KEYS = (
     "speedup",
     "parallel_ratio",
@@ -47,18 +47,6 @@ METRIC_KEYS = (
     "num_requests",
     "format_ok",
 )
-
-
-def final_row_positions(keys: Sequence[str], is_padding: Sequence[bool] | None = None) -> list[int]:
-    """Positions of each session's final row (highest output index), padding rows left out."""
-    best: dict[tuple[str, str], tuple[int, int]] = {}
-    for pos, key in enumerate(keys):
-        if is_padding is not None and is_padding[pos]:
-            continue
-        uid, session, index = parse_row_key(key)
-        if (uid, session) not in best or index > best[(uid, session)][0]:
-            best[(uid, session)] = (index, pos)
-    return sorted(pos for _, pos in best.values())
 
 
 def trajectory_metrics(stats: Sequence[dict[str, Any] | None]) -> dict[str, float]:
@@ -85,6 +73,8 @@ class ThreadWeaverTrainerMixin:
     base_mode: str = "sync"
 
     def _build_replay_buffer(self):  # called from PPOTrainer.__init__ right after trainer_mode is read
+        if str(self.config.algorithm.get("adv_estimator")) == ESTIMATOR_NAME:
+            read_config(self.config.algorithm)  # bad or conflicting p_grpo settings fail here, before any rollout
         self.trainer_mode = self.base_mode
         self.parameter_sync_step = self.config.trainer.v1.get(self.base_mode, {}).get("parameter_sync_step", 1)
         return super()._build_replay_buffer()
@@ -103,7 +93,7 @@ class ThreadWeaverTrainerMixin:
         import transfer_queue as tq
 
         padding = [bool(tag.get("is_padding", False)) for tag in batch.tags]
-        finals = final_row_positions(batch.keys, padding)
+        finals = sorted(final_rows(batch.keys, padding).values())
         if not finals:
             return {}
         keys = [batch.keys[i] for i in finals]
