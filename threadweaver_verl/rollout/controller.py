@@ -894,7 +894,7 @@ class ForkJoinController:
             comp = await (asyncio.wait_for(call, timeout) if timeout else call)
         except asyncio.CancelledError:
             raise
-        except (asyncio.TimeoutError, TimeoutError) as e:
+        except TimeoutError as e:
             raise RolloutError(
                 f"{where} timed out after {timeout} s; the trajectory is failed "
                 "(raise ControllerConfig.request_timeout_s if the engine is just slow)"
