@@ -365,13 +365,18 @@ def run(cfg: DemoConfig, console=None) -> dict:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from rich.console import Console
+    from threadweaver_verl.config import run_command
 
-    from threadweaver_verl.config import load_config
+    return run_command(DemoConfig, argv, run_and_report, command="demo")
+
+
+def run_and_report(cfg: DemoConfig) -> int:
+    """:func:`run`, with a failed stage printed and the exit code 1."""
+    from rich.console import Console
 
     console = Console()
     try:
-        run(load_config(DemoConfig, list(argv)), console)
+        run(cfg, console)
     except DemoError as e:
         console.print(f"[bold red]demo failed:[/bold red] {e}")
         return 1

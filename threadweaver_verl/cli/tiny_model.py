@@ -21,15 +21,19 @@ class TinyModelCommand(TinyModelConfig):
 
 
 def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(TinyModelCommand, argv, run, command="tiny-model")
+
+
+def run(cfg: TinyModelCommand) -> int:
     import time
 
     from rich.console import Console
     from rich.table import Table
 
-    from threadweaver_verl.config import load_config
     from threadweaver_verl.models.tiny import build_tiny_model
 
-    cfg = load_config(TinyModelCommand, argv)
     if not cfg.out:
         print("tiny-model: pass the output folder as out=DIR", file=sys.stderr)
         return 2

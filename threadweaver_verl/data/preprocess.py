@@ -260,7 +260,7 @@ def run(cfg: PreprocessConfig, progress: bool = True) -> dict[str, Any]:
 def script_main(defaults: Mapping[str, Any], argv: Sequence[str]) -> int:
     """Entry point of the ``examples/data_preprocess`` scripts: their defaults, then the user's
     ``key=value`` arguments. A user ``input=`` replaces a default ``hub=`` (and the other way round)."""
-    given = {a.split("=", 1)[0].lstrip("-") for a in argv if "=" in a}
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv if not a.startswith("-")}
     base = dict(defaults)
     if given & {"input", "hub"}:
         base.pop("input", None)
@@ -269,12 +269,15 @@ def script_main(defaults: Mapping[str, Any], argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(PreprocessConfig, argv, print_run, command="preprocess")
+
+
+def print_run(cfg: PreprocessConfig) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from threadweaver_verl.config import load_config
-
-    cfg = load_config(PreprocessConfig, list(argv))
     summary = run(cfg)
     table = Table(title="RL parquet written")
     table.add_column("field")

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from threadweaver_verl.config import load_config
+from threadweaver_verl.config import run_command
 from threadweaver_verl.rl.correctness import CorrectnessConfig, check_answer
 from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, RolloutError, RolloutResult
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
@@ -362,8 +362,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = load_config(EvalConfig, list(argv or []))
+def main(argv: Sequence[str] = ()) -> int:
+    return run_command(EvalConfig, argv, run, command="eval")
+
+
+def run(cfg: EvalConfig) -> int:
     summary = evaluate(cfg)
     print_summary(summary, f"eval: {cfg.data} ({summary['mode']}, n={cfg.n_samples})")
     print(f"wrote {Path(cfg.out_dir) / 'trajectories.jsonl'}, summary.json, report.html")

@@ -112,13 +112,16 @@ class PrepareModelConfig:
 
 
 def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(PrepareModelConfig, argv, run, command="prepare-model")
+
+
+def run(cfg: PrepareModelConfig) -> int:
     from rich.console import Console
     from rich.table import Table
     from transformers import AutoTokenizer
 
-    from threadweaver_verl.config import load_config
-
-    cfg = load_config(PrepareModelConfig, argv)
     if not cfg.model or not cfg.out:
         print("prepare-model: pass model=DIR (a HF folder) and out=DIR", file=sys.stderr)
         return 2

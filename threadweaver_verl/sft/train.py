@@ -334,9 +334,12 @@ def _print_summary(console: Any, res: SFTResult) -> None:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from threadweaver_verl.config import load_config
+    from threadweaver_verl.config import run_command
 
-    cfg = load_config(SFTConfig, argv)
+    return run_command(SFTConfig, argv, run, command="sft")
+
+
+def run(cfg: SFTConfig) -> int:
     res = train(cfg)
     if res.stopped_by == "time_limit":
         print(time_limit_message(res.steps, cfg.max_steps, cfg.time_limit_minutes), file=sys.stderr)

@@ -201,12 +201,16 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(MakeDataConfig, argv, run, command="make-data")
+
+
+def run(cfg: MakeDataConfig) -> int:
     from rich.console import Console
 
-    from threadweaver_verl.config import load_config
     from threadweaver_verl.format import TokenFormat
 
-    cfg = load_config(MakeDataConfig, argv)
     console = Console()
     if cfg.list_presets:
         fmt = TokenFormat.from_tokenizer(_tokenizer(cfg.tokenizer))

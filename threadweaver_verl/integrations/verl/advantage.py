@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from threadweaver_verl.config import ConfigError, load_config
+from threadweaver_verl.config import ConfigError, read_section
 from threadweaver_verl.rl.advantage import PGRPOConfig, PGRPOError, parse_row_key, trajectory_advantages
 
 ESTIMATOR_NAME = "p_grpo"
@@ -40,17 +40,10 @@ def read_config(config: Any) -> PGRPOConfig:
     if config is not None:
         getter = getattr(config, "get", None)
         section = getter("p_grpo", None) if getter else getattr(config, "p_grpo", None)
-    if section is None:
-        return PGRPOConfig()
-    if isinstance(section, PGRPOConfig):
-        return section
     try:
-        from omegaconf import DictConfig, OmegaConf
-
-        base = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-        return load_config(PGRPOConfig, base=base)
+        return read_section(PGRPOConfig, section, "algorithm.p_grpo")
     except ConfigError as e:
-        raise PGRPOError(f"bad algorithm.p_grpo settings: {e}") from e
+        raise PGRPOError(str(e)) from e
 
 
 def compute_p_grpo_advantage(
