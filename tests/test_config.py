@@ -33,6 +33,17 @@ COMMAND_CONFIGS = [
     (["generate", "stage=2"], "threadweaver_verl.generator.stage2:Stage2Config"),
     (["demo"], "threadweaver_verl.cli.demo:DemoConfig"),
 ]
+# The YAML files of our commands (configs/ also holds verl presets: those are verl's configs).
+YAMLS = {
+    "demo.yaml": "threadweaver_verl.cli.demo:DemoConfig",
+    "sft.yaml": "threadweaver_verl.sft.train:SFTConfig",
+    "eval.yaml": "threadweaver_verl.eval.evaluate:EvalConfig",
+    "make_data.yaml": "threadweaver_verl.tasks.cli:MakeDataConfig",
+    "tiny_model.yaml": "threadweaver_verl.cli.tiny_model:TinyModelCommand",
+    "prepare_model.yaml": "threadweaver_verl.models.tags:PrepareModelConfig",
+    "generate_stage1.yaml": "threadweaver_verl.generator.stage1:Stage1Config",
+    "generate_stage2.yaml": "threadweaver_verl.generator.stage2:Stage2Config",
+}
 
 
 def _cls(path: str) -> type:
@@ -40,8 +51,29 @@ def _cls(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def _keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out += _keys(v, f"{prefix}{k}.")
+    return out
+
+
 def test_every_command_is_listed_here():
     assert {argv[0] for argv, _ in COMMAND_CONFIGS} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(YAMLS))
+def test_every_key_of_the_yaml_files_is_a_field(name):
+    """The files name their dataclass and set only its fields (they carry no copy of the defaults)."""
+    cls = _cls(YAMLS[name])
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert raw["defaults"] == [cls.__name__, "_self_"]
+    valid = {k.key for k in knobs(cls)}
+    settings = {k: v for k, v in raw.items() if k != "defaults"}
+    assert set(_keys(settings)) <= valid, set(_keys(settings)) - valid
+    assert isinstance(load_config(cls, ["--config", str(REPO / "configs" / name)]), cls)
 
 
 @pytest.mark.parametrize("argv,path", COMMAND_CONFIGS, ids=[" ".join(a) for a, _ in COMMAND_CONFIGS])
