@@ -204,3 +204,33 @@ def test_read_section():
         read_section(_Section, {"inner": {"depth": "deep"}}, "algo.s")
     with pytest.raises(ConfigError, match=r"algo.s: rate must be in \[0, 1\]"):
         read_section(_Section, {"rate": 2.0}, "algo.s")
+
+
+def test_read_section_of_a_foreign_section_needs_the_fields_without_default():
+    from threadweaver_verl.integrations.verl.sft_dataset import SFTDataKeys
+
+    verl_data = OmegaConf.create({"max_length": 64, "pad_mode": "no_padding", "truncation": "error"})
+    assert read_section(SFTDataKeys, verl_data, "data", foreign=True).max_length == 64
+    with pytest.raises(ConfigError, match="'max_length' in data is required"):
+        read_section(SFTDataKeys, {"pad_mode": "no_padding"}, "data", foreign=True)
+    with pytest.raises(ConfigError, match="pad_mode=no_padding"):
+        read_section(SFTDataKeys, {"max_length": 8, "pad_mode": "right"}, "data", foreign=True)
+
+
+def test_the_verl_sections_use_the_one_reader():
+    from threadweaver_verl.integrations.verl.advantage import read_config
+    from threadweaver_verl.integrations.verl.agent_loop import controller_config
+    from threadweaver_verl.integrations.verl.rl_dataset import dataset_config
+    from threadweaver_verl.rl.advantage import PGRPOError
+    from threadweaver_verl.rl.reward import config_from_kwargs
+
+    assert read_config(OmegaConf.create({"p_grpo": {"epsilon": 0.1}})).epsilon == 0.1
+    with pytest.raises(PGRPOError, match="unknown key 'epsilo' in algorithm.p_grpo; did you mean 'epsilon'"):
+        read_config(OmegaConf.create({"p_grpo": {"epsilo": 0.1}}))
+    with pytest.raises(ValueError, match="unknown key 'require_instructions'.*'require_instruction'"):
+        dataset_config(OmegaConf.create({"threadweaver": {"require_instructions": False}}))
+    with pytest.raises(ValueError, match="unknown key 'max_block'.*did you mean 'max_blocks'"):
+        controller_config({"max_block": 2}, response_length=100)
+    with pytest.raises(ValueError, match="unknown key 'correctness.timeout'.*'correctness.timeout_s'"):
+        config_from_kwargs({"correctness": {"timeout": 3}})
+    assert config_from_kwargs({"correctness": {"timeout_s": 3}}).correctness.timeout_s == 3

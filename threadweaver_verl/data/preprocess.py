@@ -62,11 +62,11 @@ class RowConversion:
         text = DEFAULT_INSTRUCTION if self.instruction == "default" else (self.instruction or None)
         return PromptStyle(instruction=text, system=self.system)
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.answer_format not in ANSWER_FORMATS:
             raise SchemaError(f"answer_format={self.answer_format!r}: choose one of {ANSWER_FORMATS}")
-        if not self.agent_name:
-            raise SchemaError("agent_name must be a non-empty agent loop name (e.g. 'threadweaver')")
+        if self.agent_name is not None and not self.agent_name:
+            raise SchemaError("agent_name is empty: name the agent loop verl runs for each row (e.g. 'threadweaver')")
 
 
 @dataclass
@@ -220,7 +220,6 @@ def convert(
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """RL rows of ``records`` and the messages of the skipped ones (only when ``skip_invalid``)."""
-    conv.check()
     rows, skipped = [], []
     it = enumerate(records)
     if progress:

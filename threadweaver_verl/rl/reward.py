@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from threadweaver_verl.config import read_section
 from threadweaver_verl.rl.correctness import ERROR, TIMEOUT, AnswerCheck, CorrectnessConfig, check_answer
 
 ACCELERATION_FORMS = ("one_minus_ratio", "ratio_minus_one", "none")
@@ -116,24 +117,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+REWARD_KWARGS = "reward.custom_reward_function.reward_kwargs"
+
+
 @functools.lru_cache(maxsize=64)
 def _config_from_json(blob: str) -> RewardConfig:
-    return RewardConfig(**json.loads(blob))
+    return read_section(RewardConfig, json.loads(blob), REWARD_KWARGS)
 
 
 def config_from_kwargs(kwargs: dict[str, Any]) -> RewardConfig:
-    """A RewardConfig from compute_score's keyword arguments (cached per distinct setting)."""
-    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    """A RewardConfig from compute_score's keyword arguments (cached per distinct setting); an unknown
+    keyword is an error naming it and the nearest setting."""
     settings: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key in known:
+        if key not in _VERL_KWARGS and key != "response_ids":
             value = _plain(value)
             settings[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-        elif key not in _VERL_KWARGS and key != "response_ids":
-            raise ValueError(
-                f"unknown reward setting {key!r} passed to threadweaver_verl.rl.reward.compute_score "
-                f"(via reward.custom_reward_function.reward_kwargs?). Known: {sorted(known)}"
-            )
     return _config_from_json(json.dumps(settings, sort_keys=True))
 
 
