@@ -155,6 +155,8 @@ def test_an_unknown_key_names_the_nearest_valid_one(tmp_path):
         load_config(MakeDataConfig, ["--config", str(plain)])
     with pytest.raises(ConfigError, match="n_train"):
         load_config(MakeDataConfig, ["n_train=many"])
+    with pytest.raises(ConfigError, match="n_train and n_test must be >= 1"):  # __post_init__, through the loader
+        load_config(MakeDataConfig, ["n_train=0"])
     with pytest.raises(ConfigError, match="unknown option '--qiuck'"):
         load_config(MakeDataConfig, ["--qiuck"])
 

@@ -86,20 +86,23 @@ class EvalConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.concurrency < 1:
+            raise EvalError("n_samples and concurrency must be >= 1")
+
 
 class EvalError(ValueError):
     pass
 
 
 def _check(cfg: EvalConfig) -> None:
+    """The inputs a run needs (the values themselves are checked by ``EvalConfig.__post_init__``)."""
     if not cfg.data:
         raise EvalError("eval needs data=PATH.parquet (an RL-schema dataset)")
     if bool(cfg.model) == bool(cfg.server_url):
         raise EvalError("eval needs exactly one of model=FOLDER (launch vLLM) or server_url=URL (use a running server)")
     if cfg.server_url and not cfg.tokenizer:
         raise EvalError("with server_url, also pass tokenizer=FOLDER (the served model's tokenizer)")
-    if cfg.n_samples < 1 or cfg.concurrency < 1:
-        raise EvalError("n_samples and concurrency must be >= 1")
     if cfg.baseline and not Path(cfg.baseline).is_file():
         raise EvalError(f"baseline {cfg.baseline!r} not found: pass the trajectories.jsonl of a sequential run")
 

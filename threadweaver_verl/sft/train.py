@@ -71,6 +71,24 @@ class SFTConfig:
     resume: bool = False  # continue from the last checkpoint-N in output_dir
     num_workers: int = 0  # dataloader workers
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.layout not in LAYOUTS:
+            problems.append(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            problems.append(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.time_limit_minutes < 0:
+            problems.append(f"time_limit_minutes must be >= 0 (0: no limit), got {self.time_limit_minutes}")
+        if self.batch_tokens < 0:
+            problems.append(f"batch_tokens must be >= 0 (0: use batch_size), got {self.batch_tokens}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            problems.append("set max_steps > 0 or epochs > 0")
+        for name in ("max_tokens", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if problems:
+            raise ValueError("sft settings: " + "; ".join(problems))
+
 
 @dataclass
 class SFTResult:
@@ -103,6 +121,7 @@ class RowDataset(Dataset):
 
 
 def check_config(cfg: SFTConfig) -> None:
+    """The inputs a run needs (the values themselves are checked by ``SFTConfig.__post_init__``)."""
     problems = []
     if not cfg.model:
         problems.append("model=DIR (an HF model folder) is required")
@@ -110,19 +129,6 @@ def check_config(cfg: SFTConfig) -> None:
         problems.append("train_files=[a.parquet,...] is required")
     if not cfg.output_dir:
         problems.append("output_dir=DIR is required")
-    if cfg.layout not in LAYOUTS:
-        problems.append(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
-    if cfg.attention not in ATTENTION_CHOICES:
-        problems.append(f"attention must be one of {ATTENTION_CHOICES}, got {cfg.attention!r}")
-    if cfg.time_limit_minutes < 0:
-        problems.append(f"time_limit_minutes must be >= 0 (0: no limit), got {cfg.time_limit_minutes}")
-    if cfg.batch_tokens < 0:
-        problems.append(f"batch_tokens must be >= 0 (0: use batch_size), got {cfg.batch_tokens}")
-    if cfg.max_steps <= 0 and cfg.epochs <= 0:
-        problems.append("set max_steps > 0 or epochs > 0")
-    for name in ("max_tokens", "batch_size", "grad_accum"):
-        if getattr(cfg, name) <= 0:
-            problems.append(f"{name} must be positive")
     if problems:
         raise ValueError("sft settings: " + "; ".join(problems))
 

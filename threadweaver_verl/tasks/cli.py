@@ -41,6 +41,10 @@ class MakeDataConfig:
     list_presets: bool = False  # print every preset's token table and exit
     table_samples: int = 200  # problems per preset for list_presets
 
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_test < 1:
+            raise ValueError(f"make-data: n_train and n_test must be >= 1 (got {self.n_train}, {self.n_test})")
+
 
 def prompt_style(cfg: MakeDataConfig):
     from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle
@@ -116,8 +120,6 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
 
     if not cfg.out:
         raise ValueError("make-data: pass the output folder as out=DIR")
-    if cfg.n_train < 1 or cfg.n_test < 1:
-        raise ValueError(f"make-data: n_train and n_test must be >= 1 (got {cfg.n_train}, {cfg.n_test})")
     console = console or Console()
     difficulty = mul.Difficulty.parse(cfg.preset)
     tokenizer = _tokenizer(cfg.tokenizer)
