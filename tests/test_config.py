@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from threadweaver_verl.__main__ import main as cli
 from threadweaver_verl.cli import COMMANDS
-from threadweaver_verl.config import ConfigError, knobs, load_config, read_section
+from threadweaver_verl.config import ConfigError, field_docs, knobs, load_config, read_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,8 +84,24 @@ def test_help_lists_every_knob(argv, path, capsys):
     assert out.startswith(f"usage: threadweaver {' '.join(argv)}")
     for knob in knobs(cls):
         assert f"\n  {knob.key}: " in out, knob.key
-        if knob.doc:
-            assert " ".join(knob.doc.split()[:4]) in " ".join(out.split()), knob.key
+        assert knob.doc, f"{knob.key} of {cls.__name__} has no attribute docstring"
+        assert " ".join(knob.doc.split()[:4]) in " ".join(out.split()), knob.key
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "threadweaver_verl.rl.advantage:PGRPOConfig",
+        "threadweaver_verl.integrations.verl.rl_dataset:RLDatasetConfig",
+        "threadweaver_verl.rl.reward:RewardConfig",
+        "threadweaver_verl.rollout.controller:ControllerConfig",
+        "threadweaver_verl.integrations.verl.sft_dataset:SFTDataKeys",
+    ],
+)
+def test_every_knob_of_the_verl_sections_is_documented(path):
+    cls = _cls(path)
+    undocumented = [f.name for f in dataclasses.fields(cls) if not field_docs(cls).get(f.name)]
+    assert not undocumented, f"{cls.__name__}: {undocumented}"
 
 
 @pytest.mark.parametrize("argv,path", COMMAND_CONFIGS, ids=[" ".join(a) for a, _ in COMMAND_CONFIGS])

@@ -17,7 +17,8 @@ from threadweaver_verl.models.tiny import TinyModelConfig
 class TinyModelCommand(TinyModelConfig):
     """Every field of :class:`TinyModelConfig`, plus the output folder."""
 
-    out: str = ""  # (required) output HF folder (created; existing files are overwritten)
+    out: str = ""
+    """Output HF folder (required; created, existing files are overwritten)."""
 
 
 def main(argv: Sequence[str] = ()) -> int:

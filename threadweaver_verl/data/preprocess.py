@@ -48,15 +48,24 @@ ANSWER_FORMATS = ("auto", "plain", "gsm8k", "boxed")
 class RowConversion:
     """How one raw record becomes an RL row (shared by the preprocessor and the RL dataset)."""
 
-    question_key: str = "auto"  # field holding the problem text; auto: first of QUESTION_KEYS present
-    answer_key: str = "auto"  # field holding the answer; auto: first of ANSWER_KEYS, else SOLUTION_KEYS
-    answer_format: str = "auto"  # plain | gsm8k ("... #### 72") | boxed (last \boxed{} of a solution) | auto
-    data_source: str | None = None  # rows' data_source (needed unless the records carry their own)
+    question_key: str = "auto"
+    """Field holding the problem text; auto: first of QUESTION_KEYS present."""
+    answer_key: str = "auto"
+    """Field holding the answer; auto: first of ANSWER_KEYS, else SOLUTION_KEYS."""
+    answer_format: str = "auto"
+    """``plain``, ``gsm8k`` ("... #### 72"), ``boxed`` (last \boxed{} of a solution) or ``auto``."""
+    data_source: str | None = None
+    """The rows' data_source (needed unless the records carry their own)."""
     ability: str = "math"
-    split: str = "train"  # recorded in extra_info.split
-    instruction: str | None = "default"  # "default" = our trained instruction; null = none; else this text
-    system: str | None = None  # optional system message
-    agent_name: str = DEFAULT_AGENT_NAME  # the agent loop verl runs for each row
+    """The row's ``ability`` column (verl's schema)."""
+    split: str = "train"
+    """Recorded in extra_info.split."""
+    instruction: str | None = "default"
+    """``default``: our trained instruction; null: none; anything else: this text."""
+    system: str | None = None
+    """Optional system message."""
+    agent_name: str = DEFAULT_AGENT_NAME
+    """The agent loop verl runs for each row."""
 
     def style(self) -> PromptStyle:
         text = DEFAULT_INSTRUCTION if self.instruction == "default" else (self.instruction or None)
@@ -73,13 +82,20 @@ class RowConversion:
 class PreprocessConfig(RowConversion):
     """A preprocessing run: where the records come from and where the parquet goes."""
 
-    input: str | None = None  # a .parquet / .jsonl / .json file
-    hub: str | None = None  # or a Hugging Face hub dataset name (needs `datasets` and network or a cache)
-    subset: str | None = None  # hub config name (e.g. "main" for openai/gsm8k)
-    hub_split: str = "test"  # hub split to load
+    input: str | None = None
+    """A .parquet / .jsonl / .json file."""
+    hub: str | None = None
+    """Or a Hugging Face hub dataset name (needs ``datasets`` and network or a cache)."""
+    subset: str | None = None
+    """Hub config name (e.g. "main" for openai/gsm8k)."""
+    hub_split: str = "test"
+    """Hub split to load."""
     output: str = "rl.parquet"
-    limit: int = -1  # keep the first N records (-1: all)
-    skip_invalid: bool = False  # drop bad records (counted) instead of stopping at the first
+    """The RL parquet written."""
+    limit: int = -1
+    """Keep the first N records (-1: all)."""
+    skip_invalid: bool = False
+    """Drop bad records (counted) instead of stopping at the first."""
 
 
 # --------------------------------------------------------------------------- loading

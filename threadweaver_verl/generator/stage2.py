@@ -78,6 +78,7 @@ class Stage2Config(EvalConfig):
     data_source: str = "threadweaver/stage2"
     """data_source of the written SFT rows."""
     split: str = "train"
+    """``extra_info.split`` of the written SFT rows."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

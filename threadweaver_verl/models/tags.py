@@ -105,10 +105,14 @@ def check_tags(tokenizer: Any) -> TagVocab:
 class PrepareModelConfig:
     """``prepare-model``: add the format tags to a HF tokenizer + model folder."""
 
-    model: str = ""  # (required) input HF folder (tokenizer, and weights unless tokenizer_only)
-    out: str = ""  # (required) output folder (created)
-    special: bool = False  # register the tags as special tokens (decode(skip_special_tokens=True) drops them)
-    tokenizer_only: bool = False  # only the tokenizer (no weights in `model`)
+    model: str = ""
+    """Input HF folder (required): the tokenizer, and the weights unless tokenizer_only."""
+    out: str = ""
+    """Output folder (required; created)."""
+    special: bool = False
+    """Register the tags as special tokens (decode(skip_special_tokens=True) drops them)."""
+    tokenizer_only: bool = False
+    """Only the tokenizer (no weights in `model`)."""
 
 
 def main(argv: Sequence[str] = ()) -> int:

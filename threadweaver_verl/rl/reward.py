@@ -72,15 +72,24 @@ _VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
 class RewardConfig:
     """Every knob of the P-GRPO reward (see the module docstring for sources)."""
 
-    correct_score: float = 1.0  # paid for a correct final answer
-    wrong_score: float = 0.0  # wrong / missing / unverifiable answer; the reference code uses -1.0
-    acceleration: str = "one_minus_ratio"  # or "ratio_minus_one" (reference README) or "none"
+    correct_score: float = 1.0
+    """Paid for a correct final answer."""
+    wrong_score: float = 0.0
+    """Wrong / missing / unverifiable answer; the reference code uses -1.0."""
+    acceleration: str = "one_minus_ratio"
+    """The bonus form: ``one_minus_ratio`` (reference code), ``ratio_minus_one`` (reference README) or ``none``."""
     acceleration_factor: float = 0.5
-    acceleration_clip: float = 0.2  # cap on the ratio term before the factor
-    bonus_requires_format_ok: bool = True  # no bonus for a trajectory whose format is invalid
-    format_penalty: float = 0.0  # subtracted (correct or not) when the format is invalid; 0 = off
-    tokenizer: str | None = None  # model/tokenizer path, only needed to measure stats from response ids
+    """Multiplies the (clipped) ratio term: the bonus is at most factor * clip."""
+    acceleration_clip: float = 0.2
+    """Cap on the ratio term before the factor."""
+    bonus_requires_format_ok: bool = True
+    """No bonus for a trajectory whose format is invalid."""
+    format_penalty: float = 0.0
+    """Subtracted (correct or not) when the format is invalid; 0 = off."""
+    tokenizer: str | None = None
+    """Model/tokenizer path, only needed to measure stats from response ids."""
     correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
+    """How the final answer is found and judged."""
 
     def __post_init__(self) -> None:
         if isinstance(self.correctness, dict):

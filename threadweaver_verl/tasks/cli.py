@@ -29,17 +29,28 @@ from threadweaver_verl.tasks import multiplication as mul
 class MakeDataConfig:
     """``make-data``: the synthetic multiplication datasets."""
 
-    out: str = ""  # output folder (required unless list_presets)
-    preset: str = "3x4"  # a name in multiplication.PRESETS or digits per factor like "5x3" or "3x2x2"
-    n_train: int = 5000  # train problems (RL rows and SFT rows of each kind)
-    n_test: int = 200  # held-out problems (RL rows), never among the train problems
+    out: str = ""
+    """Output folder (required unless list_presets)."""
+    preset: str = "3x4"
+    """A name in multiplication.PRESETS or digits per factor like "5x3" or "3x2x2"."""
+    n_train: int = 5000
+    """Train problems (RL rows and SFT rows of each kind)."""
+    n_test: int = 200
+    """Held-out problems (RL rows), never among the train problems."""
     seed: int = 0
-    instruction: str = "none"  # "none", "default" (data.chat.DEFAULT_INSTRUCTION) or the instruction text
-    system: str | None = None  # system message, if any
-    agent_name: str = "threadweaver"  # verl agent loop of the RL rows
-    tokenizer: str | None = None  # HF folder for prompt ids and token counts; default: the tiny tokenizer
-    list_presets: bool = False  # print every preset's token table and exit
-    table_samples: int = 200  # problems per preset for list_presets
+    """Seed of the problems (the same seed writes byte-identical files)."""
+    instruction: str = "none"
+    """``none``, ``default`` (data.chat.DEFAULT_INSTRUCTION) or the instruction text."""
+    system: str | None = None
+    """System message, if any."""
+    agent_name: str = "threadweaver"
+    """The verl agent loop of the RL rows."""
+    tokenizer: str | None = None
+    """HF folder for prompt ids and token counts; default: the tiny tokenizer."""
+    list_presets: bool = False
+    """Print every preset's token table and exit."""
+    table_samples: int = 200
+    """Problems per preset for list_presets."""
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_test < 1:

@@ -50,8 +50,10 @@ MAX_REPORTED = 5
 class RLDatasetConfig(RowConversion):
     """``data.threadweaver``: RowConversion's fields (for raw rows) plus these."""
 
-    agent_name: str | None = "threadweaver"  # set on every row; null keeps each row's own agent_name
-    require_instruction: bool = True  # rows with a ready `prompt` must contain the configured instruction
+    agent_name: str | None = "threadweaver"
+    """Set on every row; null keeps each row's own agent_name."""
+    require_instruction: bool = True
+    """Rows with a ready `prompt` must contain the configured instruction."""
 
 
 def dataset_config(data_config: Any) -> RLDatasetConfig:
