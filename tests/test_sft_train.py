@@ -198,13 +198,3 @@ def test_vllm_serves_the_checkpoints_and_agrees_with_transformers(tiny_model_dir
         after = served(server)
     assert before == base[: len(before)]
     assert len(after) >= 1 and after == trained[: len(after)]
-
-
-def test_the_yaml_config_mirrors_the_dataclass_defaults():
-    from pathlib import Path
-
-    from threadweaver_verl.config import load_config
-    from threadweaver_verl.sft.train import SFTConfig
-
-    yaml = Path(__file__).resolve().parent.parent / "configs" / "sft.yaml"
-    assert load_config(SFTConfig, ["--config", str(yaml)]) == SFTConfig()

@@ -237,3 +237,16 @@ def test_trie_rows_with_flex_attention_on_the_trie_engine(trie_ds, tiny, monkeyp
     finally:
         tiny.set_attn_implementation("sdpa")
     assert (lp_flex.values() - lp_sdpa.values()).abs().max().item() <= 1e-5
+
+
+def test_missing_data_keys_are_an_error_not_a_default(parquet, tiny_tokenizer):
+    """verl's data section must give max_length and pad_mode; nothing falls back to a default."""
+    from omegaconf import OmegaConf
+
+    from threadweaver_verl.config import ConfigError
+    from threadweaver_verl.integrations.verl.sft_dataset import ExpandedSFTDataset
+
+    with pytest.raises(ConfigError, match="'max_length' in data is required"):
+        ExpandedSFTDataset(str(parquet), tiny_tokenizer, OmegaConf.create({"pad_mode": "no_padding"}))
+    with pytest.raises(ConfigError, match="'pad_mode' in data is required"):
+        ExpandedSFTDataset(str(parquet), tiny_tokenizer, OmegaConf.create({"max_length": 64}))

@@ -33,13 +33,18 @@ from threadweaver_verl.models.tiny import TinyModelConfig
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo; every one can be overridden as key=value (e.g. ``train_minutes=5``)."""
+    """Settings of the demo; every one can be overridden as key=value (e.g. ``train_steps=500``)."""
 
-    out: str = "runs/demo"  # every artefact goes here
-    preset: str = "3x3"  # task difficulty: a multiplication preset ("3x3": 3 threads, ideal seq T / par L 1.29)
-    n_train: int = 20000  # training problems (each model sees the same problems, in the same order)
-    n_test: int = 200  # held-out problems both models are evaluated on
+    out: str = "runs/demo"
+    """Every artefact goes here."""
+    preset: str = "3x3"
+    """Task difficulty: a multiplication preset ("3x3": 3 threads, ideal seq T / par L 1.29)."""
+    n_train: int = 20000
+    """Training problems (each model sees the same problems, in the same order)."""
+    n_test: int = 200
+    """Held-out problems both models are evaluated on."""
     seed: int = 0
+    """Seed of the problems, the initial weights (shared by both models) and the training order."""
     model: TinyModelConfig = field(
         default_factory=lambda: TinyModelConfig(
             hidden_size=192,
@@ -49,23 +54,38 @@ class DemoConfig:
             num_key_value_heads=2,
             head_dim=48,
         )
-    )  # ~1.7M parameters
-    train_steps: int = 1800  # optimizer steps of each training: what ends it (the cosine LR schedule spans it).
-    # Both models pass 99% held-out accuracy by step 1200 (README: accuracy vs steps), so 1800 has margin.
-    batch_tokens: int = 3840  # tokens per step: rows per step = 3840 // the longest trie (one trajectory per row):
-    # 10 parallel tries (~370 tokens) or 15 sequential chains (~250): the same work per step for both models
+    )
+    """Size of both models (they start from the same weights): ~1.7M parameters."""
+    train_steps: int = 1800
+    """Optimizer steps of each training: what ends it (the cosine LR schedule spans it). Both models pass 99% held-out
+    accuracy by step 1200 (README: accuracy vs steps), so 1800 has margin."""
+    batch_tokens: int = 3840
+    """Tokens per step: rows per step = 3840 // the longest trie (one trajectory per row): 10 parallel tries (~370
+    tokens) or 15 sequential chains (~250): the same work per step for both models."""
     learning_rate: float = 2e-3
+    """Peak learning rate of both trainings (AdamW, cosine schedule)."""
     warmup_steps: int = 50
-    time_limit_minutes: float = 120.0  # safety stop of each training (not a budget): hitting it fails the demo
-    curve_points: int = 2  # checkpoints evaluated for the accuracy-vs-steps curve, evenly spaced before the end
-    curve_concurrency: int = 64  # problems in flight when evaluating those checkpoints (accuracy only)
-    eval_concurrency: int = 16  # problems in flight for the final evaluation (its wall-clock columns)
-    max_response_tokens: int = 2048  # fork/join budgets of the evaluation (the tiny model's context is 4096)
+    """Linear warm-up steps before the cosine schedule."""
+    time_limit_minutes: float = 120.0
+    """Safety stop of each training (not a budget): hitting it fails the demo."""
+    curve_points: int = 2
+    """Checkpoints evaluated for the accuracy-vs-steps curve, evenly spaced before the end."""
+    curve_concurrency: int = 64
+    """Problems in flight when evaluating those checkpoints (accuracy only)."""
+    eval_concurrency: int = 16
+    """Problems in flight for the final evaluation (its wall-clock columns)."""
+    max_response_tokens: int = 2048
+    """Response tokens of one trajectory in the evaluation (the tiny model's context is 4096)."""
     max_thread_tokens: int = 512
-    kv_block_size: int = 16  # vLLM KV block size: prefix-cache hits come in whole blocks
-    temperature: float = 0.0  # greedy decoding for the evaluation
-    quick: bool = False  # a smoke run of a few minutes: few problems, 40 steps, one curve point
-    force: bool = False  # redo every stage even if its results exist
+    """Tokens one thread may add in the evaluation (see ControllerConfig)."""
+    kv_block_size: int = 16
+    """vLLM KV block size: prefix-cache hits come in whole blocks."""
+    temperature: float = 0.0
+    """Greedy decoding for the evaluation."""
+    quick: bool = False
+    """A smoke run of a few minutes: few problems, 40 steps, one curve point."""
+    force: bool = False
+    """Redo every stage even if its results exist."""
 
     def effective(self) -> DemoConfig:
         if not self.quick:
@@ -371,13 +391,18 @@ def run(cfg: DemoConfig, console=None) -> dict:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from rich.console import Console
+    from threadweaver_verl.config import run_command
 
-    from threadweaver_verl.config import load_config
+    return run_command(DemoConfig, argv, run_and_report, command="demo")
+
+
+def run_and_report(cfg: DemoConfig) -> int:
+    """:func:`run`, with a failed stage printed and the exit code 1."""
+    from rich.console import Console
 
     console = Console()
     try:
-        run(load_config(DemoConfig, list(argv)), console)
+        run(cfg, console)
     except DemoError as e:
         console.print(f"[bold red]demo failed:[/bold red] {e}")
         return 1

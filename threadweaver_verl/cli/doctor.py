@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 DISTRIBUTIONS = (
     "threadweaver-verl",
@@ -18,6 +20,11 @@ DISTRIBUTIONS = (
     "hydra-core",
     "math-verify",
 )
+
+
+@dataclass
+class DoctorConfig:
+    """``doctor``: check that the verl plugin is active and print the versions (it has no settings)."""
 
 
 def _version(dist: str) -> str:
@@ -67,7 +74,13 @@ def report() -> tuple[list[tuple[str, str]], list[tuple[str, str]], bool]:
     return versions, rows, ok
 
 
-def main(argv: list[str]) -> int:
+def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(DoctorConfig, argv, lambda _: print_report(), command="doctor")
+
+
+def print_report() -> int:
     from rich.console import Console
     from rich.table import Table
 

@@ -17,19 +17,24 @@ from threadweaver_verl.models.tiny import TinyModelConfig
 class TinyModelCommand(TinyModelConfig):
     """Every field of :class:`TinyModelConfig`, plus the output folder."""
 
-    out: str = ""  # (required) output HF folder (created; existing files are overwritten)
+    out: str = ""
+    """Output HF folder (required; created, existing files are overwritten)."""
 
 
 def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(TinyModelCommand, argv, run, command="tiny-model")
+
+
+def run(cfg: TinyModelCommand) -> int:
     import time
 
     from rich.console import Console
     from rich.table import Table
 
-    from threadweaver_verl.config import load_config
     from threadweaver_verl.models.tiny import build_tiny_model
 
-    cfg = load_config(TinyModelCommand, argv)
     if not cfg.out:
         print("tiny-model: pass the output folder as out=DIR", file=sys.stderr)
         return 2

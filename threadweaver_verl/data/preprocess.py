@@ -45,38 +45,54 @@ ANSWER_FORMATS = ("auto", "plain", "gsm8k", "boxed")
 class RowConversion:
     """How one raw record becomes an RL row (shared by the preprocessor and the RL dataset)."""
 
-    question_key: str = "auto"  # field holding the problem text; auto: first of QUESTION_KEYS present
-    answer_key: str = "auto"  # field holding the answer; auto: first of ANSWER_KEYS, else SOLUTION_KEYS
-    answer_format: str = "auto"  # plain | gsm8k ("... #### 72") | boxed (last \boxed{} of a solution) | auto
-    data_source: str | None = None  # rows' data_source (needed unless the records carry their own)
+    question_key: str = "auto"
+    """Field holding the problem text; auto: first of QUESTION_KEYS present."""
+    answer_key: str = "auto"
+    """Field holding the answer; auto: first of ANSWER_KEYS, else SOLUTION_KEYS."""
+    answer_format: str = "auto"
+    """``plain``, ``gsm8k`` ("... #### 72"), ``boxed`` (last \boxed{} of a solution) or ``auto``."""
+    data_source: str | None = None
+    """The rows' data_source (needed unless the records carry their own)."""
     ability: str = "math"
-    split: str = "train"  # recorded in extra_info.split
-    instruction: str | None = "default"  # "default" = our trained instruction; null = none; else this text
-    system: str | None = None  # optional system message
-    agent_name: str = AGENT_NAME  # the agent loop verl runs for each row
+    """The row's ``ability`` column (verl's schema)."""
+    split: str = "train"
+    """Recorded in extra_info.split."""
+    instruction: str | None = "default"
+    """``default``: our trained instruction; null: none; anything else: this text."""
+    system: str | None = None
+    """Optional system message."""
+    agent_name: str = AGENT_NAME
+    """The agent loop verl runs for each row."""
 
     def style(self) -> PromptStyle:
         text = DEFAULT_INSTRUCTION if self.instruction == "default" else (self.instruction or None)
         return PromptStyle(instruction=text, system=self.system)
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.answer_format not in ANSWER_FORMATS:
             raise SchemaError(f"answer_format={self.answer_format!r}: choose one of {ANSWER_FORMATS}")
-        if not self.agent_name:
-            raise SchemaError("agent_name must be a non-empty agent loop name (e.g. 'threadweaver')")
+        if self.agent_name is not None and not self.agent_name:
+            raise SchemaError("agent_name is empty: name the agent loop verl runs for each row (e.g. 'threadweaver')")
 
 
 @dataclass
 class PreprocessConfig(RowConversion):
     """A preprocessing run: where the records come from and where the parquet goes."""
 
-    input: str | None = None  # a .parquet / .jsonl / .json file
-    hub: str | None = None  # or a Hugging Face hub dataset name (needs `datasets` and network or a cache)
-    subset: str | None = None  # hub config name (e.g. "main" for openai/gsm8k)
-    hub_split: str = "test"  # hub split to load
+    input: str | None = None
+    """A .parquet / .jsonl / .json file."""
+    hub: str | None = None
+    """Or a Hugging Face hub dataset name (needs ``datasets`` and network or a cache)."""
+    subset: str | None = None
+    """Hub config name (e.g. "main" for openai/gsm8k)."""
+    hub_split: str = "test"
+    """Hub split to load."""
     output: str = "rl.parquet"
-    limit: int = -1  # keep the first N records (-1: all)
-    skip_invalid: bool = False  # drop bad records (counted) instead of stopping at the first
+    """The RL parquet written."""
+    limit: int = -1
+    """Keep the first N records (-1: all)."""
+    skip_invalid: bool = False
+    """Drop bad records (counted) instead of stopping at the first."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -188,7 +204,6 @@ def convert(
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """RL rows of ``records`` and the messages of the skipped ones (only when ``skip_invalid``)."""
-    conv.check()
     rows, skipped = [], []
     it = enumerate(records)
     if progress:
@@ -228,7 +243,7 @@ def run(cfg: PreprocessConfig, progress: bool = True) -> dict[str, Any]:
 def script_main(defaults: Mapping[str, Any], argv: Sequence[str]) -> int:
     """Entry point of the ``examples/data_preprocess`` scripts: their defaults, then the user's
     ``key=value`` arguments. A user ``input=`` replaces a default ``hub=`` (and the other way round)."""
-    given = {a.split("=", 1)[0].lstrip("-") for a in argv if "=" in a}
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv if not a.startswith("-")}
     base = dict(defaults)
     if given & {"input", "hub"}:
         base.pop("input", None)
@@ -237,12 +252,15 @@ def script_main(defaults: Mapping[str, Any], argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(PreprocessConfig, argv, print_run, command="preprocess")
+
+
+def print_run(cfg: PreprocessConfig) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from threadweaver_verl.config import load_config
-
-    cfg = load_config(PreprocessConfig, list(argv))
     summary = run(cfg)
     table = Table(title="RL parquet written")
     table.add_column("field")

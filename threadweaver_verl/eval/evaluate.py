@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from threadweaver_verl.config import load_config
+from threadweaver_verl.config import run_command
 from threadweaver_verl.eval.metrics import mean, token_speedup
 from threadweaver_verl.eval.records import EvalSummary, TrajectoryRecord, read_trajectories, write_trajectories
 from threadweaver_verl.eval.report import format_cell, write_eval_report
@@ -90,20 +90,23 @@ class EvalConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.concurrency < 1:
+            raise EvalError("n_samples and concurrency must be >= 1")
+
 
 class EvalError(ValueError):
     pass
 
 
 def _check(cfg: EvalConfig) -> None:
+    """The inputs a run needs (the values themselves are checked by ``EvalConfig.__post_init__``)."""
     if not cfg.data:
         raise EvalError("eval needs data=PATH.parquet (an RL-schema dataset)")
     if bool(cfg.model) == bool(cfg.server_url):
         raise EvalError("eval needs exactly one of model=FOLDER (launch vLLM) or server_url=URL (use a running server)")
     if cfg.server_url and not cfg.tokenizer:
         raise EvalError("with server_url, also pass tokenizer=FOLDER (the served model's tokenizer)")
-    if cfg.n_samples < 1 or cfg.concurrency < 1:
-        raise EvalError("n_samples and concurrency must be >= 1")
     if cfg.baseline and not Path(cfg.baseline).is_file():
         raise EvalError(f"baseline {cfg.baseline!r} not found: pass the trajectories.jsonl of a sequential run")
 
@@ -288,8 +291,11 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg = load_config(EvalConfig, list(argv or []))
+def main(argv: Sequence[str] = ()) -> int:
+    return run_command(EvalConfig, argv, run, command="eval")
+
+
+def run(cfg: EvalConfig) -> int:
     summary = evaluate(cfg)
     print_summary(summary, f"eval: {cfg.data} ({summary.mode}, n={cfg.n_samples})")
     print(f"wrote {Path(cfg.out_dir) / 'trajectories.jsonl'}, summary.json, report.html")

@@ -24,7 +24,10 @@ from typing import Any
 
 from threadweaver_verl.eval.report import format_cell
 
-USAGE = "usage: python -m threadweaver_verl generate stage=1|2 [--config FILE.yaml] [key=value ...]"
+USAGE = (
+    "usage: python -m threadweaver_verl generate stage=1|2 [--config FILE.yaml] [key=value ...]\n"
+    "       python -m threadweaver_verl generate stage=1|2 --help   (every setting of that stage)"
+)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -79,33 +82,45 @@ def print_stage2(summary: dict[str, Any]) -> None:
     console.print(detail)
 
 
+def stage1(cfg) -> int:
+    from threadweaver_verl.generator.stage1 import run_stage1
+
+    summary = run_stage1(cfg)
+    print_stage1(summary)
+    return 0 if summary["errors_to_retry"] == 0 else 1
+
+
+def stage2(cfg) -> int:
+    from threadweaver_verl.generator.stage2 import run_stage2
+
+    summary = run_stage2(cfg)
+    print_stage2(summary)
+    return 0 if summary["failed_problems_to_retry"] == 0 else 1
+
+
 def main(argv: Sequence[str] = ()) -> int:
-    from threadweaver_verl.config import ConfigError, load_config
+    from threadweaver_verl.config import ConfigError, run_command
     from threadweaver_verl.data.schema import SchemaError
     from threadweaver_verl.generator.inputs import InputError
 
     args = list(argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
     stages = [a for a in args if a.startswith("stage=")]
     rest = [a for a in args if not a.startswith("stage=")]
     stage = stages[-1].split("=", 1)[1] if stages else None
+    if stage is None and (not args or any(a in ("-h", "--help") for a in args)):
+        print(USAGE)
+        return 0
     if stage not in ("1", "2"):
         print(f"generate: say which stage to run with stage=1 or stage=2\n{USAGE}", file=sys.stderr)
         return 2
     try:
         if stage == "1":
-            from threadweaver_verl.generator.stage1 import Stage1Config, run_stage1
+            from threadweaver_verl.generator.stage1 import Stage1Config
 
-            summary = run_stage1(load_config(Stage1Config, rest))
-            print_stage1(summary)
-            return 0 if summary["errors_to_retry"] == 0 else 1
-        from threadweaver_verl.generator.stage2 import Stage2Config, run_stage2
+            return run_command(Stage1Config, rest, stage1, command="generate stage=1")
+        from threadweaver_verl.generator.stage2 import Stage2Config
 
-        summary = run_stage2(load_config(Stage2Config, rest))
-        print_stage2(summary)
-        return 0 if summary["failed_problems_to_retry"] == 0 else 1
+        return run_command(Stage2Config, rest, stage2, command="generate stage=2")
     except (ConfigError, InputError, SchemaError) as e:
         print(f"generate: {e}", file=sys.stderr)
         return 2

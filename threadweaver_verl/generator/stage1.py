@@ -68,6 +68,7 @@ class Stage1Config:
     input: str = ""
     """Correct sequential traces: a .parquet or .jsonl file with one (question, trace, answer) row each."""
     question_field: str = "question"
+    """Column holding the question."""
     trace_field: str = "trace"
     """The reasoning; text after a ``</think>`` is kept verbatim as the final answer section."""
     answer_field: str = "answer"
@@ -79,6 +80,7 @@ class Stage1Config:
     out_dir: str = "runs/generate_stage1"
     """records.jsonl (one record per sample, resumable), errors.jsonl, sft.parquet, rl.parquet, summary.json."""
     llm: LLMConfig = field(default_factory=LLMConfig)
+    """The rewriting LLM and how it is called."""
     tokenizer: str | None = None
     """HF tokenizer folder with the format tags: stats in tokens and a check that each accepted text
     encodes to training ids (data.chat.response_ids). None: stats in characters, no encoding check."""
@@ -91,6 +93,7 @@ class Stage1Config:
     min_edit_similarity: float = 0.6
     """Step 3 keeps edits minimal: an edited thread must keep at least this word-level similarity."""
     max_outline_chars: int = 300
+    """Longest outline the LLM may write (characters)."""
     repair_attempts: int = 1
     """How often a faulty LLM answer is sent back with the problem named before the sample is rejected."""
     check_input_answer: bool = True
@@ -98,16 +101,20 @@ class Stage1Config:
     final_template: str = "The final answer is $\\boxed{{{answer}}}$."
     """Final answer section for traces without ``</think>`` (``{answer}`` is the ground truth)."""
     correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
+    """How the final answers of the trace and the rewrite are found and judged."""
     samples_in_flight: int = 16
     """Samples processed at once (LLM calls are further bounded by llm.http.max_concurrency)."""
     data_source: str = "threadweaver/stage1"
+    """data_source of the written SFT and RL rows."""
     split: str = "train"
+    """``extra_info.split`` of the written rows."""
     instruction: str = "default"
     """Instruction appended to each question of the written prompts: "none", "default"
     (data.chat.DEFAULT_INSTRUCTION) or the instruction text itself."""
     system: str | None = None
     """System message of the written prompts (None: none)."""
     progress: bool = True
+    """Show a progress bar."""
 
 
 class StepRejected(Exception):

@@ -82,6 +82,21 @@ class Stage2Config(EvalConfig):
     data_source: str = "threadweaver/stage2"
     """data_source of the written SFT rows."""
     split: str = "train"
+    """``extra_info.split`` of the written SFT rows."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection={self.selection!r}; choose one of {SELECTIONS}")
+        if self.baseline:
+            raise ConfigError("baseline is an eval setting; stage 2 reports T/L of its own trajectories. Remove it.")
+        if self.fail_on_error:
+            raise ConfigError(
+                "fail_on_error is an eval setting; stage 2 logs failed problems and retries them on the "
+                "next run. Remove it."
+            )
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
 
 # --------------------------------------------------------------------------- judging
@@ -183,17 +198,6 @@ def _check(cfg: Stage2Config) -> None:
         )
     if cfg.server_url and not cfg.tokenizer:
         raise ConfigError("with server_url, also pass tokenizer=FOLDER (the served model's tokenizer)")
-    if cfg.selection not in SELECTIONS:
-        raise ConfigError(f"selection={cfg.selection!r}; choose one of {SELECTIONS}")
-    if cfg.baseline:
-        raise ConfigError("baseline is an eval setting; stage 2 reports T/L of its own trajectories. Remove it.")
-    if cfg.fail_on_error:
-        raise ConfigError(
-            "fail_on_error is an eval setting; stage 2 logs failed problems and retries them on the "
-            "next run. Remove it."
-        )
-    if cfg.n_samples < 1 or cfg.concurrency < 1 or cfg.chunk_size < 1:
-        raise ConfigError("n_samples, concurrency and chunk_size must be >= 1")
     for path in cfg.include_sft:
         if not Path(path).is_file():
             raise ConfigError(f"include_sft file {path!r} not found")

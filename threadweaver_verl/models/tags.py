@@ -105,20 +105,27 @@ def check_tags(tokenizer: Any) -> TagVocab:
 class PrepareModelConfig:
     """``prepare-model``: add the format tags to a HF tokenizer + model folder."""
 
-    model: str = ""  # (required) input HF folder (tokenizer, and weights unless tokenizer_only)
-    out: str = ""  # (required) output folder (created)
-    special: bool = False  # register the tags as special tokens (decode(skip_special_tokens=True) drops them)
-    tokenizer_only: bool = False  # only the tokenizer (no weights in `model`)
+    model: str = ""
+    """Input HF folder (required): the tokenizer, and the weights unless tokenizer_only."""
+    out: str = ""
+    """Output folder (required; created)."""
+    special: bool = False
+    """Register the tags as special tokens (decode(skip_special_tokens=True) drops them)."""
+    tokenizer_only: bool = False
+    """Only the tokenizer (no weights in `model`)."""
 
 
 def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(PrepareModelConfig, argv, run, command="prepare-model")
+
+
+def run(cfg: PrepareModelConfig) -> int:
     from rich.console import Console
     from rich.table import Table
     from transformers import AutoTokenizer
 
-    from threadweaver_verl.config import load_config
-
-    cfg = load_config(PrepareModelConfig, argv)
     if not cfg.model or not cfg.out:
         print("prepare-model: pass model=DIR (a HF folder) and out=DIR", file=sys.stderr)
         return 2

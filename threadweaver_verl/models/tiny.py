@@ -33,16 +33,26 @@ CHAT_TEMPLATE = (
 class TinyModelConfig:
     """Size of the tiny model. Defaults give ~0.7M parameters with a ~1k vocab."""
 
-    vocab_size: int = 1024  # BPE target (the tags and specials come on top)
+    vocab_size: int = 1024
+    """BPE target (the tags and specials come on top)."""
     hidden_size: int = 128
+    """Width of the residual stream."""
     intermediate_size: int = 384
+    """Width of the MLP."""
     num_hidden_layers: int = 2
+    """Transformer layers."""
     num_attention_heads: int = 4
+    """Query heads."""
     num_key_value_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
     head_dim: int = 32
+    """Width of one attention head."""
     max_position_embeddings: int = 4096
+    """Context length (RoPE positions)."""
     seed: int = 0
-    tags: bool = True  # False: leave the format tags out of the tokenizer (to test `prepare-model`)
+    """Seed of the random weights (the tokenizer does not depend on it)."""
+    tags: bool = True
+    """False: leave the format tags out of the tokenizer (to test `prepare-model`)."""
 
 
 def default_corpus() -> list[str]:

@@ -78,14 +78,22 @@ class AnswerStatus(enum.StrEnum):
 class CorrectnessConfig:
     """How the final answer is found and judged."""
 
-    answer_rule: str = AnswerRule.BOXED_AFTER_THINK.value  # or "last_boxed_anywhere" (AnswerRule; module docstring)
-    timeout_s: float = 5.0  # wall-clock bound of one math-verify check (parse both + verify)
-    max_answer_chars: int = 1000  # longer boxed contents are not sent to math-verify (status answer_too_long)
-    num_workers: int = 1  # verifier processes per Python process (verl runs several reward actors already)
-    startup_timeout_s: float = 120.0  # bound on starting a verifier process (imports sympy); not per call
-    float_rounding: int = 6  # passed to math_verify.verify
-    numeric_precision: int = 15  # passed to math_verify.verify
-    strict: bool = True  # passed to math_verify.verify
+    answer_rule: str = AnswerRule.BOXED_AFTER_THINK.value
+    """``boxed_after_think`` or ``last_boxed_anywhere``; see the module docstring."""
+    timeout_s: float = 5.0
+    """Wall-clock bound of one math-verify check (parse both + verify)."""
+    max_answer_chars: int = 1000
+    """Longer boxed contents are not sent to math-verify (status answer_too_long)."""
+    num_workers: int = 1
+    """Verifier processes per Python process (verl runs several reward actors already)."""
+    startup_timeout_s: float = 120.0
+    """Bound on starting a verifier process (imports sympy); not per call."""
+    float_rounding: int = 6
+    """Passed to math_verify.verify."""
+    numeric_precision: int = 15
+    """Passed to math_verify.verify."""
+    strict: bool = True
+    """Passed to math_verify.verify."""
 
     def __post_init__(self) -> None:
         if self.answer_rule not in tuple(AnswerRule):

@@ -59,6 +59,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from threadweaver_verl.config import read_section
 from threadweaver_verl.rl.correctness import AnswerCheck, AnswerStatus, CorrectnessConfig, check_answer
 
 
@@ -96,15 +97,24 @@ _VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
 class RewardConfig:
     """Every knob of the P-GRPO reward (see the module docstring for sources)."""
 
-    correct_score: float = 1.0  # paid for a correct final answer
-    wrong_score: float = 0.0  # wrong / missing / unverifiable answer; the reference code uses -1.0
-    acceleration: str = Acceleration.ONE_MINUS_RATIO.value  # or "ratio_minus_one" or "none" (Acceleration)
+    correct_score: float = 1.0
+    """Paid for a correct final answer."""
+    wrong_score: float = 0.0
+    """Wrong / missing / unverifiable answer; the reference code uses -1.0."""
+    acceleration: str = Acceleration.ONE_MINUS_RATIO.value
+    """The bonus form: ``one_minus_ratio`` (reference code), ``ratio_minus_one`` (reference README) or ``none``."""
     acceleration_factor: float = 0.5
-    acceleration_clip: float = 0.2  # cap on the ratio term before the factor
-    bonus_requires_format_ok: bool = True  # no bonus for a trajectory whose format is invalid
-    format_penalty: float = 0.0  # subtracted (correct or not) when the format is invalid; 0 = off
-    tokenizer: str | None = None  # model/tokenizer path, only needed to measure stats from response ids
+    """Multiplies the (clipped) ratio term: the bonus is at most factor * clip."""
+    acceleration_clip: float = 0.2
+    """Cap on the ratio term before the factor."""
+    bonus_requires_format_ok: bool = True
+    """No bonus for a trajectory whose format is invalid."""
+    format_penalty: float = 0.0
+    """Subtracted (correct or not) when the format is invalid; 0 = off."""
+    tokenizer: str | None = None
+    """Model/tokenizer path, only needed to measure stats from response ids."""
     correctness: CorrectnessConfig = field(default_factory=CorrectnessConfig)
+    """How the final answer is found and judged."""
 
     def __post_init__(self) -> None:
         if isinstance(self.correctness, dict):
@@ -143,24 +153,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+REWARD_KWARGS = "reward.custom_reward_function.reward_kwargs"
+
+
 @functools.lru_cache(maxsize=64)
 def _config_from_json(blob: str) -> RewardConfig:
-    return RewardConfig(**json.loads(blob))
+    return read_section(RewardConfig, json.loads(blob), REWARD_KWARGS)
 
 
 def config_from_kwargs(kwargs: dict[str, Any]) -> RewardConfig:
-    """A RewardConfig from compute_score's keyword arguments (cached per distinct setting)."""
-    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    """A RewardConfig from compute_score's keyword arguments (cached per distinct setting); an unknown
+    keyword is an error naming it and the nearest setting."""
     settings: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key in known:
+        if key not in _VERL_KWARGS and key != "response_ids":
             value = _plain(value)
             settings[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-        elif key not in _VERL_KWARGS and key != "response_ids":
-            raise ValueError(
-                f"unknown reward setting {key!r} passed to threadweaver_verl.rl.reward.compute_score "
-                f"(via reward.custom_reward_function.reward_kwargs?). Known: {sorted(known)}"
-            )
     return _config_from_json(json.dumps(settings, sort_keys=True))
 
 

@@ -41,35 +41,82 @@ from threadweaver_verl.sft.trie import Trie
 class SFTConfig:
     """``sft``: trie-packed supervised fine-tuning with the HF Trainer."""
 
-    model: str = ""  # HF model folder (tokenizer with the format tags; see `prepare-model`)
-    train_files: list[str] = field(default_factory=list)  # SFT parquet files (data.schema's SFT schema)
-    val_files: list[str] = field(default_factory=list)  # optional: mean loss reported at the end
-    output_dir: str = ""  # everything goes here; the final model in output_dir/model
-    layout: str = "trie"  # trie (one trie per trajectory) | expanded (one chain per Request)
-    max_tokens: int = 1024  # token budget of one row (sdpa's bool mask costs O(N^2) per row: keep it short)
-    pack: bool = True  # several tries per row up to max_tokens; false: one trie (trajectory) per row
-    batch_size: int = 4  # rows per optimizer step (per device)
-    batch_tokens: int = 0  # > 0: rows per step = batch_tokens // the longest row's length (replaces batch_size)
-    grad_accum: int = 1  # micro-batches per optimizer step (each micro-batch's loss is its own token mean)
-    max_steps: int = -1  # stop after this many optimizer steps (-1: run `epochs`)
-    epochs: float = 1.0  # passes over the data when max_steps is -1
-    time_limit_minutes: float = 0.0  # safety stop, not a budget: a run it ends fails loudly (0: no limit)
+    model: str = ""
+    """HF model folder (tokenizer with the format tags; see `prepare-model`)."""
+    train_files: list[str] = field(default_factory=list)
+    """SFT parquet files (data.schema's SFT schema)."""
+    val_files: list[str] = field(default_factory=list)
+    """Optional held-out SFT parquet files: their mean loss is reported at the end."""
+    output_dir: str = ""
+    """Everything goes here; the final model in output_dir/model."""
+    layout: str = "trie"
+    """``trie`` (one trie per trajectory) or ``expanded`` (one chain per Request)."""
+    max_tokens: int = 1024
+    """Token budget of one row (sdpa's bool mask costs O(N^2) per row: keep it short)."""
+    pack: bool = True
+    """Several tries per row up to max_tokens; false: one trie (trajectory) per row."""
+    batch_size: int = 4
+    """Rows per optimizer step (per device)."""
+    batch_tokens: int = 0
+    """If > 0: rows per step = batch_tokens // the longest row's length (replaces batch_size)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (each micro-batch's loss is its own token mean)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run `epochs`)."""
+    epochs: float = 1.0
+    """Passes over the data when max_steps is -1."""
+    time_limit_minutes: float = 0.0
+    """Safety stop, not a budget: a run it ends fails loudly (0: no limit)."""
     learning_rate: float = 1e-3
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_steps: int = 0
-    lr_scheduler: str = "cosine"  # any HF scheduler name (over the step budget): cosine | linear | constant ...
+    """Linear warm-up steps of the schedule."""
+    lr_scheduler: str = "cosine"
+    """Any HF scheduler name (over the step budget): cosine | linear | constant ..."""
     max_grad_norm: float = 1.0
-    attention: str = "auto"  # auto | sdpa (4-D bool mask) | flex (BlockMask, GPU only for training)
-    flex_min_tokens: int = 4096  # auto uses flex for rows at least this long (on a GPU; a CPU stays on sdpa)
-    bf16: bool = False  # bf16 autocast (GPU or a CPU with bf16)
+    """Gradient clipping norm."""
+    attention: str = "auto"
+    """``auto``, ``sdpa`` (4-D bool mask) or ``flex`` (BlockMask, GPU only for training)."""
+    flex_min_tokens: int = 4096
+    """``auto`` uses flex for rows at least this long (on a GPU; a CPU stays on sdpa)."""
+    bf16: bool = False
+    """Run in bf16 autocast (GPU, or a CPU with bf16)."""
     seed: int = 0
-    max_samples: int = -1  # use only the first N trajectories (-1: all)
+    """Seed of the data order and of any other randomness in training (HF ``set_seed``)."""
+    max_samples: int = -1
+    """Use only the first N trajectories (-1: all)."""
     logging_steps: int = 10
-    save_steps: int = 0  # HF checkpoint-N every N steps (0: only the final model)
+    """Steps between two lines of ``loss_curve.csv`` and the console log."""
+    save_steps: int = 0
+    """HF checkpoint-N every N steps (0: only the final model)."""
     save_total_limit: int | None = 2
-    save_only_model: bool = False  # checkpoint-N holds only the weights (no optimizer state: cannot resume)
-    resume: bool = False  # continue from the last checkpoint-N in output_dir
-    num_workers: int = 0  # dataloader workers
+    """Most ``checkpoint-N`` folders kept (older ones are deleted); null: keep all."""
+    save_only_model: bool = False
+    """``checkpoint-N`` holds only the weights (no optimizer state: cannot resume)."""
+    resume: bool = False
+    """Continue from the last checkpoint-N in output_dir."""
+    num_workers: int = 0
+    """Dataloader workers."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.layout not in LAYOUTS:
+            problems.append(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            problems.append(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.time_limit_minutes < 0:
+            problems.append(f"time_limit_minutes must be >= 0 (0: no limit), got {self.time_limit_minutes}")
+        if self.batch_tokens < 0:
+            problems.append(f"batch_tokens must be >= 0 (0: use batch_size), got {self.batch_tokens}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            problems.append("set max_steps > 0 or epochs > 0")
+        for name in ("max_tokens", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if problems:
+            raise ValueError("sft settings: " + "; ".join(problems))
 
 
 @dataclass
@@ -103,6 +150,7 @@ class RowDataset(Dataset):
 
 
 def check_config(cfg: SFTConfig) -> None:
+    """The inputs a run needs (the values themselves are checked by ``SFTConfig.__post_init__``)."""
     problems = []
     if not cfg.model:
         problems.append("model=DIR (an HF model folder) is required")
@@ -110,19 +158,6 @@ def check_config(cfg: SFTConfig) -> None:
         problems.append("train_files=[a.parquet,...] is required")
     if not cfg.output_dir:
         problems.append("output_dir=DIR is required")
-    if cfg.layout not in LAYOUTS:
-        problems.append(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
-    if cfg.attention not in ATTENTION_CHOICES:
-        problems.append(f"attention must be one of {ATTENTION_CHOICES}, got {cfg.attention!r}")
-    if cfg.time_limit_minutes < 0:
-        problems.append(f"time_limit_minutes must be >= 0 (0: no limit), got {cfg.time_limit_minutes}")
-    if cfg.batch_tokens < 0:
-        problems.append(f"batch_tokens must be >= 0 (0: use batch_size), got {cfg.batch_tokens}")
-    if cfg.max_steps <= 0 and cfg.epochs <= 0:
-        problems.append("set max_steps > 0 or epochs > 0")
-    for name in ("max_tokens", "batch_size", "grad_accum"):
-        if getattr(cfg, name) <= 0:
-            problems.append(f"{name} must be positive")
     if problems:
         raise ValueError("sft settings: " + "; ".join(problems))
 
@@ -334,9 +369,12 @@ def _print_summary(console: Any, res: SFTResult) -> None:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from threadweaver_verl.config import load_config
+    from threadweaver_verl.config import run_command
 
-    cfg = load_config(SFTConfig, argv)
+    return run_command(SFTConfig, argv, run, command="sft")
+
+
+def run(cfg: SFTConfig) -> int:
     res = train(cfg)
     if res.stopped_by == "time_limit":
         print(time_limit_message(res.steps, cfg.max_steps, cfg.time_limit_minutes), file=sys.stderr)

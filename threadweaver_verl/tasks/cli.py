@@ -30,17 +30,32 @@ from threadweaver_verl.tasks import multiplication as mul
 class MakeDataConfig:
     """``make-data``: the synthetic multiplication datasets."""
 
-    out: str = ""  # output folder (required unless list_presets)
-    preset: str = "3x4"  # a name in multiplication.PRESETS or digits per factor like "5x3" or "3x2x2"
-    n_train: int = 5000  # train problems (RL rows and SFT rows of each kind)
-    n_test: int = 200  # held-out problems (RL rows), never among the train problems
+    out: str = ""
+    """Output folder (required unless list_presets)."""
+    preset: str = "3x4"
+    """A name in multiplication.PRESETS or digits per factor like "5x3" or "3x2x2"."""
+    n_train: int = 5000
+    """Train problems (RL rows and SFT rows of each kind)."""
+    n_test: int = 200
+    """Held-out problems (RL rows), never among the train problems."""
     seed: int = 0
-    instruction: str = "none"  # "none", "default" (data.chat.DEFAULT_INSTRUCTION) or the instruction text
-    system: str | None = None  # system message, if any
-    agent_name: str = AGENT_NAME  # verl agent loop of the RL rows
-    tokenizer: str | None = None  # HF folder for prompt ids and token counts; default: the tiny tokenizer
-    list_presets: bool = False  # print every preset's token table and exit
-    table_samples: int = 200  # problems per preset for list_presets
+    """Seed of the problems (the same seed writes byte-identical files)."""
+    instruction: str = "none"
+    """``none``, ``default`` (data.chat.DEFAULT_INSTRUCTION) or the instruction text."""
+    system: str | None = None
+    """System message, if any."""
+    agent_name: str = AGENT_NAME
+    """The verl agent loop of the RL rows."""
+    tokenizer: str | None = None
+    """HF folder for prompt ids and token counts; default: the tiny tokenizer."""
+    list_presets: bool = False
+    """Print every preset's token table and exit."""
+    table_samples: int = 200
+    """Problems per preset for list_presets."""
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_test < 1:
+            raise ValueError(f"make-data: n_train and n_test must be >= 1 (got {self.n_train}, {self.n_test})")
 
 
 def prompt_style(cfg: MakeDataConfig):
@@ -119,8 +134,6 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
 
     if not cfg.out:
         raise ValueError("make-data: pass the output folder as out=DIR")
-    if cfg.n_train < 1 or cfg.n_test < 1:
-        raise ValueError(f"make-data: n_train and n_test must be >= 1 (got {cfg.n_train}, {cfg.n_test})")
     console = console or Console()
     difficulty = mul.Difficulty.parse(cfg.preset)
     tokenizer = _tokenizer(cfg.tokenizer)
@@ -204,12 +217,16 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] = ()) -> int:
+    from threadweaver_verl.config import run_command
+
+    return run_command(MakeDataConfig, argv, run, command="make-data")
+
+
+def run(cfg: MakeDataConfig) -> int:
     from rich.console import Console
 
-    from threadweaver_verl.config import load_config
     from threadweaver_verl.format import TokenFormat
 
-    cfg = load_config(MakeDataConfig, argv)
     console = Console()
     if cfg.list_presets:
         fmt = TokenFormat.from_tokenizer(_tokenizer(cfg.tokenizer))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from threadweaver_verl.config import ConfigError, load_config
+from threadweaver_verl.config import ConfigError, read_section
 from threadweaver_verl.rl.advantage import PGRPOConfig, PGRPOError, parse_row_key, trajectory_advantages
 
 ESTIMATOR_NAME = "p_grpo"
@@ -48,19 +48,10 @@ def read_config(config: Any) -> PGRPOConfig:
     verl's own ``algorithm.norm_adv_by_std_in_grpo`` must agree with ``algorithm.p_grpo.norm_adv_by_std``
     when it is set: p_grpo never ignores it silently, a conflict is an error naming both.
     """
-    section = _setting(config, "p_grpo")
-    if section is None:
-        cfg = PGRPOConfig()
-    elif isinstance(section, PGRPOConfig):
-        cfg = section
-    else:
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            base = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-            cfg = load_config(PGRPOConfig, base=base)
-        except ConfigError as e:
-            raise PGRPOError(f"bad algorithm.p_grpo settings: {e}") from e
+    try:
+        cfg = read_section(PGRPOConfig, _setting(config, "p_grpo"), "algorithm.p_grpo")
+    except ConfigError as e:
+        raise PGRPOError(str(e)) from e
     verl_std = _setting(config, "norm_adv_by_std_in_grpo")
     if verl_std is not None and bool(verl_std) != cfg.norm_adv_by_std:
         raise PGRPOError(

@@ -86,7 +86,7 @@ from verl.experimental.agent_loop.agent_loop import (
     register as _register_agent_loop,
 )
 
-from threadweaver_verl.config import load_config
+from threadweaver_verl.config import read_section
 from threadweaver_verl.data.chat import prompt_ids as chat_prompt_ids
 from threadweaver_verl.data.schema import AGENT_NAME
 from threadweaver_verl.format import SEQUENTIAL, Request, TokenFormat
@@ -364,7 +364,7 @@ def controller_config(settings: Any, response_length: int):
             f"exceeds actor_rollout_ref.rollout.response_length={response_length}; lower it or raise "
             "response_length"
         )
-    return load_config(ControllerConfig, base=base)
+    return read_section(ControllerConfig, base, f"the {AGENT_NAME!r} agent loop's controller")
 
 
 def register() -> None:

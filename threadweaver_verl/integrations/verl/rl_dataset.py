@@ -35,6 +35,7 @@ from typing import Any
 
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
+from threadweaver_verl.config import ConfigError, read_section
 from threadweaver_verl.data.chat import prompt_ids
 from threadweaver_verl.data.preprocess import RowConversion, to_rl_row
 from threadweaver_verl.data.schema import AGENT_NAME, SchemaError, check_rl_row
@@ -49,30 +50,19 @@ MAX_REPORTED = 5
 class RLDatasetConfig(RowConversion):
     """``data.threadweaver``: RowConversion's fields (for raw rows) plus these."""
 
-    agent_name: str | None = AGENT_NAME  # set on every row; null keeps each row's own agent_name
-    require_instruction: bool = True  # rows with a ready `prompt` must contain the configured instruction
+    agent_name: str | None = AGENT_NAME
+    """Set on every row; null keeps each row's own agent_name."""
+    require_instruction: bool = True
+    """Rows with a ready `prompt` must contain the configured instruction."""
 
 
 def dataset_config(data_config: Any) -> RLDatasetConfig:
     """RLDatasetConfig from verl's data config (``data.threadweaver``; unknown keys are an error)."""
-    raw = data_config.get(CONFIG_KEY, None) if data_config is not None else None
-    if raw is None:
-        return RLDatasetConfig()
+    section = data_config.get(CONFIG_KEY, None) if data_config is not None else None
     try:
-        from omegaconf import OmegaConf
-
-        raw = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else dict(raw)
-    except ImportError:  # pragma: no cover
-        raw = dict(raw)
-    known = {f.name for f in dataclasses.fields(RLDatasetConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise SchemaError(f"unknown key(s) {unknown} in data.{CONFIG_KEY}; known: {sorted(known)}")
-    cfg = RLDatasetConfig(**raw)
-    if cfg.agent_name is not None and not cfg.agent_name:
-        raise SchemaError(f"data.{CONFIG_KEY}.agent_name is empty: name an agent loop (e.g. threadweaver) or null")
-    dataclasses.replace(cfg, agent_name=cfg.agent_name or "_").check()  # answer_format etc.
-    return cfg
+        return read_section(RLDatasetConfig, section, f"data.{CONFIG_KEY}")
+    except ConfigError as e:
+        raise SchemaError(str(e)) from e
 
 
 def _user_text(row: Mapping[str, Any]) -> str:

@@ -27,22 +27,36 @@ bounds a row (a Request for ``expanded``, a packed row for ``trie``).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
+from omegaconf import MISSING
 from torch.utils.data import Dataset
 
+from threadweaver_verl.config import read_section
 from threadweaver_verl.format import TokenFormat
 from threadweaver_verl.sft.batch import row_features
 from threadweaver_verl.sft.data import build_rows, load_examples
 from threadweaver_verl.sft.trie import Trie, chain
 
+PAD_MODES = ("no_padding", "DatasetPadMode.NO_PADDING")
 
-def _cfg(config: Any, key: str, default: Any) -> Any:
-    if config is None:
-        return default
-    getter = getattr(config, "get", None)
-    return getter(key, default) if getter else getattr(config, key, default)
+
+@dataclass
+class SFTDataKeys:
+    """The keys of verl's ``data`` section that the SFT datasets read (verl's SFT trainer config sets both)."""
+
+    max_length: int = MISSING
+    """Most tokens in one row: a Request for ``expanded``, a packed row for ``trie``."""
+    pad_mode: str = MISSING
+    """Must be ``no_padding``: verl's engine packs the rows itself."""
+
+    def __post_init__(self) -> None:
+        if self.pad_mode != MISSING and self.pad_mode not in PAD_MODES:
+            raise ValueError(
+                f"the ThreadWeaver SFT datasets need data.pad_mode=no_padding (got {self.pad_mode!r}); verl's "
+                "FSDP engine packs rows itself"
+            )
 
 
 class _SFTDatasetBase(Dataset):
@@ -51,12 +65,7 @@ class _SFTDatasetBase(Dataset):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        pad_mode = str(_cfg(config, "pad_mode", "no_padding"))
-        if pad_mode not in ("no_padding", "DatasetPadMode.NO_PADDING"):
-            raise ValueError(
-                f"{type(self).__name__} needs data.pad_mode=no_padding (got {pad_mode!r}); verl's "
-                "FSDP engine packs rows itself"
-            )
+        keys = read_section(SFTDataKeys, config, "data", foreign=True)
         files = (
             parquet_files
             if isinstance(parquet_files, (list, tuple))
@@ -67,7 +76,7 @@ class _SFTDatasetBase(Dataset):
             )
         )
         self.tokenizer = tokenizer
-        self.max_length = int(_cfg(config, "max_length", 1024))
+        self.max_length = keys.max_length
         fmt = TokenFormat.from_tokenizer(tokenizer)
         self.examples = load_examples(
             [str(f) for f in files], tokenizer, fmt, max_samples=int(max_samples if max_samples is not None else -1)
