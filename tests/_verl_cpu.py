@@ -95,13 +95,14 @@ def main_ppo_command(
         "data.filter_overlong_prompts_workers=1",
         "data.dataloader_num_workers=0",
         "actor_rollout_ref.rollout.n=4",
-        "actor_rollout_ref.rollout.agent.num_workers=1",
         "actor_rollout_ref.actor.ppo_mini_batch_size=8",
         "actor_rollout_ref.actor.use_dynamic_bsz=true",
         "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384",
-        "reward.num_workers=1",
         # the format-following model's outlines carry no numbers (format_ok is false)
         "reward.custom_reward_function.reward_kwargs.bonus_requires_format_ok=false",
+        # fp32 in the actor and in vLLM: the log-prob comparison after each sync is then exact up to kernels
+        "actor_rollout_ref.rollout.dtype=float32",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
         "trainer.logger=[console,file]",
         f"trainer.total_training_steps={steps}",
         f"trainer.default_local_dir={checkpoint_dir}",

@@ -22,9 +22,13 @@ from _verl_cpu import ROOT, main_ppo_command, run_main_ppo, write_agent_loop_yam
 
 pytestmark = pytest.mark.slow
 
-STEPS = 5
-RUN_TIMEOUT_S = 900
-LR = 1e-2  # Adam: the branching logit moves ~1 per step on the format-following model
+STEPS = 4
+RUN_TIMEOUT_S = 1500  # start-up alone takes minutes on a loaded 2-core machine
+# Plain SGD: the update follows the gradient, which is ~0 on the model's deterministic transitions (Adam's
+# normalised steps would move every weight by ~lr and break the bigram machine), and moves the branching
+# logit at each </Outline> by about lr * 3 per step with the reward's T/10 bonus.
+OPTIMIZER = ["actor_rollout_ref.actor.optim.optimizer=SGD", "actor_rollout_ref.actor.optim.weight_decay=0.0"]
+LR = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +42,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     loops = write_agent_loop_yaml(work / "agent_loop.yaml")
     common = [
         f"reward.custom_reward_function.path={ROOT / 'tests' / '_short_answer_reward.py'}",
+        *OPTIMIZER,
         f"actor_rollout_ref.actor.optim.lr={LR}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         "trainer.val_before_train=false",
@@ -120,7 +125,7 @@ def test_mean_reward_rises(first_run):
     """The learning test: the shorter-answer bonus moves the policy in a few steps (not timed)."""
     scores = [first_run.by_step()[s]["critic/score/mean"] for s in range(1, STEPS + 1)]
     lengths = [first_run.by_step()[s]["threadweaver/total_tokens/mean"] for s in range(1, STEPS + 1)]
-    assert statistics.mean(scores[-2:]) > scores[0] + 0.02, scores
+    assert statistics.mean(scores[-2:]) > scores[0] + 0.2, scores  # 2 tokens shorter on average
     assert statistics.mean(lengths[-2:]) < lengths[0], lengths
 
 
