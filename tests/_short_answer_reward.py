@@ -2,7 +2,7 @@
 
 The format-following model (``_format_following_model.py``) always answers 3, so on the
 multiplication task the P-GRPO reward is the same (0) for every trajectory and gives no signal.
-The bonus ``-T / 10`` (T = the trajectory's response tokens, from the agent loop's stats) does: a
+The bonus ``-T / 30`` (T = the trajectory's response tokens, from the agent loop's stats) does: a
 trajectory is shorter when the model closes its outline list earlier, a choice the policy makes
 at every ``</Outline>``.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from threadweaver_verl.rl.reward import compute_score as p_grpo_score
 
-TOKENS_PER_POINT = 10.0
+TOKENS_PER_POINT = 30.0
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
