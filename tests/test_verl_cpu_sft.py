@@ -49,7 +49,7 @@ def sft_run(tiny_model_dir, tmp_path_factory):
         "-m",
         "verl.trainer.sft_trainer",
         f"model.path={tiny_model_dir}",
-        "model.override_config.attn_implementation=sdpa",
+        "+model.override_config.attn_implementation=sdpa",
         "model.enable_gradient_checkpointing=false",
         f"data.train_files={parquet}",
         "data.val_files=null",

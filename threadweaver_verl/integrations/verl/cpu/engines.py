@@ -29,7 +29,7 @@ def check_attention(model_config) -> None:
         raise CPUModeError(
             f"attn_implementation={impl!r} has no CPU kernel. Set "
             "actor_rollout_ref.model.override_config.attn_implementation=sdpa (the CPU preset "
-            "configs/platform/cpu.yaml does; for verl's SFT trainer: model.override_config.attn_implementation=sdpa)"
+            "configs/platform/cpu.yaml does; for verl's SFT trainer: +model.override_config.attn_implementation=sdpa)"
         )
 
 
