@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # most checks start a Python that imports verl (30-60 s each on 2 busy cores)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
