@@ -269,3 +269,15 @@ def test_trajectory_metrics_use_each_sessions_final_row():
     assert m["threadweaver/speedup/mean"] == 1.5
     assert m["threadweaver/threads_per_block/mean"] == 3.0
     assert m["threadweaver/format_ok/mean"] == 0.5
+
+
+def test_advantage_spread_is_zero_only_when_every_row_has_its_trajectorys_advantage():
+    from threadweaver_verl.integrations.verl.trainer import advantage_spread
+
+    keys = ["u_0_0", "u_0_1", "u_1_0"]
+    masks = [torch.tensor([1, 1, 0]), torch.tensor([0, 1]), torch.tensor([1])]
+    same = [torch.tensor([0.5, 0.5, 9.0]), torch.tensor([7.0, 0.5]), torch.tensor([-0.5])]  # masked-out values ignored
+    assert advantage_spread(keys, same, masks) == {"threadweaver/advantage_spread/max": 0.0}
+    differ = [torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.0, 0.25]), torch.tensor([-0.5])]
+    assert advantage_spread(keys, differ, masks)["threadweaver/advantage_spread/max"] == pytest.approx(0.25)
+    assert advantage_spread(keys[:1], [torch.zeros(2)], [torch.zeros(2)]) == {}  # no trained token

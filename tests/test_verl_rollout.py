@@ -7,11 +7,11 @@ TransferQueue, ``LLMServerClient`` and sticky router; our agent loop, reward, RL
 ``p_grpo`` estimator, chosen by the ``configs/threadweaver_pgrpo.yaml`` preset plus command-line
 style overrides; a real vLLM server (CPU build) generating every token.
 
-Stand-in: verl starts vLLM inside Ray actors bound to accelerator workers (``vLLMReplica``), which
-cannot start without a GPU, so two Ray actors from ``_verl_openai_replica.py`` take the replica
-servers' place and forward verl's ``generate`` calls to the vLLM server over HTTP. Not run: the
-actor/ref forward passes and the update (CUDA only); ``old_log_probs`` come from verl's rollout-correction
-bypass mode (the rollout's own log-probs), set by a config override.
+Stand-in: two Ray actors from ``_verl_openai_replica.py`` take the replica servers' place and forward
+verl's ``generate`` calls to the vLLM server over HTTP; they record every prompt they served, which the
+routing checks read. (verl's own ``vLLMReplica`` runs for real, with the actor update and the weight
+sync, in ``test_verl_cpu_ppo.py`` through verl's CPU mode.) ``old_log_probs`` come from verl's
+rollout-correction bypass mode (the rollout's own log-probs), set by a config override.
 
 The model is the tiny model rewritten to follow the format (``_format_following_model.py``): a
 random model never writes ``</Outlines>``, so it would never fork.

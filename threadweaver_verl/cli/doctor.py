@@ -51,6 +51,26 @@ def vllm_platform() -> str | None:
         return f"{type(e).__name__}: {e}.{hint}"
 
 
+def cpu_mode_rows() -> list[tuple[str, str]]:
+    """verl's CPU mode (threadweaver_verl/integrations/verl/cpu): off, or each part's status and verl's platform."""
+    from threadweaver_verl.integrations.verl import cpu
+
+    if not cpu.requested():
+        return [("verl CPU mode", "ok (off; VERL_PLATFORM=cpu turns it on)")]
+    rows = [(f"verl CPU mode: {part}", status) for part, status in cpu.STATUS.items()]
+    if not cpu.active():
+        rows.append(("verl CPU mode", "NOT active: see the error above / run with VERL_PLATFORM=cpu"))
+        return rows
+    try:
+        from verl.plugin.platform import get_platform
+
+        device = get_platform().device_name
+        rows.append(("verl platform", "ok (cpu)" if device == "cpu" else f"{device!r}, not 'cpu'"))
+    except Exception as e:  # noqa: BLE001
+        rows.append(("verl platform", f"{type(e).__name__}: {e}"))
+    return rows
+
+
 def report() -> tuple[list[tuple[str, str]], list[tuple[str, str]], bool]:
     versions = [(d, _version(d)) for d in DISTRIBUTIONS]
     eps = [ep for ep in md.entry_points(group="verl.plugins") if ep.name == "threadweaver"]
@@ -70,6 +90,7 @@ def report() -> tuple[list[tuple[str, str]], list[tuple[str, str]], bool]:
     platform = vllm_platform()
     if platform is not None:
         rows.append(("vLLM platform", platform))
+    rows += cpu_mode_rows()
     ok = bool(eps) and loaded_by_verl and all(s.startswith("ok") for _, s in rows[2:])
     return versions, rows, ok
 

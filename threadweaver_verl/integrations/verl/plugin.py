@@ -13,6 +13,13 @@ import importlib
 import sys
 import traceback
 
+# >>> verl CPU mode (threadweaver_verl/integrations/verl/cpu): on VERL_PLATFORM=cpu, register the CPU platform
+# before anything below imports verl's workers (some verl modules read the platform when imported).
+from threadweaver_verl.integrations.verl.cpu import activate_if_requested  # noqa: E402
+
+activate_if_requested()
+# <<< verl CPU mode
+
 # name -> (module, function) called to register it with verl. Filled in by each component.
 REGISTRATIONS: dict[str, tuple[str, str]] = {
     "agent_loop:threadweaver": ("threadweaver_verl.integrations.verl.agent_loop", "register"),

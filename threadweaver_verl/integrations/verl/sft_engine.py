@@ -27,8 +27,7 @@ loss flag is ``loss_mask[i + 1]`` (it rolls the mask by one). The engine keeps
 that contract: ``log_probs[i]`` holds the parent-gathered log-prob of token
 ``i + 1`` - whatever its parent is - so verl's loss and metrics run unchanged.
 
-Needs CUDA/NPU for training (verl registers FSDP engines for those only); the
-input/output preparation is plain torch and is tested on CPU.
+Trains on CUDA/NPU, and on CPU in verl's CPU mode (``integrations/verl/cpu``, ``VERL_PLATFORM=cpu``).
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from threadweaver_verl.sft.masks import block_mask, bool_mask
 TRIE_VENDOR = "threadweaver_trie"
 VENDOR_ENV = "VERL_ENGINE_VENDOR"
 BACKENDS = ("fsdp", "fsdp2")
-DEVICES = ("cuda", "npu")
+DEVICES = ("cuda", "npu", "cpu")  # cpu: verl's CPU mode (integrations/verl/cpu)
 TRIE_KEYS = ("trie_parent", "trie_tout")
 _MASK_OF_IMPL = {"sdpa": "sdpa", "flex_attention": "flex"}
 
@@ -206,7 +205,7 @@ def engine_class():
 
 
 def register() -> None:
-    """Register the engine under vendor ``threadweaver_trie`` for fsdp/fsdp2 on cuda/npu. Idempotent."""
+    """Register the engine under vendor ``threadweaver_trie`` for fsdp/fsdp2 on cuda/npu/cpu. Idempotent."""
     from verl.workers.engine.base import EngineRegistry
 
     cls = engine_class()

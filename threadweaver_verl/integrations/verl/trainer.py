@@ -12,6 +12,8 @@ Each subclass changes two things and inherits everything else:
    :func:`threadweaver_verl.integrations.verl.advantage.row_keys`, so the ``p_grpo`` estimator
    sees each row's ``{uid}_{session}_{index}`` key (verl passes an estimator only
    the uid). Other estimators run exactly as in stock verl.
+   It also logs ``threadweaver/advantage_spread/max`` (0 when every row of a trajectory got the
+   trajectory's advantage).
 2. ``_compute_metrics`` adds the rollout's fork/join statistics of the step's
    trajectories (from each session's final row): ``threadweaver/speedup`` (T/L),
    ``threadweaver/parallel_ratio``, ``threadweaver/threads_per_block``, ...
@@ -67,6 +69,23 @@ def trajectory_metrics(stats: Sequence[dict[str, Any] | None]) -> dict[str, floa
     return out
 
 
+def advantage_spread(keys: Sequence[str], advantages: Sequence[Any], masks: Sequence[Any]) -> dict[str, float]:
+    """Max over trajectories of (max - min) of the advantages at trained tokens of all its rows."""
+    lo: dict[tuple[str, str], float] = {}
+    hi: dict[tuple[str, str], float] = {}
+    for key, adv, mask in zip(keys, advantages, masks):
+        values = adv[mask.bool()]
+        if values.numel() == 0:
+            continue
+        uid, session, _ = parse_row_key(key)
+        traj = (uid, session)
+        lo[traj] = min(lo.get(traj, float("inf")), float(values.min()))
+        hi[traj] = max(hi.get(traj, float("-inf")), float(values.max()))
+    if not lo:
+        return {}
+    return {f"{STATS_KEY}/advantage_spread/max": max(hi[t] - lo[t] for t in lo)}
+
+
 class ThreadWeaverTrainerMixin:
     """Put before a verl V1 trainer class; see the module docstring."""
 
@@ -83,7 +102,24 @@ class ThreadWeaverTrainerMixin:
         if str(self.config.algorithm.adv_estimator) != ESTIMATOR_NAME:
             return super()._compute_advantage(batch, metrics)
         with row_keys(batch.keys):
-            return super()._compute_advantage(batch, metrics)
+            out = super()._compute_advantage(batch, metrics)
+        metrics.update(self._advantage_spread_metrics(batch))
+        return out
+
+    def _advantage_spread_metrics(self, batch) -> dict[str, float]:
+        """``threadweaver/advantage_spread/max``: over trajectories, the largest difference between the
+        advantages of its rows' trained tokens. P-GRPO gives every row of a trajectory the trajectory's
+        scalar, so this is 0 when the estimator and verl's row bookkeeping agree."""
+        import transfer_queue as tq
+
+        keep = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)]
+        if not keep:
+            return {}
+        keys = [batch.keys[i] for i in keep]
+        data = tq.kv_batch_get(
+            keys=keys, partition_id=batch.partition_id, select_fields=["advantages", "response_mask"]
+        )
+        return advantage_spread(keys, list(data["advantages"].unbind(0)), list(data["response_mask"].unbind(0)))
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps=global_steps, epoch=epoch)
