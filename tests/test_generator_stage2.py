@@ -216,10 +216,13 @@ def test_a_bug_while_encoding_is_raised_not_counted_as_non_canonical(fmt):
     """Only the format's NonCanonicalTrajectory means "not the sampled ids"; any other error is a bug."""
     import dataclasses
 
+    from threadweaver_verl.eval.records import TrajectoryRecord
     from threadweaver_verl.generator.stage2 import _judge
 
     ids = response_ids(fmt, "<think>\nthe product is 56\n</think>\n\\boxed{56}")
-    rec = {"sample": 0, "valid": True, "events": [], "correct": True, "response_ids": ids, "stats": {}}
+    rec = TrajectoryRecord(
+        problem="p", sample=0, data_source="t", index=0, ground_truth="56", valid=True, correct=True, response_ids=ids
+    )
     assert _judge(rec, fmt, record_response=False)[0]["canonical"] is True
 
     def encode(text: str) -> list[int]:

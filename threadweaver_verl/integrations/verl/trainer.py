@@ -36,7 +36,7 @@ from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 
 from threadweaver_verl.integrations.verl.advantage import ESTIMATOR_NAME, read_config, row_keys
-from threadweaver_verl.rl.advantage import final_rows
+from threadweaver_verl.rl.advantage import final_rows, parse_row_key
 from threadweaver_verl.rl.reward import STATS_KEY  # the agent loop's per-trajectory stats in the final row
 
 METRIC_KEYS = (
