@@ -9,8 +9,9 @@ Two modes, each ``import verl`` in a fresh interpreter, alternating (the first m
 * ``baseline`` - verl's own switch leaves out ours and only ours (``VERL_USE_EXTERNAL_PLUGINS`` set to the
   other installed plugins' names, or ``none`` when there are none).
 
-Per mode: the median (and range) of the time ``import verl`` took inside the process, over ``--runs`` runs.
-Then the difference and ratio of the medians (plugin against baseline, same run), the modules only the plugin
+Per mode: the median (and range) of the time ``import verl`` took inside the process over ``--runs`` runs, as
+wall time and as the process's CPU time (steadier on a busy machine). Then the difference and ratio of the
+medians (plugin against baseline, same run), the modules only the plugin
 mode loaded, the lines only it printed, and the environment variables only it set. The load average is
 printed before and after: the machine may be shared, so compare the two modes of one run, never two runs.
 """
@@ -30,21 +31,24 @@ from pathlib import Path
 PLUGIN = "threadweaver"
 PLUGIN_MODULE = "threadweaver_verl.integrations.verl.plugin"
 MARK = "@@bench_import@@"
+CLOCKS = {"seconds": "wall", "cpu_seconds": "CPU"}
 CHILD = f"""
 import json, os, sys, time
 env = dict(os.environ)
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 import verl
-seconds = time.perf_counter() - start
+seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 changed = sorted(k for k, v in os.environ.items() if env.get(k) != v)
-print({MARK!r} + json.dumps({{"seconds": seconds, "modules": sorted(sys.modules), "env": changed}}), flush=True)
+result = {{"seconds": seconds, "cpu_seconds": cpu_seconds, "modules": sorted(sys.modules), "env": changed}}
+print({MARK!r} + json.dumps(result), flush=True)
 """
 
 
 @dataclass
 class ImportRun:
     mode: str
-    seconds: float
+    seconds: float  # wall
+    cpu_seconds: float  # CPU time of the importing process (less sensitive to a busy machine than wall time)
     modules: list[str]
     env: list[str]  # environment variables the import set or changed
     output: list[str]  # lines printed (stdout and stderr)
@@ -69,7 +73,14 @@ def import_verl(mode: str, policy: str, timeout_s: float) -> ImportRun:
     if out.returncode != 0 or len(result) != 1:
         raise SystemExit(f"`import verl` ({mode}) failed with exit code {out.returncode}:\n" + "\n".join(lines[-40:]))
     data = json.loads(result[0][len(MARK) :])
-    run = ImportRun(mode, data["seconds"], data["modules"], data["env"], [x for x in lines if not x.startswith(MARK)])
+    run = ImportRun(
+        mode,
+        data["seconds"],
+        data["cpu_seconds"],
+        data["modules"],
+        data["env"],
+        [x for x in lines if not x.startswith(MARK)],
+    )
     loaded = PLUGIN_MODULE in run.modules
     if loaded != (mode == "plugin"):
         raise SystemExit(f"{mode} mode: the plugin was {'' if loaded else 'not '}loaded by `import verl`")
@@ -102,17 +113,25 @@ def main() -> int:
         for mode in order:
             run = import_verl(mode, policies[mode], args.timeout)
             runs[mode].append(run)
-            print(f"  round {i + 1}: {mode:<8} {run.seconds:7.2f} s  {len(run.modules)} modules", flush=True)
+            print(
+                f"  round {i + 1}: {mode:<8} {run.seconds:7.2f} s wall {run.cpu_seconds:7.2f} s CPU "
+                f"{len(run.modules)} modules",
+                flush=True,
+            )
     print(f"load average after:  {load_average()}")
 
-    median = {mode: statistics.median(r.seconds for r in rs) for mode, rs in runs.items()}
-    print(f"\n{'mode':<9} {'median s':>9} {'min s':>7} {'max s':>7} {'modules':>8}")
-    for mode, rs in runs.items():
-        times = [r.seconds for r in rs]
-        print(f"{mode:<9} {median[mode]:9.2f} {min(times):7.2f} {max(times):7.2f} {len(rs[0].modules):8}")
-    diff = median["plugin"] - median["baseline"]
-    ratio = median["plugin"] / median["baseline"]
-    print(f"plugin - baseline: {diff:+.2f} s (ratio {ratio:.3f}), medians of {args.runs} runs each")
+    medians: dict[str, dict[str, float]] = {}
+    print(f"\n{'mode':<8} {'clock':<5} {'median s':>9} {'min s':>7} {'max s':>7}")
+    for clock in ("seconds", "cpu_seconds"):
+        medians[clock] = {}
+        for mode, rs in runs.items():
+            times = [getattr(r, clock) for r in rs]
+            medians[clock][mode] = statistics.median(times)
+            print(f"{mode:<8} {CLOCKS[clock]:<5} {medians[clock][mode]:9.2f} {min(times):7.2f} {max(times):7.2f}")
+        diff = medians[clock]["plugin"] - medians[clock]["baseline"]
+        ratio = medians[clock]["plugin"] / medians[clock]["baseline"]
+        print(f"{'':<14} {CLOCKS[clock]}: plugin - baseline {diff:+.2f} s (ratio {ratio:.3f}), medians of {args.runs}")
+    print(f"modules: {len(runs['plugin'][0].modules)} with the plugin, {len(runs['baseline'][0].modules)} without")
     extra = {field: only_in(runs["plugin"], runs["baseline"], field) for field in ("modules", "output", "env")}
     print(f"modules only with the plugin ({len(extra['modules'])}): {', '.join(extra['modules']) or '-'}")
     print(f"lines printed only with the plugin ({len(extra['output'])}):")
@@ -122,11 +141,9 @@ def main() -> int:
     if args.json:
         summary = {
             "runs": args.runs,
-            "median_s": median,
-            "diff_s": diff,
-            "ratio": ratio,
+            "median_s": medians,
             "only_with_plugin": extra,
-            "seconds": {mode: [r.seconds for r in rs] for mode, rs in runs.items()},
+            "runs_s": {mode: [(r.seconds, r.cpu_seconds) for r in rs] for mode, rs in runs.items()},
         }
         args.json.write_text(json.dumps(summary, indent=2))
     return 0
