@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,15 @@ def test_doctor_reports_an_active_plugin():
         assert name in out.stdout
     # vLLM must find its platform, or every server start fails.
     assert "vLLM platform" in out.stdout and f"ok ({expected_vllm_device()})" in out.stdout
+
+
+def test_doctor_says_when_verl_did_not_load_the_plugin():
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none"}  # verl's switch: load no plugin
+    out = subprocess.run(
+        [sys.executable, "-m", "threadweaver_verl", "doctor"], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "NO (verl did not import it)" in out.stdout and "plugin NOT fully active" in out.stdout
 
 
 def test_unknown_command_is_a_clear_error():
