@@ -51,6 +51,9 @@ def vllm_platform() -> str | None:
         return f"{type(e).__name__}: {e}.{hint}"
 
 
+PLUGIN_MODULE = "threadweaver_verl.integrations.verl.plugin"
+
+
 def cpu_mode_rows() -> list[tuple[str, str]]:
     """verl's CPU mode (threadweaver_verl/integrations/verl/cpu): off, or each part's status and verl's platform."""
     from threadweaver_verl.integrations.verl import cpu
@@ -72,6 +75,9 @@ def cpu_mode_rows() -> list[tuple[str, str]]:
 
 
 def report() -> tuple[list[tuple[str, str]], list[tuple[str, str]], bool]:
+    """Versions, then (check, status) rows: the entry point, whether ``import verl`` loaded the plugin, each
+    early hook, and each component (imports every verl module that holds one of our registries, so each
+    component registers the way it does where it is used)."""
     versions = [(d, _version(d)) for d in DISTRIBUTIONS]
     eps = [ep for ep in md.entry_points(group="verl.plugins") if ep.name == "threadweaver"]
     rows: list[tuple[str, str]] = [
@@ -82,11 +88,11 @@ def report() -> tuple[list[tuple[str, str]], list[tuple[str, str]], bool]:
     except Exception as e:  # noqa: BLE001
         rows.append(("import verl", f"{type(e).__name__}: {e}"))
         return versions, rows, False
-    plugin = importlib.import_module("threadweaver_verl.integrations.verl.plugin")
-    loaded_by_verl = bool(plugin.STATUS)
+    loaded_by_verl = PLUGIN_MODULE in sys.modules  # nothing of ours imported it before `import verl`
     rows.append(("plugin loaded by `import verl`", "ok" if loaded_by_verl else "NO (verl did not import it)"))
-    plugin.register_all()
-    rows += [(name, status) for name, status in plugin.STATUS.items()]
+    plugin = importlib.import_module(PLUGIN_MODULE)
+    rows += [(f"early hook {name}", status) for name, status in plugin.EARLY_STATUS.items()]
+    rows += list(plugin.register_all().items())
     platform = vllm_platform()
     if platform is not None:
         rows.append(("vLLM platform", platform))

@@ -80,7 +80,6 @@ from verl.experimental.agent_loop.agent_loop import (
     AgentLoopBase,
     AgentLoopMetrics,
     AgentLoopOutput,
-    _agent_loop_registry,
 )
 from verl.experimental.agent_loop.agent_loop import (
     register as _register_agent_loop,
@@ -368,7 +367,10 @@ def controller_config(settings: Any, response_length: int):
 
 
 def register() -> None:
-    """The plugin's registration. The decorator above registered the class when this module was imported;
-    this re-adds the entry if something removed it, and leaves an agent-loop YAML's entry alone."""
-    if AGENT_NAME not in _agent_loop_registry:
-        _agent_loop_registry[AGENT_NAME] = {"_target_": f"{__name__}.{ThreadWeaverAgentLoop.__qualname__}"}
+    """The plugin's registration (idempotent). verl's decorator above registered the class when this module was
+    imported; this registers it again with that decorator if the entry is gone, and leaves an entry that is
+    there alone (an agent-loop YAML's entry carries its own keyword arguments)."""
+    from threadweaver_verl.integrations.verl.plugin import Kind, verl_private_registry
+
+    if AGENT_NAME not in verl_private_registry(Kind.AGENT_LOOP):
+        _register_agent_loop(AGENT_NAME)(ThreadWeaverAgentLoop)

@@ -208,8 +208,10 @@ def register() -> None:
     """Register the engine under vendor ``threadweaver_trie`` for fsdp/fsdp2 on cuda/npu/cpu. Idempotent."""
     from verl.workers.engine.base import EngineRegistry
 
+    from threadweaver_verl.integrations.verl.plugin import Kind, verl_private_registry
+
     cls = engine_class()
-    table = EngineRegistry._engines.get("language_model", {})
+    table = verl_private_registry(Kind.ENGINE).get("language_model", {})
     keys = [(b, (d, TRIE_VENDOR)) for b in BACKENDS for d in DEVICES]
     present = [table.get(b, {}).get(k) for b, k in keys]
     if all(p is not None for p in present):

@@ -177,3 +177,8 @@ def trainer_class(name: str = "threadweaver") -> type:
         raise KeyError(f"unknown ThreadWeaver trainer {name!r}; choose one of {list(TRAINERS)}")
     register()
     return TRAINERS[name]
+
+
+# At import, whatever the order in which verl and this module are imported: when this module imports verl
+# first, the plugin's hook on verl's V1 trainer package finds this module half-imported and leaves it to us.
+register()
