@@ -71,6 +71,10 @@ def main(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from threadweaver_verl.runs import UserError
+
+    if argv:
+        raise UserError(f"doctor takes no settings, got {' '.join(argv)}; run `threadweaver doctor`")
     versions, rows, ok = report()
     console = Console()
     t = Table(title="versions")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.data.chat import PromptStyle
+from threadweaver_verl.runs import UserError, atomic_path
 
 # The name the plugin registers its fork/join agent loop under (see plugin.REGISTRATIONS).
 DEFAULT_AGENT_NAME = "threadweaver"
@@ -38,7 +39,7 @@ EXTRA_INFO_KEYS: tuple[str, ...] = ("index", "split", "question")
 ROLES = ("system", "user", "assistant")
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A dataset row or file that does not follow the schema."""
 
 
@@ -178,7 +179,8 @@ def _write(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: 
     frame = pd.DataFrame([{c: r[c] for c in columns} | {k: v for k, v in r.items() if k not in columns} for r in rows])
     if not len(frame):
         raise SchemaError(f"refusing to write an empty dataset to {out}")
-    frame.to_parquet(out, index=False)
+    with atomic_path(out) as tmp:  # a reader (or a killed run) never sees half a file
+        frame.to_parquet(tmp, index=False)
     return out
 
 
@@ -193,13 +195,24 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _read(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_table(path: str | os.PathLike, what: str = "rows") -> list[dict[str, Any]]:
+    """The rows of a parquet file as plain dicts/lists; :class:`SchemaError` if it is missing, not a
+    parquet file, or holds no rows (``what`` names them in the message, e.g. "problems")."""
     import pandas as pd
+    import pyarrow
 
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SchemaError(f"dataset file {str(p)!r} not found")
-    return [{k: _plain(v) for k, v in r.items()} for r in pd.read_parquet(p).to_dict(orient="records")]
+    if not p.is_file():
+        raise SchemaError(f"dataset path {str(p)!r} is a folder; pass a .parquet file")
+    try:
+        frame = pd.read_parquet(p)
+    except (pyarrow.ArrowException, OSError, ValueError) as e:
+        raise SchemaError(f"{str(p)!r} is not a readable parquet file ({type(e).__name__}: {e})") from e
+    if not len(frame) or not len(frame.columns):
+        raise SchemaError(f"no {what} in {str(p)!r}: the file has {len(frame)} rows and {len(frame.columns)} columns")
+    return [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
 
 
 def write_rl(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -215,16 +228,16 @@ def write_sft(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
 
 
 def read_rl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of an RL parquet file as plain dicts/lists (checked)."""
-    rows = _read(path)
+    """Rows of an RL parquet file as plain dicts/lists (checked; an empty file is an error)."""
+    rows = read_table(path, "problems")
     for i, r in enumerate(rows):
         check_rl_row(r, i, str(path))
     return rows
 
 
 def read_sft(path: str | os.PathLike, eos_token: str | None = None) -> list[dict[str, Any]]:
-    """Rows of an SFT parquet file as plain dicts/lists (checked)."""
-    rows = _read(path)
+    """Rows of an SFT parquet file as plain dicts/lists (checked; an empty file is an error)."""
+    rows = read_table(path, "SFT rows")
     for i, r in enumerate(rows):
         check_sft_row(r, i, str(path), eos_token)
     return rows

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.format.tags import TAG_PATTERN, Tag
+from threadweaver_verl.runs import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     pass
 
 
@@ -56,9 +57,12 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"input file {str(path)!r} not found")
     if path.suffix == ".parquet":
-        import pandas as pd
+        from threadweaver_verl.data.schema import SchemaError, read_table
 
-        return pd.read_parquet(path).to_dict(orient="records")
+        try:
+            return read_table(path, "samples")
+        except SchemaError as e:
+            raise InputError(str(e)) from e
     if path.suffix in (".jsonl", ".json"):
         rows = []
         with open(path, encoding="utf-8") as fh:
@@ -69,6 +73,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}:{n}: not a JSON line ({e})") from e
+                if not isinstance(rows[-1], dict):
+                    raise InputError(f"{path}:{n}: a line must be a JSON object with the sample's fields")
+        if not rows:
+            raise InputError(f"no samples in {str(path)!r}: the file is empty")
         return rows
     raise InputError(f"input file {str(path)!r}: use .parquet or .jsonl")
 
@@ -101,12 +109,16 @@ def load_samples(
     Two rows with one explicit id but different content are an error; identical
     rows (same content hash) are one sample.
     """
+    if limit is not None and limit < 0:
+        raise InputError(f"limit={limit}: a count cannot be negative (0 means none; leave it unset for all)")
     p = Path(path)
     rows = _read_rows(p)
     out: list[SourceSample] = []
     seen: dict[str, SourceSample] = {}
     duplicates = 0
     for i, row in enumerate(rows):
+        if limit is not None and len(out) >= limit:
+            break
         q = _field(row, question_field, p, i)
         t = _field(row, trace_field, p, i)
         a = _field(row, answer_field, p, i)
@@ -120,8 +132,6 @@ def load_samples(
             continue
         seen[sid] = s
         out.append(s)
-        if limit is not None and len(out) >= limit:
-            break
     return out, duplicates
 
 

@@ -31,6 +31,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
+from threadweaver_verl.config import ConfigError
+from threadweaver_verl.runs import UserError, require_model_dir
 from threadweaver_verl.sft.batch import ATTENTION_CHOICES, TrieCollator, forward_logprobs, row_features
 from threadweaver_verl.sft.data import LAYOUTS, SFTExample, build_rows, load_examples
 from threadweaver_verl.sft.loss import mean_nll
@@ -123,8 +125,14 @@ def check_config(cfg: SFTConfig) -> None:
     for name in ("max_tokens", "batch_size", "grad_accum"):
         if getattr(cfg, name) <= 0:
             problems.append(f"{name} must be positive")
+    if cfg.model:
+        try:
+            require_model_dir(cfg.model, "model")
+        except UserError as e:
+            problems.append(str(e))
+    problems += [f"train file {f!r} not found" for f in cfg.train_files or () if not Path(f).is_file()]
     if problems:
-        raise ValueError("sft settings: " + "; ".join(problems))
+        raise ConfigError("sft settings: " + "; ".join(problems))
 
 
 def mean_loss(
