@@ -126,7 +126,7 @@ class Stages:
         if done.exists() and not self.force:
             problem = done.mismatch(config, inputs)
             if problem is None:
-                console.print(f"[dim]stage {name}: done earlier with these settings, reusing ({done.path})[/dim]")
+                console.print(f"[dim]stage {name}: done earlier, reusing (same settings and inputs: {done.path})[/dim]")
                 return done.read()["result"]
             raise UserError(
                 f"stage {name} in {self.dir.parent} was made from other settings or inputs ({problem}). "
@@ -368,7 +368,6 @@ def _run(cfg: DemoConfig, out: Path, console) -> dict:
     from threadweaver_verl.models.tiny import build_tiny_model
     from threadweaver_verl.tasks.cli import MakeDataConfig, make_data
 
-    atomic_write_text(out / "demo_config.json", json.dumps(asdict(cfg), indent=2))
     stages = Stages(out, cfg.force)
     settings = stage_settings(cfg)
     t_start = time.monotonic()
@@ -423,6 +422,7 @@ def _run(cfg: DemoConfig, out: Path, console) -> dict:
         "report": str(report),
         "minutes": round((time.monotonic() - t_start) / 60, 2),
     }
+    atomic_write_text(out / "demo_config.json", json.dumps(asdict(cfg), indent=2))  # the settings of results.json
     atomic_write_text(out / "results.json", json.dumps(result, indent=2))
     print_curve(evals["curve"], console)
     print_table(rows, console, f"ThreadWeaver demo: multiplication {cfg.preset}, {cfg.n_test} held-out problems")

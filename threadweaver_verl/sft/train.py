@@ -131,6 +131,8 @@ def check_config(cfg: SFTConfig) -> None:
         except UserError as e:
             problems.append(str(e))
     problems += [f"train file {f!r} not found" for f in cfg.train_files or () if not Path(f).is_file()]
+    if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        problems.append(f"output_dir={cfg.output_dir!r} is a file; pass a folder")
     if problems:
         raise ConfigError("sft settings: " + "; ".join(problems))
 
