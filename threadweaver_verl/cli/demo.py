@@ -107,10 +107,12 @@ class Stages:
     with the same settings and inputs lets the stage resume its own outputs (an eval's trajectories);
     otherwise the stage's outputs are removed before it runs again."""
 
-    def __init__(self, out: Path, force: bool):
+    def __init__(self, out: Path, force: bool, finished: Sequence[Path] = ()):
+        """``finished``: the files that mark the whole run finished; removed before any stage is redone."""
         self.dir = out / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.force = force
+        self.finished = list(finished)
 
     def run(
         self,
@@ -135,7 +137,8 @@ class Stages:
         if self.force or (started.exists() and started.mismatch(config, inputs) is not None):
             for path in outputs:
                 shutil.rmtree(path, ignore_errors=True)
-        done.remove()
+        for path in [*self.finished, done.path]:
+            path.unlink(missing_ok=True)
         started.write(config, inputs)
         console.rule(f"stage: {name}")
         t0 = time.monotonic()
@@ -368,7 +371,7 @@ def _run(cfg: DemoConfig, out: Path, console) -> dict:
     from threadweaver_verl.models.tiny import build_tiny_model
     from threadweaver_verl.tasks.cli import MakeDataConfig, make_data
 
-    stages = Stages(out, cfg.force)
+    stages = Stages(out, cfg.force, finished=[out / "results.json", out / "demo_config.json"])
     settings = stage_settings(cfg)
     t_start = time.monotonic()
     data = out / "data"
