@@ -51,7 +51,10 @@ def main() -> None:
                 self._send(404, {"error": "no such path"})
 
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if not raw:  # the client went away before sending its body (it was killed)
+                return
+            body = json.loads(raw)
             with lock, open(args.log_file, "a") as log:
                 entry = {
                     "user": body.get("user"),

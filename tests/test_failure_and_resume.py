@@ -99,7 +99,13 @@ def answer_ids(tiny_tokenizer) -> list[int]:
 def problems(path: Path, n: int) -> Path:
     """n problems; the even ones have the answer 12 (the fake server's), the odd ones 13."""
     rows = [
-        rl_row(data_source="t/mult", question=f"What is {i} * 1?", ground_truth="12" if i % 2 == 0 else "13", index=i)
+        rl_row(
+            data_source="t/mult",
+            question=f"What is {i} * 1?",
+            ground_truth="12" if i % 2 == 0 else "13",
+            index=i,
+            split="test",
+        )
         for i in range(n)
     ]
     return write_rl(rows, path)
@@ -279,7 +285,10 @@ def test_eval_counts_and_inputs(tmp_path, servers, answer_ids, tiny_model_dir, c
     assert len(lines(tmp_path / "three" / "trajectories.jsonl")) == 3
 
     dup = write_rl(
-        [rl_row(data_source="t/mult", question=f"q{i}", ground_truth="1", index=i // 2) for i in range(5)],
+        [
+            rl_row(data_source="t/mult", question=f"q{i}", ground_truth="1", index=i // 2, split="test")
+            for i in range(5)
+        ],
         tmp_path / "dup.parquet",
     )
     code, err = run(data=dup, out="dup")

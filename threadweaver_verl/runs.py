@@ -13,10 +13,12 @@
   inputs a result was made from; :meth:`Marker.mismatch` says why an existing result does not fit.
 - :func:`stop_on_signals`: SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so
   ``with``/``finally`` blocks run: servers are stopped, temporary folders removed, finished work kept.
+  :func:`run_async` is ``asyncio.run`` for the same: a signal cancels the coroutine, then raises.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -26,10 +28,13 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 EXIT_FAILED = 1
 """The command ran but some work failed (e.g. trajectories or samples to retry)."""
@@ -79,6 +84,35 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, where SIGINT and SIGTERM cancel ``main`` (its ``finally`` and ``async with``
+    blocks run, every task it started is cancelled) and then raise :class:`Interrupted`."""
+    received: list[int] = []
+    with asyncio.Runner() as runner:
+        loop = runner.get_loop()
+        task = loop.create_task(main)
+
+        def on_signal(signum: int) -> None:
+            if not received:
+                received.append(signum)
+                task.cancel()
+
+        main_thread = threading.current_thread() is threading.main_thread()  # signals reach only that one
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        for sig in previous:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if received:
+                raise Interrupted(received[0]) from None
+            raise
+        finally:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- output folders and files

@@ -64,6 +64,7 @@ from threadweaver_verl.runs import (
     remove_stale_temporaries,
     require_count,
     require_model_dir,
+    run_async,
 )
 
 
@@ -540,7 +541,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     longest = max(len(prompt_ids(tokenizer, r["prompt"])) for r in todo)
                     controller = fit_budget(cfg.controller, served_max_model_len(base_url), longest)
                     run_cfg = dataclasses.replace(cfg, controller=controller)
-                    _, wall = asyncio.run(_evaluate(run_cfg, todo, tokenizer, base_url, keep, skip=store))
+                    _, wall = run_async(_evaluate(run_cfg, todo, tokenizer, base_url, keep, skip=store))
             order = {problem_key(r): i for i, r in enumerate(rows)}  # the data's order, whatever finished first
             records = [r for r in store if r["problem"] in order]
             records += [r for r in failures_to_retry(store) if r["problem"] in order]

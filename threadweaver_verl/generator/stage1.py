@@ -60,6 +60,7 @@ from threadweaver_verl.runs import (
     output_dir,
     remove_stale_temporaries,
     require_model_dir,
+    run_async,
 )
 
 INPUT = "input"
@@ -324,7 +325,7 @@ async def _run_locked(cfg: Stage1Config, samples: list[SourceSample], duplicates
 
 
 def run_stage1(cfg: Stage1Config) -> dict[str, Any]:
-    return asyncio.run(run_stage1_async(cfg))
+    return run_async(run_stage1_async(cfg))
 
 
 def _progress(total: int, enabled: bool):

@@ -29,7 +29,6 @@ round's report.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -53,6 +52,7 @@ from threadweaver_verl.runs import (
     remove_stale_temporaries,
     require_count,
     require_model_dir,
+    run_async,
 )
 
 SELECTIONS = ("shortest_critical_path", "all_correct", "random_one")
@@ -266,7 +266,7 @@ def _run_round(cfg: Stage2Config, rows: list[dict], keys: list[str], tokenizer, 
                 base_url = cfg.server_url or ""
             for start in range(0, len(todo), cfg.chunk_size):
                 chunk = todo[start : start + cfg.chunk_size]
-                asyncio.run(_evaluate(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url, on_record))
+                run_async(_evaluate(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url, on_record))
                 for _, key in chunk:  # a problem whose trajectories did not all come back
                     if key not in finished:
                         finish(key)
