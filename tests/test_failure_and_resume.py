@@ -320,6 +320,8 @@ def test_eval_rerun_with_other_settings_is_refused(tmp_path, servers, answer_ids
     assert cli(eval_args(data, server.url, tiny_model_dir, out, "temperature=0.5")) == 2
     err = capsys.readouterr().err
     assert "holds trajectories of another run" in err and "temperature: 1.0 then, 0.5 now" in err
+    assert cli(eval_args(data, server.url, tiny_model_dir, out, "controller.max_response_tokens=32")) == 2
+    assert "controller.max_response_tokens: 64 then, 32 now" in capsys.readouterr().err
     assert (out / "trajectories.jsonl").read_text() == before
 
 
@@ -621,7 +623,8 @@ def test_vllm_server_killed_mid_eval_then_resumed(tmp_path, tiny_model_dir):
     data, out = problems(tmp_path / "p.parquet", 30), tmp_path / "out"
     config = VLLMServerConfig(model=str(tiny_model_dir), work_dir=str(tmp_path / "vllm"), max_model_len=4096)
     with VLLMServer(config) as server:
-        args = eval_args(data, server.url, tiny_model_dir, out, "controller.max_response_tokens=200")
+        budget = ["controller.max_response_tokens=200"]
+        args = eval_args(data, server.url, tiny_model_dir, out, *budget)
         p, log = start(tmp_path, "first", *args)
         wait_for(lambda: len(lines(out / "trajectories.jsonl")) >= 2, 600, "two trajectories")
         os.killpg(server.process.pid, signal.SIGKILL)
@@ -631,7 +634,7 @@ def test_vllm_server_killed_mid_eval_then_resumed(tmp_path, tiny_model_dir):
     assert summary["failed_trajectories"] == 30 - len(ran) and "connection_error" in summary["failed_by_cause"]
     assert "most often connection_error" in log.read_text()
     with VLLMServer(config) as server:
-        p, log = start(tmp_path, "second", *eval_args(data, server.url, tiny_model_dir, out))
+        p, log = start(tmp_path, "second", *eval_args(data, server.url, tiny_model_dir, out, *budget))
         assert p.wait(600) == 0, log.read_text()
     done = lines(out / "trajectories.jsonl")
     assert done[: len(ran)] == ran and len({r["id"] for r in done}) == len(done) == 30

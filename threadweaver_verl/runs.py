@@ -212,11 +212,11 @@ class Marker:
             return f"{self.path} is missing or unreadable (the run did not finish)"
         if "config" not in data or "inputs" not in data:
             return f"{self.path} records no settings (made by an older version)"
-        want = json.loads(json.dumps(dict(config)))
+        then, now = _flat(data["config"]), _flat(json.loads(json.dumps(dict(config))))
         diffs = [
-            f"{k}: {data['config'].get(k)!r} then, {want.get(k)!r} now"
-            for k in sorted(set(want) | set(data["config"]))
-            if data["config"].get(k) != want.get(k)
+            f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+            for k in sorted(set(then) | set(now))
+            if then.get(k) != now.get(k)
         ]
         diffs += [f"input {name} changed" for name, p in inputs.items() if data["inputs"].get(name) != fingerprint(p)]
         if set(data["inputs"]) != set(inputs):
@@ -239,6 +239,17 @@ class Marker:
         """Mark the result unfinished (before it is remade)."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys (``controller.max_response_tokens``), to name what differs."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # --------------------------------------------------------------------------- one writer per folder
