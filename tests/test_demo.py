@@ -52,6 +52,13 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done earlier, reusing") == 4
+    # other settings over a finished run: refused before any work, naming what changed (issue 13, case 1)
+    results = (out / "results.json").read_text()
+    changed = subprocess.run(cmd + ["preset=4x3", "n_test=5"], capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert "stage data" in changed.stderr and "preset: '3x3' then, '4x3' now" in changed.stderr
+    assert "force=true" in changed.stderr and "Traceback" not in changed.stderr
+    assert (out / "results.json").read_text() == results
 
 
 def test_quick_switch_and_curve_steps():

@@ -96,10 +96,15 @@ def test_same_seed_same_files(made, tmp_path):
 def test_bad_settings_fail_clearly(tmp_path, capsys):
     assert cli(["make-data", "preset=4x3"]) == 2
     assert "out=DIR" in capsys.readouterr().err
+    # a message and exit 2 (issue 13); --debug raises the error itself
+    assert cli(["make-data", f"out={tmp_path}", "preset=nope"]) == 2
+    assert "unknown difficulty 'nope': use a preset" in capsys.readouterr().err
     with pytest.raises(mul.DifficultyError, match="preset"):
-        cli(["make-data", f"out={tmp_path}", "preset=nope"])
+        cli(["make-data", f"out={tmp_path}", "preset=nope", "--debug"])
+    assert cli(["make-data", f"out={tmp_path}", "n_trian=3"]) == 2
+    assert "n_trian" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="n_trian"):
-        cli(["make-data", f"out={tmp_path}", "n_trian=3"])
+        cli(["make-data", f"out={tmp_path}", "n_trian=3", "--debug"])
 
 
 def test_list_presets(capsys):

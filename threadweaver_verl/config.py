@@ -40,6 +40,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from threadweaver_verl.runs import UserError
+
 T = TypeVar("T")
 
 HYDRA_VERSION_BASE = "1.3"
@@ -55,7 +57,7 @@ HYDRA_SETTINGS = (
 CFG_CHOICES = ("job", "hydra", "all")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is unknown, missing, of the wrong type or out of range. The message names it and the fix."""
 
 

@@ -1,5 +1,10 @@
 """The ``threadweaver`` command (also ``python -m threadweaver_verl``): one subcommand per entry of
-:data:`COMMANDS`, each a module with ``main(argv) -> int``."""
+:data:`COMMANDS`, each a module with ``main(argv) -> int``.
+
+Exit codes of every command: 0 done; 1 the command ran but some work failed (retried by a rerun);
+2 a setting, input or output folder is wrong (a message names the problem and the fix; nothing was
+done; ``--debug`` adds the traceback); 130 / 143 stopped by SIGINT / SIGTERM (finished work kept).
+"""
 
 from __future__ import annotations
 
@@ -31,5 +36,36 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"threadweaver: unknown command {name!r}; run `threadweaver --help` for the list", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    debug = "--debug" in rest
+    return run_command(name, [a for a in rest if a != "--debug"], debug)
+
+
+def run_command(name: str, argv: list[str], debug: bool = False) -> int:
+    """Run one command under the error policy shared by all of them (see the module doc): a
+    :class:`threadweaver_verl.runs.UserError` (config, schema, input, output-folder errors all derive from
+    it) prints one message and returns 2; SIGINT/SIGTERM stop it cleanly (its ``finally`` blocks stop servers
+    and remove temporary files); a server that does not start is reported with its log; anything else is
+    a bug and keeps its traceback."""
+    from threadweaver_verl.rollout.vllm_server import ServerStartError
+    from threadweaver_verl.runs import EXIT_FAILED, EXIT_USAGE, Interrupted, UserError, stop_on_signals
+
+    with stop_on_signals():
+        try:
+            module = importlib.import_module(COMMANDS[name][0])
+            return int(module.main(argv) or 0)
+        except Interrupted as e:
+            print(
+                f"threadweaver {name}: stopped by {e.name}; finished work is kept, rerun the same command to resume",
+                file=sys.stderr,
+            )
+            return 128 + e.signum
+        except UserError as e:
+            if debug:
+                raise
+            print(f"threadweaver {name}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except ServerStartError as e:
+            if debug:
+                raise
+            print(f"threadweaver {name}: the vLLM server did not start: {e}", file=sys.stderr)
+            return EXIT_FAILED

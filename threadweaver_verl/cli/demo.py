@@ -12,7 +12,9 @@
    the accuracy-vs-steps table, and ``report.html`` (table, accuracy curve, per-problem speedup
    histogram, one trajectory with its threads, its trie attention mask, the training loss curves).
 
-Every artefact lives in ``out``; a rerun reuses finished stages (``force=true`` redoes them).
+Every artefact lives in ``out``; a rerun reuses a finished stage when its settings and inputs match the
+stage's marker, and refuses with a message naming what changed otherwise (``force=true`` redoes every
+stage). An interrupted evaluation resumes where it stopped.
 ``--quick`` finishes in a few minutes (smoke test: it does not train long enough to be accurate).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.models.tiny import TinyModelConfig
+from threadweaver_verl.runs import Marker, OutputLock, UserError, atomic_write_text, output_dir
 
 
 @dataclass
@@ -114,23 +118,54 @@ class DemoError(RuntimeError):
 
 
 class Stages:
-    """Run-once stages: a stage's result JSON marks it done."""
+    """Run-once stages that know what they were made from.
 
-    def __init__(self, out: Path, force: bool):
+    A finished stage has a marker ``stages/<name>.json`` (:class:`threadweaver_verl.runs.Marker`, written
+    last) recording the settings the stage depends on and the fingerprints of its input files. A rerun
+    reuses the stage only if both match; if they differ it refuses, naming what changed (``force=true``
+    redoes every stage). A stage that started but did not finish leaves ``<name>.started.json``: a rerun
+    with the same settings and inputs lets the stage resume its own outputs (an eval's trajectories);
+    otherwise the stage's outputs are removed before it runs again."""
+
+    def __init__(self, out: Path, force: bool, finished: Sequence[Path] = ()):
+        """``finished``: the files that mark the whole run finished; removed before any stage is redone."""
         self.dir = out / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.force = force
+        self.finished = list(finished)
 
-    def run(self, name: str, fn: Callable[[], dict], console) -> dict:
-        marker = self.dir / f"{name}.json"
-        if marker.exists() and not self.force:
-            console.print(f"[dim]stage {name}: done earlier, reusing ({marker})[/dim]")
-            return json.loads(marker.read_text())
+    def run(
+        self,
+        name: str,
+        fn: Callable[[], dict],
+        console,
+        config: dict[str, Any],
+        inputs: dict[str, Path] | None = None,
+        outputs: Sequence[Path] = (),
+    ) -> dict:
+        inputs = inputs or {}
+        done, started = Marker(self.dir / f"{name}.json"), Marker(self.dir / f"{name}.started.json")
+        if done.exists() and not self.force:
+            problem = done.mismatch(config, inputs)
+            if problem is None:
+                console.print(f"[dim]stage {name}: done earlier, reusing (same settings and inputs: {done.path})[/dim]")
+                return done.read()["result"]
+            raise UserError(
+                f"stage {name} in {self.dir.parent} was made from other settings or inputs ({problem}). "
+                "Pass force=true to redo the stages, or another out= folder to keep both"
+            )
+        if self.force or (started.exists() and started.mismatch(config, inputs) is not None):
+            for path in outputs:
+                shutil.rmtree(path, ignore_errors=True)
+        for path in [*self.finished, done.path]:
+            path.unlink(missing_ok=True)
+        started.write(config, inputs)
         console.rule(f"stage: {name}")
         t0 = time.monotonic()
         result = fn()
         result["seconds"] = round(time.monotonic() - t0, 1)
-        marker.write_text(json.dumps(result, indent=2))
+        done.write(config, inputs, result)
+        started.remove()
         return result
 
 
@@ -336,17 +371,34 @@ def print_table(rows: list[dict], console, title: str) -> None:
 
 
 def run(cfg: DemoConfig, console=None) -> dict:
+    """The demo in ``cfg.out`` (one run per folder at a time); see the module doc."""
     from rich.console import Console
-
-    from threadweaver_verl.models.tiny import build_tiny_model
-    from threadweaver_verl.tasks.cli import MakeDataConfig, make_data
 
     console = console or Console()
     cfg = cfg.effective()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    stages = Stages(out, cfg.force)
+    out = output_dir(cfg.out, "out")
+    with OutputLock(out, "demo"):
+        return _run(cfg, out, console)
+
+
+def stage_settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
+    """The settings each stage's result depends on (its marker records them)."""
+    c = asdict(cfg)
+    pick = lambda *keys: {k: c[k] for k in keys}  # noqa: E731
+    return {
+        "data": pick("preset", "n_train", "n_test", "seed"),
+        "base_model": pick("model", "seed"),
+        "sft": pick("train_steps", "batch_tokens", "learning_rate", "warmup_steps", "seed", "curve_points"),
+        "eval": pick("max_response_tokens", "max_thread_tokens", "kv_block_size", "temperature", "curve_points"),
+    }
+
+
+def _run(cfg: DemoConfig, out: Path, console) -> dict:
+    from threadweaver_verl.models.tiny import build_tiny_model
+    from threadweaver_verl.tasks.cli import MakeDataConfig, make_data
+
+    stages = Stages(out, cfg.force, finished=[out / "results.json", out / "demo_config.json"])
+    settings = stage_settings(cfg)
     t_start = time.monotonic()
     data = out / "data"
     stages.run(
@@ -356,7 +408,10 @@ def run(cfg: DemoConfig, console=None) -> dict:
             console,
         ),
         console,
+        settings["data"],
+        outputs=[data],
     )
+    sft_data = {kind: data / f"sft_{kind}.parquet" for kind in KINDS}
     base = out / "base_model"
 
     def build() -> dict:
@@ -368,9 +423,23 @@ def run(cfg: DemoConfig, console=None) -> dict:
         build_tiny_model(base, cfg.model, corpus=corpus)
         return {"model_dir": str(base)}
 
-    stages.run("base_model", build, console)
-    sft = stages.run("sft", lambda: _train_both(cfg, out, base, data, console), console)
-    evals = stages.run("eval", lambda: _evaluate_both(cfg, out, data, sft, console), console)
+    stages.run("base_model", build, console, settings["base_model"], dict(sft_data), outputs=[base])
+    sft = stages.run(
+        "sft",
+        lambda: _train_both(cfg, out, base, data, console),
+        console,
+        settings["sft"],
+        {"base_model": base, **sft_data},
+        outputs=[out / f"sft_{kind}" for kind in KINDS],
+    )
+    evals = stages.run(
+        "eval",
+        lambda: _evaluate_both(cfg, out, data, sft, console),
+        console,
+        settings["eval"],
+        {"test": data / "test.parquet", **{f"model_{kind}": Path(sft[kind]["model_dir"]) for kind in KINDS}},
+        outputs=[out / "eval_sequential", out / "eval_parallel", out / "curve"],
+    )
     rows = results_table(evals)
     from threadweaver_verl.eval.report import write_demo_report
 
@@ -382,7 +451,8 @@ def run(cfg: DemoConfig, console=None) -> dict:
         "report": str(report),
         "minutes": round((time.monotonic() - t_start) / 60, 2),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "demo_config.json", json.dumps(asdict(cfg), indent=2))  # the settings of results.json
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
     print_curve(evals["curve"], console)
     print_table(rows, console, f"ThreadWeaver demo: multiplication {cfg.preset}, {cfg.n_test} held-out problems")
     steps = ", ".join(f"{k} {sft[k]['steps']} steps in {sft[k]['seconds'] / 60:.1f} min" for k in KINDS)

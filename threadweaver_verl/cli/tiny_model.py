@@ -34,10 +34,12 @@ def run(cfg: TinyModelCommand) -> int:
     from rich.table import Table
 
     from threadweaver_verl.models.tiny import build_tiny_model
+    from threadweaver_verl.runs import output_dir
 
     if not cfg.out:
         print("tiny-model: pass the output folder as out=DIR", file=sys.stderr)
         return 2
+    output_dir(cfg.out, "out")
     model_cfg = TinyModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(TinyModelConfig)})
     console = Console()
     start = time.perf_counter()

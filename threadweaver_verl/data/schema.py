@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.data.chat import PromptStyle
+from threadweaver_verl.runs import UserError, atomic_path
 
 # The name the plugin registers its fork/join agent loop under, and the default agent_name of the rows:
 # the one definition (integrations.verl.agent_loop, the RL dataset and the task commands import it).
@@ -40,7 +41,7 @@ EXTRA_INFO_KEYS: tuple[str, ...] = ("index", "split", "question")
 ROLES = ("system", "user", "assistant")
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A dataset row or file that does not follow the schema."""
 
 
@@ -180,7 +181,8 @@ def _write(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: 
     frame = pd.DataFrame([{c: r[c] for c in columns} | {k: v for k, v in r.items() if k not in columns} for r in rows])
     if not len(frame):
         raise SchemaError(f"refusing to write an empty dataset to {out}")
-    frame.to_parquet(out, index=False)
+    with atomic_path(out) as tmp:  # a reader (or a killed run) never sees half a file
+        frame.to_parquet(tmp, index=False)
     return out
 
 
@@ -195,18 +197,30 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_records(path: str | os.PathLike, what: str = "records") -> list[dict[str, Any]]:
     """The records of a ``.parquet`` (lists as lists), ``.jsonl`` (one JSON object a line, blank lines
-    skipped) or ``.json`` file (a list of objects, or ``{"data": [...]}``), unchecked: the one reader
-    of record files; :func:`read_rl` and :func:`read_sft` check what it returns."""
+    skipped) or ``.json`` file (a list of objects, or ``{"data": [...]}``): the one reader of record files.
+    A missing, unreadable or empty file is a :class:`SchemaError` (``what`` names the records in the message,
+    e.g. "problems"); :func:`read_rl` and :func:`read_sft` check the records' columns."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SchemaError(f"input file {str(p)!r} not found")
+    if not p.is_file():
+        raise SchemaError(f"input path {str(p)!r} is a folder; pass a .parquet, .jsonl or .json file")
     name = p.name.lower()
     if name.endswith(".parquet"):
         import pandas as pd
+        import pyarrow
 
-        return [{k: _plain(v) for k, v in r.items()} for r in pd.read_parquet(p).to_dict(orient="records")]
+        try:
+            frame = pd.read_parquet(p)
+        except (pyarrow.ArrowException, OSError, ValueError) as e:
+            raise SchemaError(f"{str(p)!r} is not a readable parquet file ({type(e).__name__}: {e})") from e
+        if not len(frame) or not len(frame.columns):
+            raise SchemaError(
+                f"no {what} in {str(p)!r}: the file has {len(frame)} rows and {len(frame.columns)} columns"
+            )
+        return [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
     if name.endswith(".jsonl"):
         out = []
         with p.open(encoding="utf-8") as f:
@@ -216,15 +230,19 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
                         out.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise SchemaError(f"{p}: line {n} is not valid JSON: {e}") from e
-        return out
-    if name.endswith(".json"):
-        data = json.loads(p.read_text(encoding="utf-8"))
-        if isinstance(data, Mapping) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
+                    if not isinstance(out[-1], dict):
+                        raise SchemaError(f"{p}: line {n} must be a JSON object (one record a line)")
+    elif name.endswith(".json"):
+        out = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(out, Mapping) and isinstance(out.get("data"), list):
+            out = out["data"]
+        if not isinstance(out, list):
             raise SchemaError(f"{p}: expected a JSON list of records (or {{'data': [...]}})")
-        return data
-    raise SchemaError(f"input {str(p)!r}: unsupported file type; use .parquet, .jsonl or .json")
+    else:
+        raise SchemaError(f"input {str(p)!r}: unsupported file type; use .parquet, .jsonl or .json")
+    if not out:
+        raise SchemaError(f"no {what} in {str(p)!r}: the file is empty")
+    return out
 
 
 def write_rl(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -240,16 +258,18 @@ def write_sft(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
 
 
 def read_rl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of an RL dataset file (parquet, or JSON lines) as plain dicts/lists (checked)."""
-    rows = read_records(path)
+    """Rows of an RL dataset file (parquet, or JSON lines) as plain dicts/lists (checked; an empty file is an
+    error)."""
+    rows = read_records(path, "problems")
     for i, r in enumerate(rows):
         check_rl_row(r, i, str(path))
     return rows
 
 
 def read_sft(path: str | os.PathLike, eos_token: str | None = None) -> list[dict[str, Any]]:
-    """Rows of an SFT dataset file (parquet, or JSON lines) as plain dicts/lists (checked)."""
-    rows = read_records(path)
+    """Rows of an SFT dataset file (parquet, or JSON lines) as plain dicts/lists (checked; an empty file is an
+    error)."""
+    rows = read_records(path, "SFT rows")
     for i, r in enumerate(rows):
         check_sft_row(r, i, str(path), eos_token)
     return rows

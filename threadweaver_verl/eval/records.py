@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.data.schema import read_records
+from threadweaver_verl.runs import UserError
 
 
-class RecordError(ValueError):
+def trajectory_id(problem: str, sample: int) -> str:
+    """The id of a problem's ``sample``-th trajectory: ``data_source#index/sample``."""
+    return f"{problem}/{sample}"
+
+
+class RecordError(UserError, ValueError):
     """A trajectory or summary record that does not have the layout this version writes."""
 
 
@@ -44,8 +50,14 @@ class TrajectoryRecord:
     data_source: str
     index: int
     ground_truth: str
+    id: str = ""
+    """``problem/sample`` (:func:`trajectory_id`): the key of a resumed run's done-set; set from those two
+    when left empty."""
     error: str | None = None
     """The rollout error of a failed trajectory."""
+    failure_cause: str | None = None
+    """Why a failed trajectory failed, in one word (``connection_error``, ``timeout``, ``http_400``, ...;
+    :func:`threadweaver_verl.eval.evaluate.failure_cause`): an infrastructure failure, not a wrong answer."""
     correct: bool = False
     """math-verify accepted the final answer."""
     valid: bool = False
@@ -75,7 +87,22 @@ class TrajectoryRecord:
     """``prompt_tokens`` and ``cached_tokens`` of each thread request."""
     wall_time_s: float | None = None
 
-    _IDENTITY = ("problem", "sample", "data_source", "index", "ground_truth", "error", "correct", "valid")
+    _IDENTITY = (
+        "problem",
+        "sample",
+        "data_source",
+        "index",
+        "ground_truth",
+        "id",
+        "error",
+        "failure_cause",
+        "correct",
+        "valid",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = trajectory_id(self.problem, self.sample)
 
     @property
     def ok(self) -> bool:
@@ -98,8 +125,13 @@ class EvalSummary:
     problems: int = 0
     trajectories: int = 0
     failed_trajectories: int = 0
+    """Trajectories that did not run to the end (server or controller errors), not wrong answers."""
+    failed_by_cause: dict[str, int] = field(default_factory=dict)
+    """The failed trajectories by :attr:`TrajectoryRecord.failure_cause`, most common first."""
     accuracy: float | None = None
+    """Correct over the trajectories that ran (failed ones are not counted as wrong)."""
     format_valid_rate: float | None = None
+    """Format-valid over the trajectories that ran."""
     mean_T: float | None = None
     """Mean response tokens (T) of the trajectories that finished."""
     mean_L: float | None = None

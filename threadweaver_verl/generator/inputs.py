@@ -20,9 +20,10 @@ from typing import Any
 
 from threadweaver_verl.data.schema import SchemaError, read_records
 from threadweaver_verl.format.tags import TAG_PATTERN, Tag
+from threadweaver_verl.runs import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     pass
 
 
@@ -81,15 +82,19 @@ def load_samples(
     Two rows with one explicit id but different content are an error; identical
     rows (same content hash) are one sample.
     """
+    if limit is not None and limit < 0:
+        raise InputError(f"limit={limit}: a count cannot be negative (0 means none; leave it unset for all)")
     p = Path(path)
     try:
-        rows = read_records(p)
+        rows = read_records(p, "samples")
     except SchemaError as e:  # the file itself: missing, unsupported type, a line that is not JSON
         raise InputError(str(e)) from e
     out: list[SourceSample] = []
     seen: dict[str, SourceSample] = {}
     duplicates = 0
     for i, row in enumerate(rows):
+        if limit is not None and len(out) >= limit:
+            break
         q = _field(row, question_field, p, i)
         t = _field(row, trace_field, p, i)
         a = _field(row, answer_field, p, i)
@@ -103,8 +108,6 @@ def load_samples(
             continue
         seen[sid] = s
         out.append(s)
-        if limit is not None and len(out) >= limit:
-            break
     return out, duplicates
 
 

@@ -110,9 +110,10 @@ class RecordStore:
         os.fsync(self._fh.fileno())
         self._records[rid] = record
 
-    def log_error(self, sample_id: str, step: str, message: str) -> None:
-        """A transient failure: logged, not a record, so the next run retries the sample."""
-        entry = {"id": str(sample_id), "step": step, "error": message, "time": time.time()}
+    def log_error(self, sample_id: str, step: str, message: str, extra: dict[str, Any] | None = None) -> None:
+        """A transient failure: logged, not a record, so the next run retries the sample. ``extra``: more
+        fields for the log line (e.g. the failed trajectory's record)."""
+        entry = {**(extra or {}), "id": str(sample_id), "step": step, "error": message, "time": time.time()}
         with open(self.error_path, "ab") as fh:
             fh.write(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
             fh.flush()

@@ -54,6 +54,14 @@ from threadweaver_verl.generator.rewrite import (
 )
 from threadweaver_verl.rl.correctness import CorrectnessConfig, check_answer
 from threadweaver_verl.rollout.engine import EngineError
+from threadweaver_verl.runs import (
+    OutputLock,
+    atomic_write_text,
+    output_dir,
+    remove_stale_temporaries,
+    require_model_dir,
+    run_async,
+)
 
 INPUT = "input"
 VALIDATE = "validate"
@@ -76,7 +84,7 @@ class Stage1Config:
     id_field: str | None = None
     """Column holding a unique sample id; None: a hash of question and trace."""
     limit: int | None = None
-    """Use only the first N samples of the input."""
+    """Use only the first N samples of the input (None: all; 0: none; negative is an error)."""
     out_dir: str = "runs/generate_stage1"
     """records.jsonl (one record per sample, resumable), errors.jsonl, sft.parquet, rl.parquet, summary.json."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -273,11 +281,19 @@ async def run_stage1_async(cfg: Stage1Config) -> dict[str, Any]:
         raise ConfigError("stage 1 needs input=FILE (.parquet or .jsonl with question/trace/answer columns)")
     if not cfg.llm.model:
         raise ConfigError("stage 1 needs the rewriting model: llm.model=NAME (and llm.http.base_url=URL)")
+    if cfg.tokenizer:
+        require_model_dir(cfg.tokenizer, "tokenizer", what="tokenizer")
     samples, duplicates = load_samples(
         cfg.input, cfg.question_field, cfg.trace_field, cfg.answer_field, cfg.id_field, cfg.limit
     )
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(cfg.out_dir, "out_dir")
+    with OutputLock(out, "generate stage=1"):
+        remove_stale_temporaries(out)
+        (out / "summary.json").unlink(missing_ok=True)  # unfinished until the new summary is written
+        return await _run_locked(cfg, samples, duplicates, out)
+
+
+async def _run_locked(cfg: Stage1Config, samples: list[SourceSample], duplicates: int, out: Path) -> dict[str, Any]:
     fmt, limits = _load_format(cfg.tokenizer, cfg.max_threads)
     store = RecordStore(out / "records.jsonl", out / "errors.jsonl")
     todo = [s for s in samples if s.id not in store]
@@ -316,7 +332,7 @@ async def run_stage1_async(cfg: Stage1Config) -> dict[str, Any]:
 
 
 def run_stage1(cfg: Stage1Config) -> dict[str, Any]:
-    return asyncio.run(run_stage1_async(cfg))
+    return run_async(run_stage1_async(cfg))
 
 
 def _progress(total: int, enabled: bool):
@@ -410,4 +426,4 @@ def _write_outputs(
         summary["outputs"]["sft"] = str(write_sft(sft, out / "sft.parquet"))
     if rl:
         summary["outputs"]["rl"] = str(write_rl(rl, out / "rl.parquet"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))  # last

@@ -30,7 +30,6 @@ round's report.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -44,11 +43,19 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.config import ConfigError
-from threadweaver_verl.eval.evaluate import EvalConfig, problem_key, run_problems
+from threadweaver_verl.eval.evaluate import EvalConfig, check_problems, problem_key, run_problems
 from threadweaver_verl.eval.metrics import mean
 from threadweaver_verl.eval.records import TrajectoryRecord
 from threadweaver_verl.generator.records import RecordStore
-from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
+from threadweaver_verl.rollout.vllm_server import VLLMServer
+from threadweaver_verl.runs import (
+    OutputLock,
+    atomic_write_text,
+    output_dir,
+    remove_stale_temporaries,
+    require_model_dir,
+    run_async,
+)
 
 SELECTIONS = ("shortest_critical_path", "all_correct", "random_one")
 
@@ -73,7 +80,7 @@ class Stage2Config(EvalConfig):
     """Candidates need at least this many parallel blocks (0: sequential-only answers count too). A block
     counts when the format accepts it as parallel: 2+ threads, or 1 with ``Limits.single_thread_blocks``."""
     chunk_size: int = 32
-    """Problems sampled per batch; each finished batch is written before the next starts."""
+    """Problems sampled per batch (each problem's record is written as soon as its trajectories end)."""
     record_responses: bool = False
     """Also store every sample's response ids in records.jsonl (large; for audits and tests)."""
     include_sft: list[str] = field(default_factory=list)
@@ -198,6 +205,10 @@ def _check(cfg: Stage2Config) -> None:
         )
     if cfg.server_url and not cfg.tokenizer:
         raise ConfigError("with server_url, also pass tokenizer=FOLDER (the served model's tokenizer)")
+    if cfg.model:
+        require_model_dir(cfg.model, "model")
+    if cfg.tokenizer:
+        require_model_dir(cfg.tokenizer, "tokenizer", what="tokenizer")
     for path in cfg.include_sft:
         if not Path(path).is_file():
             raise ConfigError(f"include_sft file {path!r} not found")
@@ -211,15 +222,20 @@ def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
 
     _check(cfg)
     rows = read_rl(cfg.data)
-    if cfg.max_problems:
+    check_problems(rows, cfg.data)
+    if cfg.max_problems is not None:
         rows = rows[: cfg.max_problems]
     keys = [problem_key(r) for r in rows]
-    if len(set(keys)) != len(keys):
-        raise ConfigError(f"{cfg.data}: two rows share a data_source#extra_info.index key; make the indices unique")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     fmt = TokenFormat.from_tokenizer(tokenizer)
-    out = Path(cfg.out_dir) / f"round_{cfg.round}"
-    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(output_dir(cfg.out_dir, "out_dir"), f"generate stage=2 round={cfg.round}"):
+        out = output_dir(Path(cfg.out_dir) / f"round_{cfg.round}", "out_dir")
+        remove_stale_temporaries(out)
+        (out / "summary.json").unlink(missing_ok=True)  # unfinished until the new summary is written
+        return _run_round(cfg, rows, keys, tokenizer, fmt, out)
+
+
+def _run_round(cfg: Stage2Config, rows: list[dict], keys: list[str], tokenizer, fmt, out: Path) -> dict[str, Any]:
     store = RecordStore(out / "records.jsonl", out / "errors.jsonl")
     todo = [(r, k) for r, k in zip(rows, keys) if k not in store]
     sampling_cfg = dataclasses.replace(cfg, progress=False)
@@ -230,41 +246,49 @@ def run_stage2(cfg: Stage2Config) -> dict[str, Any]:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc=f"stage 2 round {cfg.round}", unit="problem", file=sys.stderr)
+    row_of = dict((k, r) for r, k in todo)
+    pending: dict[str, list[TrajectoryRecord]] = {}
+    finished: set[str] = set()
+
+    def finish(key: str) -> None:
+        """A problem's record (or its logged failure), written as soon as its last trajectory ends."""
+        nonlocal failed_problems
+        finished.add(key)
+        recs = pending.pop(key, [])
+        errors = [r.error for r in recs if r.error]
+        if errors or len(recs) != cfg.n_samples:
+            failed_problems += 1
+            reason = errors[0] if errors else f"{len(recs)} of {cfg.n_samples} trajectories came back"
+            store.log_error(key, "sampling", reason)
+        else:
+            store.append(problem_record(row_of[key], key, recs, fmt, cfg))
+        if bar is not None:
+            bar.update(1)
+
+    def on_record(rec: TrajectoryRecord) -> None:
+        pending.setdefault(rec.problem, []).append(rec)
+        if len(pending[rec.problem]) == cfg.n_samples:
+            finish(rec.problem)
+
     try:
         with contextlib.ExitStack() as stack:
             if todo and cfg.model:
-                server = stack.enter_context(
-                    VLLMServer(VLLMServerConfig(**{**dataclasses.asdict(cfg.vllm), "model": cfg.model}))
-                )
+                server = stack.enter_context(VLLMServer(dataclasses.replace(cfg.vllm, model=cfg.model)))
                 base_url = server.url
             else:
                 base_url = cfg.server_url or ""
             for start in range(0, len(todo), cfg.chunk_size):
                 chunk = todo[start : start + cfg.chunk_size]
-                samples, _ = asyncio.run(run_problems(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url))
-                by_problem: dict[str, list[TrajectoryRecord]] = {}
-                for rec in samples:
-                    by_problem.setdefault(rec.problem, []).append(rec)
-                for row, key in chunk:
-                    recs = by_problem.get(key, [])
-                    errors = [r.error for r in recs if r.error]
-                    if errors or len(recs) != cfg.n_samples:
-                        failed_problems += 1
-                        store.log_error(
-                            key,
-                            "sampling",
-                            errors[0] if errors else f"{len(recs)} of {cfg.n_samples} trajectories came back",
-                        )
-                    else:
-                        store.append(problem_record(row, key, recs, fmt, cfg))
-                    if bar is not None:
-                        bar.update(1)
+                run_async(run_problems(sampling_cfg, [r for r, _ in chunk], tokenizer, base_url, on_record))
+                for _, key in chunk:  # a problem whose trajectories did not all come back
+                    if key not in finished:
+                        finish(key)
+        summary = summarize_round(cfg, rows, keys, store, len(todo), failed_problems, time.monotonic() - started)
+        _write_outputs(cfg, rows, keys, store, summary)
     finally:
         if bar is not None:
             bar.close()
-    summary = summarize_round(cfg, rows, keys, store, len(todo), failed_problems, time.monotonic() - started)
-    _write_outputs(cfg, rows, keys, store, summary)
-    store.close()
+        store.close()
     return summary
 
 
@@ -357,12 +381,12 @@ def _write_outputs(
                 merged.append(r)
         summary["outputs"]["next_sft"] = str(write_sft(merged, out / "next_sft.parquet"))
         summary["next_sft_rows"] = len(merged)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     rounds = []
     for p in sorted(Path(cfg.out_dir).glob("round_*/summary.json")):
         rounds.append(json.loads(p.read_text()))
     rounds.sort(key=lambda s: s["round"])
-    (Path(cfg.out_dir) / "rounds.json").write_text(json.dumps(rounds, indent=2))
+    atomic_write_text(Path(cfg.out_dir) / "rounds.json", json.dumps(rounds, indent=2))
     summary["rounds"] = [
         {
             k: s.get(k)

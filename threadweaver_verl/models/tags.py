@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.format import ALL_TAGS, Tag, TagTokenError, TagVocab
@@ -129,10 +128,10 @@ def run(cfg: PrepareModelConfig) -> int:
     if not cfg.model or not cfg.out:
         print("prepare-model: pass model=DIR (a HF folder) and out=DIR", file=sys.stderr)
         return 2
-    src, out = Path(cfg.model), Path(cfg.out)
-    if not src.is_dir():
-        print(f"prepare-model: model folder {str(src)!r} not found (pass model=DIR out=DIR)", file=sys.stderr)
-        return 2
+    from threadweaver_verl.runs import output_dir, require_model_dir
+
+    src = require_model_dir(cfg.model, "model", what="tokenizer" if cfg.tokenizer_only else "model")
+    out = output_dir(cfg.out, "out")
     console = Console()
     tokenizer = AutoTokenizer.from_pretrained(src)
     pieces = tag_pieces(tokenizer)

@@ -54,6 +54,30 @@ class TinyModelConfig:
     tags: bool = True
     """False: leave the format tags out of the tokenizer (to test `prepare-model`)."""
 
+    def __post_init__(self) -> None:
+        """A model that cannot run is refused here, before anything is built."""
+        from threadweaver_verl.config import ConfigError
+
+        sizes = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in sizes if getattr(self, k) < 1]
+        if self.num_attention_heads >= 1 and self.num_key_value_heads >= 1:
+            if self.num_attention_heads % self.num_key_value_heads:
+                problems.append(
+                    f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                    f"({self.num_key_value_heads}): each KV head serves a whole group of query heads"
+                )
+        if problems:
+            raise ConfigError("tiny model settings: " + "; ".join(problems))
+
 
 def default_corpus() -> list[str]:
     """A small generic math corpus, enough for BPE to learn common pieces."""

@@ -19,6 +19,7 @@ start a server need an ``if __name__ == "__main__":`` guard.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,10 +167,27 @@ class VLLMServer:
             log.close()
         try:
             self._wait_healthy()
+        except ServerStartError as e:
+            kept = self._keep_log()
+            self.stop()
+            raise ServerStartError(f"{e} Log {kept}, last lines:\n{_tail(kept)}") from None
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _keep_log(self) -> Path:
+        """The server log, at a path that outlives :meth:`stop`: a log inside a temporary ``work_dir`` is
+        copied next to that folder first (``threadweaver-vllm-<port>.log`` in the system temp folder)."""
+        assert self.log_path is not None
+        if self._tmp is None:
+            return self.log_path
+        kept = Path(tempfile.gettempdir()) / f"threadweaver-vllm-{self.port}.log"
+        try:
+            shutil.copyfile(self.log_path, kept)
+        except OSError:
+            return self.log_path
+        return kept
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
@@ -178,8 +196,7 @@ class VLLMServer:
                 code = self.process.poll() if self.process else -1
                 if code is not None:
                     raise ServerStartError(
-                        f"vLLM server for {self.config.model} exited with code {code} before it "
-                        f"was ready. Log {self.log_path}, last lines:\n{_tail(self.log_path)}"
+                        f"vLLM server for {self.config.model} exited with code {code} before it was ready."
                     )
                 try:
                     if client.get(f"{self.url}/health").status_code == 200:
@@ -189,8 +206,7 @@ class VLLMServer:
                 if time.monotonic() > deadline:
                     raise ServerStartError(
                         f"vLLM server for {self.config.model} did not answer {self.url}/health within "
-                        f"{self.config.startup_timeout_s:g} s (raise startup_timeout_s on a slow machine). "
-                        f"Log {self.log_path}, last lines:\n{_tail(self.log_path)}"
+                        f"{self.config.startup_timeout_s:g} s (raise startup_timeout_s on a slow machine)."
                     )
                 time.sleep(1.0)
 

@@ -31,6 +31,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
+from threadweaver_verl.config import ConfigError
+from threadweaver_verl.runs import UserError, require_model_dir
 from threadweaver_verl.sft.batch import ATTENTION_CHOICES, TrieCollator, forward_logprobs, row_features
 from threadweaver_verl.sft.data import LAYOUTS, SFTExample, build_rows, load_examples
 from threadweaver_verl.sft.loss import mean_nll
@@ -158,8 +160,16 @@ def check_config(cfg: SFTConfig) -> None:
         problems.append("train_files=[a.parquet,...] is required")
     if not cfg.output_dir:
         problems.append("output_dir=DIR is required")
+    if cfg.model:
+        try:
+            require_model_dir(cfg.model, "model")
+        except UserError as e:
+            problems.append(str(e))
+    problems += [f"train file {f!r} not found" for f in cfg.train_files or () if not Path(f).is_file()]
+    if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        problems.append(f"output_dir={cfg.output_dir!r} is a file; pass a folder")
     if problems:
-        raise ValueError("sft settings: " + "; ".join(problems))
+        raise ConfigError("sft settings: " + "; ".join(problems))
 
 
 def mean_loss(

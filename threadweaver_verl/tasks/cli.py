@@ -23,7 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.data.schema import AGENT_NAME
+from threadweaver_verl.runs import (
+    OutputLock,
+    UserError,
+    atomic_write_text,
+    output_dir,
+    remove_stale_temporaries,
+    require_model_dir,
+)
 from threadweaver_verl.tasks import multiplication as mul
+
+SUMMARY = "summary.json"
 
 
 @dataclass
@@ -123,8 +133,28 @@ def _print_rows(console, title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
-    """Write the datasets of ``cfg`` to ``cfg.out``; returns the summary (also in ``summary.json``)."""
+    """Write the datasets of ``cfg`` to ``cfg.out``; returns the summary (also in ``summary.json``).
+
+    Every setting is checked before any work. One run per folder at a time (a lock file); ``summary.json``
+    is removed first and written last, and each file is written under a temporary name and renamed: a
+    folder without ``summary.json`` is unfinished (an interrupted run), never a mix that looks finished."""
     from rich.console import Console
+
+    if not cfg.out:
+        raise UserError("make-data: pass the output folder as out=DIR")
+    if cfg.n_train < 1 or cfg.n_test < 1:
+        raise UserError(f"make-data: n_train and n_test must be >= 1 (got {cfg.n_train}, {cfg.n_test})")
+    if cfg.tokenizer:
+        require_model_dir(cfg.tokenizer, "tokenizer", what="tokenizer")
+    difficulty = mul.Difficulty.parse(cfg.preset)
+    out = output_dir(cfg.out, "out")  # checked before any work
+    with OutputLock(out, "make-data"):
+        remove_stale_temporaries(out)
+        (out / SUMMARY).unlink(missing_ok=True)  # the folder is unfinished from here until the summary is back
+        return _make_data(cfg, difficulty, out, console or Console())
+
+
+def _make_data(cfg: MakeDataConfig, difficulty: mul.Difficulty, out: Path, console) -> dict[str, Any]:
     from tqdm import tqdm
 
     from threadweaver_verl.config import to_yaml
@@ -132,14 +162,9 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
     from threadweaver_verl.data.schema import rl_row, sft_row, write_rl, write_sft
     from threadweaver_verl.format import TokenFormat
 
-    if not cfg.out:
-        raise ValueError("make-data: pass the output folder as out=DIR")
-    console = console or Console()
-    difficulty = mul.Difficulty.parse(cfg.preset)
     tokenizer = _tokenizer(cfg.tokenizer)
     fmt = TokenFormat.from_tokenizer(tokenizer)
     style = prompt_style(cfg)
-    out = Path(cfg.out)
 
     test = mul.make_samples(difficulty, cfg.n_test, cfg.seed, "test")
     train = mul.make_samples(difficulty, cfg.n_train, cfg.seed, "train", exclude=[s.problem for s in test])
@@ -209,8 +234,8 @@ def make_data(cfg: MakeDataConfig, console=None) -> dict[str, Any]:
         "files": {k: v.name for k, v in files.items()},
         "stats": rows,
     }
-    (out / "make_data.yaml").write_text(to_yaml(cfg))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))  # last: its presence marks a finished run
+    atomic_write_text(out / "make_data.yaml", to_yaml(cfg))
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))  # last: its presence marks a finished run
     _print_rows(console, f"multiplication {difficulty.name} -> {out}", rows)
     console.print("files: " + ", ".join(p.name for p in files.values()) + ", summary.json, make_data.yaml")
     return summary

@@ -56,6 +56,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from threadweaver_verl.format import BlockLayout, Tag
+from threadweaver_verl.runs import UserError
 
 DATA_SOURCE = "threadweaver/multiplication"
 
@@ -74,7 +75,7 @@ PRESETS: dict[str, tuple[int, ...]] = {
 }
 
 
-class DifficultyError(ValueError):
+class DifficultyError(UserError, ValueError):
     pass
 
 
