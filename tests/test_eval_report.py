@@ -57,6 +57,7 @@ def test_token_speedup_is_one_ratio_of_means_in_the_summary_and_the_demo_table()
     assert per_problem == {"a": 2.0, "b": 1.0}
     assert summary.token_speedup == pytest.approx(110 / 60) and summary.baseline_mean_L == pytest.approx(55.0)
     assert summary.failed_trajectories == 1 and summary.mean_T_over_L == pytest.approx(1.5)
+    assert summary.failed_by_cause == {"error": 1} and summary.to_json()["failed_by_cause"] == {"error": 1}
     sequential, _ = summarize(baseline, 3.0)
     rows = results_table({"sequential": sequential.to_json(), "parallel": summary.to_json()})
     assert [r["token_speedup"] for r in rows] == [1.0, summary.token_speedup]
@@ -67,7 +68,19 @@ def test_trajectory_records_round_trip_with_their_jsonl_keys(tmp_path):
     ok, failed = _traj("a", 5), _traj("b", 5, error="engine down")
     path = write_trajectories([ok, failed], tmp_path / "trajectories.jsonl")
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert set(lines[1]) == {"problem", "sample", "data_source", "index", "ground_truth", "error", "correct", "valid"}
+    assert set(lines[1]) == {
+        "problem",
+        "sample",
+        "data_source",
+        "index",
+        "ground_truth",
+        "id",
+        "error",
+        "failure_cause",
+        "correct",
+        "valid",
+    }
+    assert lines[0]["id"] == "a/0" and lines[1]["id"] == "b/0"  # problem/sample: a resumed run's done-set key
     assert lines[0]["stats"]["critical_path"] == 5 and "response_ids" in lines[0]
     back = read_trajectories(path)
     assert back[0] == ok and back[1].error == "engine down" and not back[1].ok and back[1].stats == {}

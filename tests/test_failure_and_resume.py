@@ -122,7 +122,7 @@ def eval_args(data: Path, url: str, tokenizer: Path, out: Path, *extra: str) -> 
         "controller.max_response_tokens=64",
         "concurrency=1",
         "progress=false",
-        "engine.max_retries=0",
+        "engine.http.max_retries=0",
         *extra,
     ]
 
@@ -562,7 +562,7 @@ def test_stage2_counts_and_empty_input(tmp_path, capsys, servers, answer_ids, ti
             "time_limit_minutes",
         ),
         (["sft", "minutes=-3"], "minutes"),
-        (["doctor", "bogus=1"], "doctor takes no settings, got bogus=1"),
+        (["doctor", "bogus=1"], "unknown key 'bogus' in DoctorConfig"),  # doctor has no settings
     ],
 )
 def test_nonsense_settings_are_refused_with_a_message(argv, expect, tmp_path, capsys, tiny_model_dir):

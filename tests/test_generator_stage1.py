@@ -17,14 +17,19 @@ import pytest
 from _scripted_openai import ScriptedOpenAI
 from generator_script import EXPECTED, make_sample, script
 
+from threadweaver_verl.cli import main as cli
 from threadweaver_verl.config import load_config
 from threadweaver_verl.data.chat import response_ids
 from threadweaver_verl.data.schema import read_rl, read_sft
 from threadweaver_verl.format import Limits, TokenFormat, parse_text, split_requests, validate
 from threadweaver_verl.generator import prompts
-from threadweaver_verl.generator.cli import main as cli_main
 from threadweaver_verl.generator.stage1 import Stage1Config, run_stage1
 from threadweaver_verl.rl.correctness import check_answer
+
+
+def cli_main(argv: list[str]) -> int:
+    """`threadweaver generate ...` through the dispatcher, under the error policy of every command."""
+    return cli(["generate", *argv])
 
 
 def _write_input(path: Path, kinds) -> list[dict]:

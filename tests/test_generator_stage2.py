@@ -10,12 +10,18 @@ import pytest
 from _scripted_openai import ScriptedOpenAI
 from generator_oracle import Oracle, Raw
 
+from threadweaver_verl.cli import main as cli
 from threadweaver_verl.config import load_config
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle, prompt_ids, response_ids
 from threadweaver_verl.data.schema import read_rl, read_sft, rl_row, write_rl
 from threadweaver_verl.format import BlockLayout
-from threadweaver_verl.generator.cli import main as cli_main
 from threadweaver_verl.generator.stage2 import Stage2Config, run_stage2
+
+
+def cli_main(argv: list[str]) -> int:
+    """`threadweaver generate ...` through the dispatcher, under the error policy of every command."""
+    return cli(["generate", *argv])
+
 
 STYLE = PromptStyle(instruction=DEFAULT_INSTRUCTION)
 

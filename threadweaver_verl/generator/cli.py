@@ -99,9 +99,7 @@ def stage2(cfg) -> int:
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    from threadweaver_verl.config import ConfigError, run_command
-    from threadweaver_verl.data.schema import SchemaError
-    from threadweaver_verl.generator.inputs import InputError
+    from threadweaver_verl.config import run_command
 
     args = list(argv)
     stages = [a for a in args if a.startswith("stage=")]
@@ -113,14 +111,12 @@ def main(argv: Sequence[str] = ()) -> int:
     if stage not in ("1", "2"):
         print(f"generate: say which stage to run with stage=1 or stage=2\n{USAGE}", file=sys.stderr)
         return 2
-    try:
-        if stage == "1":
-            from threadweaver_verl.generator.stage1 import Stage1Config
+    # config, input and schema errors are UserErrors: the dispatcher (threadweaver_verl.cli) prints them
+    # and exits 2, with the traceback under --debug, as for every command
+    if stage == "1":
+        from threadweaver_verl.generator.stage1 import Stage1Config
 
-            return run_command(Stage1Config, rest, stage1, command="generate stage=1")
-        from threadweaver_verl.generator.stage2 import Stage2Config
+        return run_command(Stage1Config, rest, stage1, command="generate stage=1")
+    from threadweaver_verl.generator.stage2 import Stage2Config
 
-        return run_command(Stage2Config, rest, stage2, command="generate stage=2")
-    except (ConfigError, InputError, SchemaError) as e:
-        print(f"generate: {e}", file=sys.stderr)
-        return 2
+    return run_command(Stage2Config, rest, stage2, command="generate stage=2")
