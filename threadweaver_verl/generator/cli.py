@@ -56,22 +56,15 @@ def print_stage2(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from threadweaver_verl.generator.stage2 import ROUND_METRICS
+
     console = Console(stderr=False)
     rounds = summary["rounds"]
     table = Table(title="stage 2: self-training rounds")
     table.add_column("")
     for r in rounds:
         table.add_column(f"round {r['round']}", justify="right")
-    for metric in (
-        "prompts",
-        "samples",
-        "format_valid_rate",
-        "accuracy",
-        "valid_and_correct",
-        "mean_speedup",
-        "mean_speedup_kept",
-        "kept",
-    ):
+    for metric in ROUND_METRICS:
         table.add_row(metric, *(format_cell(r.get(metric)) for r in rounds))
     console.print(table)
     detail = Table(title=f"stage 2 round {summary['round']}: details")

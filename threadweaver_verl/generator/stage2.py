@@ -60,6 +60,19 @@ from threadweaver_verl.runs import (
 SELECTIONS = ("shortest_critical_path", "all_correct", "random_one")
 
 
+# The per-round numbers kept in the generator's summary and shown in its table (one list for both).
+ROUND_METRICS = (
+    "prompts",
+    "samples",
+    "format_valid_rate",
+    "accuracy",
+    "valid_and_correct",
+    "mean_speedup",
+    "mean_speedup_kept",
+    "kept",
+)
+
+
 @dataclass
 class Stage2Config(EvalConfig):
     """Every ``eval`` setting (data, model or server_url, tokenizer, n_samples, sampling, controller, engine,
@@ -387,20 +400,4 @@ def _write_outputs(
         rounds.append(json.loads(p.read_text()))
     rounds.sort(key=lambda s: s["round"])
     atomic_write_text(Path(cfg.out_dir) / "rounds.json", json.dumps(rounds, indent=2))
-    summary["rounds"] = [
-        {
-            k: s.get(k)
-            for k in (
-                "round",
-                "prompts",
-                "samples",
-                "format_valid_rate",
-                "accuracy",
-                "valid_and_correct",
-                "mean_speedup",
-                "mean_speedup_kept",
-                "kept",
-            )
-        }
-        for s in rounds
-    ]
+    summary["rounds"] = [{k: s.get(k) for k in ("round", *ROUND_METRICS)} for s in rounds]
