@@ -70,6 +70,9 @@ class DemoConfig:
     """Peak learning rate of both trainings (AdamW, cosine schedule)."""
     warmup_steps: int = 50
     """Linear warm-up steps before the cosine schedule."""
+    bf16: bool = True
+    """Train in bf16 autocast (fp32 weights and optimizer): ~1.3x faster steps on a CPU with native bf16
+    (``doctor`` says whether this one has it; without it, set false). The README's runs used it."""
     time_limit_minutes: float = 120.0
     """Safety stop of each training (not a budget): hitting it fails the demo."""
     curve_points: int = 2
@@ -195,6 +198,7 @@ def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> 
             f"time_limit_minutes={cfg.time_limit_minutes}",
             f"learning_rate={cfg.learning_rate}",
             f"warmup_steps={cfg.warmup_steps}",
+            f"bf16={str(cfg.bf16).lower()}",
             f"seed={cfg.seed}",
             "logging_steps=10",
             f"save_steps={curve[0] if curve else 0}",
@@ -388,7 +392,7 @@ def stage_settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     return {
         "data": pick("preset", "n_train", "n_test", "seed"),
         "base_model": pick("model", "seed"),
-        "sft": pick("train_steps", "batch_tokens", "learning_rate", "warmup_steps", "seed", "curve_points"),
+        "sft": pick("train_steps", "batch_tokens", "learning_rate", "warmup_steps", "bf16", "seed", "curve_points"),
         "eval": pick("max_response_tokens", "max_thread_tokens", "kv_block_size", "temperature", "curve_points"),
     }
 
