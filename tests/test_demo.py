@@ -70,7 +70,7 @@ def test_quick_switch_and_curve_steps():
     yaml = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     quick = load_config(DemoConfig, ["--config", str(yaml), "--quick", "preset=4x3", "train_steps=500"])
     assert quick.quick and quick.preset == "4x3" and quick.effective().train_steps == 40
-    assert DemoConfig().curve_steps() == [600, 1200] and quick.effective().curve_steps() == [20]
+    assert DemoConfig().curve_steps() == [500, 1000] and quick.effective().curve_steps() == [20]
 
 
 @pytest.mark.slow
