@@ -1,20 +1,20 @@
-"""Fork/join rollout speed.
+"""Fork/join rollout speed on a real vLLM CPU server with the tiny model, one trajectory at a time:
+the latency of a k-thread fork/join (through the controller and the OpenAI adapter) against ONE
+sequential request with the same total generated tokens, fixed lengths (ignore_eos, digits only),
+k = 2, 4, 8. Reports the latency speedup, the token speedup (T_seq / L) and the share of it that the
+latency speedup reaches, the share of the ideal (k), and the prefix-cache hit rate of the thread
+requests. Latency, its speedup and that share have the eval's definitions
+(:mod:`threadweaver_verl.eval.metrics`, whose functions compute them here).
 
-1. Controller overhead per request with a zero-latency engine (the controller parses the
-   request's context after every completion, so its cost grows with the response length):
-   per-request time against the same trajectory's total (engine time is zero).
-2. On a real vLLM CPU server with the tiny model: wall clock of a k-thread fork/join
-   (through the controller and the OpenAI adapter) against ONE sequential request with
-   the same total generated tokens, fixed lengths (ignore_eos, digits only), k = 2, 4, 8.
-   Reports the achieved speedup, its share of the ideal T/L (= k) and the prefix-cache hit
-   rate of the thread requests.
+The controller's own CPU time per request: ``benchmarks/bench_controller.py``.
 
-    python benchmarks/bench_rollout.py [thread_tokens=128] [repeats=3] [vllm=1]
+    python benchmarks/bench_rollout.py [thread_tokens=128] [repeats=3]
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -31,78 +31,6 @@ def outline_block(k: int) -> str:
     from threadweaver_verl.format.tree import atoms_text
 
     return atoms_text(BlockLayout.outline_atoms([f"part {i}" for i in range(1, k + 1)]))
-
-
-class ZeroLatencyEngine:
-    """Answers at once from precomputed ids: a main line that opens `blocks` blocks of k threads."""
-
-    def __init__(self, fmt, prompt_len: int, k: int, blocks: int, thread_len: int):
-        from threadweaver_verl.format import Tag
-
-        self.fmt, self.prompt_len, self.blocks = fmt, prompt_len, blocks
-        self.block = fmt.fragment_ids("\nstep " + outline_block(k))
-        self.thread = fmt.encode(" 7" * (thread_len // 2)) + [fmt.tag_id(Tag.THREAD_CLOSE)]
-        self.end = fmt.encode(" done") + [fmt.eos_ids[0]]
-        self.close_id = fmt.tag_id(Tag.PARALLEL_CLOSE)
-        self.thread_open = fmt.tag_id(Tag.THREAD_OPEN)
-
-    async def complete(self, prompt_ids, *, max_tokens, stop_token_ids, routing_key, sampling=None):
-        from threadweaver_verl.rollout.engine import Completion
-
-        tail = prompt_ids[-4:]
-        if self.thread_open in tail:
-            return Completion(self.thread, "stop")
-        done = sum(1 for i in prompt_ids[self.prompt_len :] if i == self.close_id)
-        return Completion(self.block if done < self.blocks else self.end, "stop")
-
-
-def bench_overhead(fmt, prompt, console) -> list[tuple]:
-    from rich.table import Table
-
-    from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
-
-    rows = []
-    for k, blocks, thread_len in ((2, 1, 32), (4, 4, 64), (8, 4, 96), (8, 8, 32)):
-        engine = ZeroLatencyEngine(fmt, len(prompt), k, blocks, thread_len)
-        ctrl = ForkJoinController(
-            fmt, ControllerConfig(max_response_tokens=16384, max_blocks=blocks + 1, max_requests=256)
-        )
-        asyncio.run(ctrl.run(engine, prompt, routing_key="warm"))
-        times, calls, total = [], 0, 0
-        for r in range(5):
-            t0 = time.perf_counter()
-            res = asyncio.run(ctrl.run(engine, prompt, routing_key=f"o{r}"))
-            times.append(time.perf_counter() - t0)
-            calls, total = res.num_engine_calls, res.stats.total_tokens
-            assert res.valid, res.format_errors
-        t = statistics.median(times)
-        # baseline from the same run: reading the finished trajectory once (parse + validate + stats)
-        base = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            traj = fmt.parse(res.response_ids)
-            fmt.validate(traj)
-            fmt.stats(traj)
-            base.append(time.perf_counter() - t0)
-        b = statistics.median(base)
-        rows.append((k, blocks, total, calls, t * 1e3, t / calls * 1e6, t / total * 1e6, b * 1e3, t / b))
-    table = Table(title="controller overhead, zero-latency engine (median of 5)")
-    for col in (
-        "threads/block",
-        "blocks",
-        "T (tokens)",
-        "requests",
-        "ms / trajectory",
-        "us / request",
-        "us / response token",
-        "ms to read it once",
-        "overhead / one read",
-    ):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(*(f"{x:.1f}" if isinstance(x, float) else str(x) for x in r))
-    console.print(table)
-    return rows
 
 
 async def _fork_join(fmt, url, prompt, k, thread_tokens, sampling, key):
@@ -165,6 +93,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
     from tqdm import tqdm
 
     from threadweaver_verl.data.chat import PromptStyle, prompt_ids
+    from threadweaver_verl.eval.metrics import latency, latency_speedup, share_of_token_speedup, token_speedup
     from threadweaver_verl.format import THREAD
     from threadweaver_verl.rollout.vllm_server import VLLMServer
 
@@ -182,7 +111,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
                 total = k * thread_tokens
                 asyncio.run(_sequential(fmt, server.url, context, 8, sampling, "warm"))  # warm the shared prefix
                 asyncio.run(_fork_join(fmt, server.url, prompt, k, thread_tokens, sampling, f"warm-{k}"))
-                seq, fj, raw, ratio_tl, hits = [], [], [], [], []
+                seq, fj, raw, fj_L, hits = [], [], [], [], []
                 for r in tqdm(range(repeats), desc=f"k={k}"):
                     seq.append(asyncio.run(_sequential(fmt, server.url, context, total, sampling, f"s{k}{r}")))
                     raw.append(
@@ -192,44 +121,47 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
                     threads = [c for c in res.calls if c.kind == THREAD]
                     assert len(threads) == k and all(c.completion_tokens == thread_tokens for c in threads), threads
                     fj.append(res.wall_time_s)
-                    ratio_tl.append(res.stats.speedup)
+                    fj_L.append(res.stats.critical_path)
                     hits.append(sum(c.cached_tokens or 0 for c in threads) / sum(c.prompt_tokens for c in threads))
-                s, f, c = statistics.median(seq), statistics.median(fj), statistics.median(raw)
-                achieved = s / f
+                s, f, c = latency(seq), latency(fj), latency(raw)
+                achieved = latency_speedup({"trajectory": seq}, {"trajectory": fj})  # ratio of the means
+                tokens = token_speedup({"trajectory": [total]}, {"trajectory": fj_L})  # T_seq / L
                 rows.append(
                     (
                         k,
                         thread_tokens,
                         total,
-                        s,
-                        c,
-                        f,
-                        s / c,
+                        s.p50_s,
+                        c.p50_s,
+                        f.p50_s,
+                        f.p90_s,
+                        latency_speedup({"trajectory": seq}, {"trajectory": raw}),
                         achieved,
-                        float(k),
+                        tokens,
+                        share_of_token_speedup(achieved, tokens),
                         achieved / k,
-                        c / f,
-                        statistics.median(ratio_tl),
+                        latency_speedup({"trajectory": raw}, {"trajectory": fj}),
                         statistics.median(hits),
                     )
                 )
     table = Table(
-        title=f"vLLM CPU (tiny model): k-thread fork/join vs one sequential request, "
-        f"same generated tokens (median of {repeats})"
+        title=f"vLLM CPU (tiny model), one trajectory at a time: k-thread fork/join vs one sequential request, "
+        f"same generated tokens ({repeats} repeats; ratios of mean latencies)"
     )
     for col in (
         "k",
         "tokens/thread",
         "total tokens",
-        "sequential s",
-        "k plain requests s",
-        "fork/join s",
+        "sequential s (p50)",
+        "k plain requests s (p50)",
+        "fork/join s (p50)",
+        "fork/join s (p90)",
         "server speedup (seq / plain)",
-        "achieved speedup (seq / fork-join)",
-        "ideal (k)",
-        "share of ideal",
+        "latency speedup (seq / fork-join)",
+        "token speedup (T_seq / L)",
+        "share of token speedup",
+        "share of ideal (k)",
         "controller efficiency (plain / fork-join)",
-        "trajectory T/L",
         "thread prefix-cache hit",
     ):
         table.add_column(col, justify="right")
@@ -243,7 +175,6 @@ def main(argv: list[str]) -> int:
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from threadweaver_verl.data.chat import PromptStyle, prompt_ids
     from threadweaver_verl.format import TokenFormat
     from threadweaver_verl.models.tiny import build_tiny_model
 
@@ -251,17 +182,13 @@ def main(argv: list[str]) -> int:
     thread_tokens = int(args.get("thread_tokens", 128))
     repeats = int(args.get("repeats", 3))
     console = Console(width=200)
-    import os
-
     console.print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
         model_dir = build_tiny_model(Path(tmp) / "model")
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         fmt = TokenFormat.from_tokenizer(tokenizer)
-        prompt = prompt_ids(tokenizer, PromptStyle().messages("What is 12 * 34?"))
-        bench_overhead(fmt, prompt, console)
-        if args.get("vllm", "1") != "0":
-            bench_vllm(fmt, tokenizer, model_dir, thread_tokens, repeats, console)
+        bench_vllm(fmt, tokenizer, model_dir, thread_tokens, repeats, console)
+    console.print(f"load average at end: {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -17,6 +17,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ThreadWeaver demo" in proc.stdout and "token_speedup" in proc.stdout
+    assert "latency_speedup_at_1_in_flight" in proc.stdout and "throughput_speedup_at_16_in_flight" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in res["table"]}
     assert set(rows) == {"sequential", "parallel (fork/join)"}
@@ -24,7 +25,13 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
         for key in ("accuracy", "format_valid"):
             assert 0.0 <= r[key] <= 1.0
         assert r["mean_T"] >= r["mean_L"] > 0
-        assert r["token_speedup"] > 0 and r["wall_s_per_problem"] > 0
+        assert r["token_speedup"] > 0
+        # latency one problem at a time (the first latency_problems), throughput at eval_concurrency
+        assert r["latency_s_at_1_in_flight"] > 0 and r["latency_speedup_at_1_in_flight"] > 0
+        assert r["latency_share_of_token_speedup"] > 0
+        assert r["problems_per_s_at_16_in_flight"] > 0 and r["throughput_speedup_at_16_in_flight"] > 0
+        assert r["response_tokens_per_s_at_16_in_flight"] > 0
+        assert "wall_speedup" not in r
     assert rows["sequential"]["mean_T"] == pytest.approx(rows["sequential"]["mean_L"])  # no forks
     for artefact in (
         "data/train.parquet",
@@ -33,6 +40,8 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
         "sft_sequential/model/config.json",
         "eval_parallel/trajectories.jsonl",
         "eval_sequential/trajectories.jsonl",
+        "latency_parallel/summary.json",
+        "latency_sequential/summary.json",
         "curve/parallel_step20/summary.json",
         "curve/sequential_step20/summary.json",
         "report.html",

@@ -8,10 +8,14 @@ from hypothesis import strategies as st
 
 from threadweaver_verl.format import (
     ALL_TAGS,
+    Block,
     BlockLayout,
+    Outline,
+    Outlines,
     Span,
     Tag,
     TagVocab,
+    Thread,
     Trajectory,
     compute_stats,
     iter_atoms,
@@ -22,7 +26,7 @@ from threadweaver_verl.format import (
     validate,
 )
 from threadweaver_verl.format import validation as V
-from threadweaver_verl.format.tree import parse_atoms
+from threadweaver_verl.format.tree import Parser, id_atoms, node_length, parse_atoms, text_atoms
 
 GOOD = (
     "<think>\nLet us split.\n<Parallel>\n<Outlines>\n<Outline>1: left</Outline>\n<Outline>2: right</Outline>\n"
@@ -316,3 +320,60 @@ def test_tag_soup_ids_never_raises(ids):
     validate(tree, decode=lambda xs: "".join("1:a \n"[x - 10] for x in xs))
     s = compute_stats(tree)
     assert 0 <= s.critical_path <= s.total_tokens == len(ids)
+
+
+def _ended_open_by_walk(tree: Trajectory, from_offset: int):
+    """The reference for :meth:`Parser.first_ended_open`, from the finished tree alone: the elements that
+    are not closed yet end before the end of the input (so a tag ended them), grouped by where they end,
+    innermost first; the first group at or after ``from_offset``."""
+    total = sum(node_length(n) for n in tree.body)
+    found: dict[int, list] = {}
+
+    def walk(nodes, offset):
+        for n in nodes:
+            length = node_length(n)
+            if isinstance(n, (Block, Outlines, Outline, Thread)):
+                walk(n.parts if isinstance(n, (Block, Outlines)) else n.body, offset + 1)
+                end = offset + length
+                if not n.closed and from_offset <= end < total:
+                    found.setdefault(end, []).append(n)
+            offset += length
+
+    walk(tree.body, 0)
+    return (min(found), found[min(found)]) if found else None
+
+
+def test_parser_records_the_tags_that_end_open_elements():
+    parser = Parser().feed(text_atoms("<Parallel>\n<Outlines>\n<Outline>1: a<Outline>2: b</Outline>"))
+    # offsets count a tag as 1 and text by characters: the second <Outline> is at 1 + 1 + 1 + 1 + 1 + 4
+    assert parser.first_ended_open(0) == (9, [Outline((Span("1: a"),), closed=False)])
+    assert parser.first_ended_open(9) is not None and parser.first_ended_open(10) is None
+    parser = Parser().feed(text_atoms("<Parallel><Outlines><Outline>x<Thread>y"))
+    offset, ended = parser.first_ended_open(0)
+    assert offset == 4 and ended == [Outline((Span("x"),), False), Outlines((Outline((Span("x"),), False),), False)]
+    block = parser.tree().body[0]
+    assert ended[1] is block.parts[0]  # the recorded element is the tree's own node
+    assert parser.length == 6 and Parser().feed(text_atoms("ab<think>")).length == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 14), max_size=60), st.lists(st.integers(0, 60), max_size=6))
+def test_parser_fed_piece_by_piece_reads_what_one_pass_reads(ids, cuts):
+    """The fork/join controller feeds a line's parser each completion (cut anywhere, also inside a run of
+    content) and reads continuations from copies: every tree must be the one parse of the same ids, and
+    every element ended without its closing tag the one a walk over that tree finds."""
+    vocab = TagVocab({t: i for i, t in enumerate(ALL_TAGS)})  # ids 0..9 are tags, 10..14 content
+    parser, start = Parser(), 0
+    for cut in [*sorted({c for c in cuts if c <= len(ids)}), len(ids)]:
+        before = parser.tree()
+        parser.copy().feed(id_atoms([0, 10, 2, 4, 11], vocab))  # a what-if leaves the parser as it was
+        assert parser.tree() == before
+        parser.feed(id_atoms(ids[start:cut], vocab))
+        start = cut
+        tree = parser.tree()
+        assert tree == parse_ids(ids[:cut], vocab) and parser.length == cut
+        for offset in range(cut + 1):
+            got, want = parser.first_ended_open(offset), _ended_open_by_walk(tree, offset)
+            assert got == want
+            if got is not None:
+                assert all(a is b for a, b in zip(got[1], want[1]))  # the tree's own nodes

@@ -26,6 +26,8 @@ from threadweaver_verl.format import (
     TokenFormat,
     split_requests,
 )
+from threadweaver_verl.format.tree import Parser, parse_atoms
+from threadweaver_verl.rollout import controller as controller_module
 from threadweaver_verl.rollout.controller import (
     LINE_SPLITTING,
     ControllerConfig,
@@ -34,6 +36,42 @@ from threadweaver_verl.rollout.controller import (
     RolloutError,
 )
 from threadweaver_verl.rollout.engine import Completion, EngineError, Finish
+
+
+class _CheckedParser(Parser):
+    """The controller's parser, checking every reading against one pass over everything it was fed: the
+    controller feeds each line's parser piece by piece and reads what-ifs from copies instead of
+    re-reading the context, and must see exactly what a fresh parse of that context gives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fed: list = []
+
+    def copy(self) -> _CheckedParser:
+        other = super().copy()
+        other.fed = list(self.fed)
+        return other
+
+    def feed(self, atoms) -> _CheckedParser:
+        atoms = list(atoms)
+        self.fed += atoms
+        return super().feed(atoms)
+
+    def tree(self):
+        tree = super().tree()
+        assert tree == parse_atoms(self.fed), "the incremental tree differs from a fresh parse"
+        return tree
+
+    def first_ended_open(self, from_offset: int):
+        found = super().first_ended_open(from_offset)
+        assert found == Parser().feed(self.fed).first_ended_open(from_offset)
+        return found
+
+
+@pytest.fixture(autouse=True)
+def checked_parser(monkeypatch):
+    """Every test here runs the controller with :class:`_CheckedParser`."""
+    monkeypatch.setattr(controller_module, "Parser", _CheckedParser)
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +306,78 @@ def test_sequential_baseline(fmt, prompt):
     assert len(engine.calls) == 1 and engine.calls[0]["stops"] == list(fmt.eos_ids)
     assert result.ended_normally and result.valid
     assert [r.kind for r in result.requests] == [SEQUENTIAL]
+
+
+def test_realistic_trajectories_replay_request_for_request(tok, fmt):
+    """The demo task's trajectories and RL-sized synthetic ones (2-8 threads, nested blocks): an engine that
+    answers each request with the splitter's completion gets exactly the splitter's requests, and the
+    trajectory back."""
+    from _replay_engine import ReplayEngine
+
+    from threadweaver_verl.data.chat import PromptStyle, response_ids
+    from threadweaver_verl.sft.synthetic import TrajectoryShape, random_trajectory
+    from threadweaver_verl.tasks.multiplication import Difficulty, make_samples
+
+    def prompt_of(question: str) -> list[int]:
+        return prompt_ids(tok, PromptStyle().messages(question))
+
+    trajectories = {
+        f"{preset}-{i}": (prompt_of(s.problem.question), response_ids(fmt, s.parallel))
+        for preset in ("3x3", "4x4")
+        for i, s in enumerate(make_samples(Difficulty.parse(preset), 3, seed=0, split="test"))
+    }
+    rng = random.Random(0)
+    for i in range(8):
+        shape = TrajectoryShape(
+            tokens=rng.choice([300, 1500]), blocks=rng.randint(1, 3), max_threads=8, nested_prob=0.5
+        )
+        trajectories[f"synthetic-{i}"] = (prompt_of(f"synthetic {i}"), response_ids(fmt, random_trajectory(rng, shape)))
+    engine = ReplayEngine(fmt, trajectories)
+    longest = max(len(r) for _, r in trajectories.values())
+    # budgets that cut nothing: the threads of a block share what is left equally, so leave room for that
+    cfg = ControllerConfig(max_response_tokens=16 * longest, max_thread_tokens=longest, max_requests=512, max_blocks=64)
+    depths = set()
+    for key, (prompt, response) in trajectories.items():
+        result = asyncio.run(ForkJoinController(fmt, cfg).run(engine, prompt, routing_key=key))
+        assert result.response_ids == response and result.requests == engine.requests[key]
+        assert result.valid and result.terminations == [] and result.ended_normally
+        depths.add(result.stats.max_depth)
+    assert depths == {1, 2}  # some with nested blocks
+
+
+def test_malformed_and_unclosed_threads_in_one_trajectory(fmt, prompt):
+    # thread 1 opens a nested block whose outline list a <Thread> interrupts (closed by the controller, then
+    # forked), its nested thread ends on EOS, and thread 1 stops without a stop id; thread 2 breaks out of
+    # its block; thread 3 writes a tag a thread may not hold; the main line ends on EOS with <think> open
+    def script(t):
+        if t.endswith("<Thread>\n1:") and t.count("<Parallel>") == 2:
+            return " deep<|im_end|>"
+        if t.endswith("<Thread>\n1:"):
+            return " x <Parallel>\n<Outlines>\n<Outline>1: p<Thread>\n1: q</Thread>"
+        if t.endswith("<Thread>\n2:"):
+            return " y</Parallel> z</Thread>"
+        if t.endswith("<Thread>\n3:"):
+            return " w<Outline>stray</Thread>"
+        if t.endswith("</Parallel>") and t.count("</Parallel>") == 1:
+            return " after"
+        if t.endswith("</Parallel>"):
+            return " done<|im_end|>"
+        return "<think>\n" + block("1: a", "2: b", "3: c")
+
+    result, engine = run(fmt, prompt, script)
+    check(result, engine, fmt, prompt)
+    assert set(result.terminations) == {
+        Reason.IMPLICIT_CLOSE,
+        Reason.EOS_IN_THREAD,
+        Reason.ENGINE_STOP_WITHOUT_STOP_ID,
+        Reason.THREAD_BREAKOUT,
+        Reason.CLOSED_AT_EOS,
+    }
+    out = text(fmt, result)
+    assert "<Outline>1: p</Outline></Outlines>\n<Thread>\n1: deep</Thread>\n</Parallel> after</Thread>" in out
+    assert "<Thread>\n2: y</Thread>" in out and out.endswith(" done</think><|im_end|>")
+    assert result.stats.max_depth == 2  # (the nested block has one thread, thread 3 a stray tag)
+    assert {e.rule for e in result.format_errors} == {"single_thread_block", "stray_tag"}
 
 
 # --------------------------------------------------------------------------- adversarial model output
@@ -679,7 +789,12 @@ PIECES = [
 ]
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],  # (checked_parser)
+)
 @given(
     seed=st.integers(0, 2**32 - 1),
     budget=st.integers(8, 200),
@@ -739,7 +854,12 @@ def grammar_script(rng: random.Random):
     return script
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],  # (checked_parser)
+)
 @given(
     seed=st.integers(0, 2**32 - 1),
     budget=st.integers(30, 400),

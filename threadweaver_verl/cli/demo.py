@@ -8,7 +8,10 @@
 3. one vLLM server (CPU build) at a time: it serves the sequential model, evaluated with plain decoding,
    then reloads the parallel model's weights, evaluated with fork/join inference, on the same held-out
    problems; intermediate checkpoints of both give the held-out accuracy against training steps;
-4. a table (accuracy, format-valid rate, mean T, mean L, token speedup, wall clock, prefix-cache hits),
+   The same server then runs each model on the first ``latency_problems`` held-out problems one at a time:
+   the latency a lone user waits;
+4. a table (accuracy, format-valid rate, mean T, mean L, token speedup, latency at 1 in flight and
+   throughput at ``eval_concurrency`` in flight, both against the sequential model, prefix-cache hits),
    the accuracy-vs-steps table, and ``report.html`` (table, accuracy curve, per-problem speedup
    histogram, one trajectory with its threads, its trie attention mask, the training loss curves).
 
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from threadweaver_verl.models.tiny import TinyModelConfig
-from threadweaver_verl.runs import Marker, OutputLock, UserError, atomic_write_text, output_dir
+from threadweaver_verl.runs import Marker, OutputLock, UserError, atomic_write_text, output_dir, require_count
 
 
 @dataclass
@@ -81,7 +84,11 @@ class DemoConfig:
     curve_concurrency: int = 64
     """Problems in flight when evaluating those checkpoints (accuracy only)."""
     eval_concurrency: int = 16
-    """Problems in flight for the final evaluation (its wall-clock columns)."""
+    """Problems in flight for the final evaluation (its accuracy, and the table's throughput rows)."""
+    latency_problems: int = 40
+    """The table's latency rows: the first N held-out problems, one at a time, per model, on the same vLLM
+    server as that model's final evaluation (about 1 s each on a CPU; 0 leaves the rows empty). The
+    accuracy rows stay those of all ``n_test`` problems."""
     max_response_tokens: int = 2048
     """Response tokens of one trajectory in the evaluation (the tiny model's context is 4096)."""
     max_thread_tokens: int = 512
@@ -108,8 +115,12 @@ class DemoConfig:
                 "curve_points": min(self.curve_points, 1),
                 "max_response_tokens": min(self.max_response_tokens, 512),
                 "max_thread_tokens": min(self.max_thread_tokens, 256),
+                "latency_problems": min(self.latency_problems, 4),
             }
         )
+
+    def __post_init__(self) -> None:
+        require_count(self.latency_problems, "latency_problems")
 
     def curve_steps(self) -> list[int]:
         """Steps of the checkpoints evaluated for the accuracy curve (the final model is the last point)."""
@@ -261,15 +272,16 @@ def _last_step(curve: Path) -> tuple[int, str]:
 
 def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -> dict:
     """One vLLM server at a time: it serves the sequential model (plain decoding), then reloads the parallel
-    model's weights (fork/join); after each final evaluation it reloads that model's intermediate
-    checkpoints for the accuracy-vs-steps curve."""
+    model's weights (fork/join). Each final evaluation (``eval_concurrency`` in flight) is followed by the
+    latency run of the same model (its first ``latency_problems`` problems, one at a time); then the server
+    reloads that model's intermediate checkpoints for the accuracy-vs-steps curve."""
     from threadweaver_verl.eval.evaluate import EvalConfig, evaluate
     from threadweaver_verl.eval.records import EvalSummary
     from threadweaver_verl.rollout.controller import ControllerConfig
     from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
     budgets = dict(max_response_tokens=cfg.max_response_tokens, max_thread_tokens=cfg.max_thread_tokens)
-    results: dict[str, Any] = {"curve": {k: {} for k in KINDS}}
+    results: dict[str, Any] = {"curve": {k: {} for k in KINDS}, "latency": {}}
     # Prefix caching works in whole KV blocks: the tiny task's shared contexts (~70 tokens) are
     # shorter than a default CPU block, so use small blocks to let thread requests hit the cache.
     server_cfg = VLLMServerConfig(
@@ -280,7 +292,12 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
     )
 
     def run_eval(
-        server: VLLMServer, kind: str, out_dir: Path, concurrency: int, baseline: str | None = None
+        server: VLLMServer,
+        kind: str,
+        out_dir: Path,
+        concurrency: int,
+        baseline: str | None = None,
+        max_problems: int | None = None,
     ) -> EvalSummary:
         return evaluate(
             EvalConfig(
@@ -291,6 +308,7 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
                 n_samples=1,
                 temperature=cfg.temperature,
                 concurrency=concurrency,
+                max_problems=max_problems,
                 baseline=baseline,
                 controller=ControllerConfig(fork=kind == "parallel", **budgets),
             )
@@ -306,6 +324,11 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
             summary = run_eval(server, kind, out / f"eval_{kind}", cfg.eval_concurrency, baseline)
             results[kind] = summary.to_json()
             results["curve"][kind][str(sft[kind]["steps"])] = summary.accuracy
+            if cfg.latency_problems:
+                console.print(f"latency: the {kind} model on {cfg.latency_problems} held-out problems, one at a time")
+                baseline = str(out / "latency_sequential" / "trajectories.jsonl") if fork else None
+                summary = run_eval(server, kind, out / f"latency_{kind}", 1, baseline, cfg.latency_problems)
+                results["latency"][kind] = summary.to_json()
             for step, checkpoint in sft[kind].get("checkpoints", {}).items():
                 console.print(f"accuracy curve: the {kind} model at step {step}")
                 server.reload_weights(checkpoint)
@@ -322,14 +345,36 @@ def curve_rows(curve: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
 
 
 def results_table(evals: dict) -> list[dict[str, Any]]:
-    """One row per model from the eval stage's summaries. ``token_speedup`` is the parallel evaluation's, measured
-    against the sequential model's trajectories (:mod:`threadweaver_verl.eval.metrics`); the sequential model is
-    that baseline itself (T = L), so its own is 1."""
+    """One row per model from the eval stage's summaries (definitions: :mod:`threadweaver_verl.eval.metrics`).
+
+    - ``token_speedup``: the parallel evaluation's, against the sequential model's trajectories; the
+      sequential model is that baseline itself (T = L), so its own is 1;
+    - ``latency_s_at_1_in_flight``: mean wall time of one trajectory, one problem at a time (the latency
+      run), and ``latency_speedup_at_1_in_flight`` the sequential model's over this one's;
+    - ``latency_share_of_token_speedup``: that latency speedup over the token speedup on the same problems
+      (the latency run's): how much of the shorter critical path reaches a user;
+    - ``problems_per_s_at_N_in_flight``, ``response_tokens_per_s_at_N_in_flight``: throughput of the final
+      evaluation with N = ``eval_concurrency`` problems in flight, and ``throughput_speedup_at_N_in_flight``
+      this model's problems per second over the sequential model's.
+
+    Rows the demo did not measure (``latency_problems=0``) are None."""
     from threadweaver_verl.eval.records import EvalSummary
 
     seq, par = (EvalSummary.from_json(evals[k], f"demo eval stage ({k})") for k in KINDS)
+    timed = evals.get("latency", {})
+    lat_seq, lat_par = (
+        EvalSummary.from_json(timed[k], f"demo eval stage (latency, {k})") if k in timed else None for k in KINDS
+    )
+    n = seq.concurrency
     rows = []
-    for name, s, speedup in (("sequential", seq, 1.0), ("parallel (fork/join)", par, par.token_speedup)):
+    for name, s, lat in (("sequential", seq, lat_seq), ("parallel (fork/join)", par, lat_par)):
+        itself = s is seq  # the sequential model is the baseline: its own ratios are 1
+        if lat is None:
+            lat_speedup = share = None
+        elif itself:
+            lat_speedup = share = 1.0
+        else:
+            lat_speedup, share = lat.latency_speedup, lat.latency_share_of_token_speedup
         rows.append(
             {
                 "model": name,
@@ -337,9 +382,15 @@ def results_table(evals: dict) -> list[dict[str, Any]]:
                 "format_valid": s.format_valid_rate,
                 "mean_T": s.mean_T,
                 "mean_L": s.mean_L,
-                "token_speedup": speedup,
-                "wall_s_per_problem": s.wall_s_per_problem,
-                "wall_speedup": seq.wall_s_per_problem / s.wall_s_per_problem if s.wall_s_per_problem else None,
+                "token_speedup": 1.0 if itself else s.token_speedup,
+                "latency_s_at_1_in_flight": lat.latency_mean_s if lat else None,
+                "latency_speedup_at_1_in_flight": lat_speedup,
+                "latency_share_of_token_speedup": share,
+                f"problems_per_s_at_{n}_in_flight": s.problems_per_s,
+                f"throughput_speedup_at_{n}_in_flight": (
+                    s.problems_per_s / seq.problems_per_s if s.problems_per_s and seq.problems_per_s else None
+                ),
+                f"response_tokens_per_s_at_{n}_in_flight": s.response_tokens_per_s,
                 "thread_cache_hit_rate": s.thread_cache_hit_rate,
             }
         )
@@ -394,7 +445,14 @@ def stage_settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         "data": pick("preset", "n_train", "n_test", "seed"),
         "base_model": pick("model", "seed"),
         "sft": pick("train_steps", "batch_tokens", "learning_rate", "warmup_steps", "bf16", "seed", "curve_points"),
-        "eval": pick("max_response_tokens", "max_thread_tokens", "kv_block_size", "temperature", "curve_points"),
+        "eval": pick(
+            "max_response_tokens",
+            "max_thread_tokens",
+            "kv_block_size",
+            "temperature",
+            "curve_points",
+            "latency_problems",
+        ),
     }
 
 
@@ -443,7 +501,7 @@ def _run(cfg: DemoConfig, out: Path, console) -> dict:
         console,
         settings["eval"],
         {"test": data / "test.parquet", **{f"model_{kind}": Path(sft[kind]["model_dir"]) for kind in KINDS}},
-        outputs=[out / "eval_sequential", out / "eval_parallel", out / "curve"],
+        outputs=[out / f"{stage}_{kind}" for stage in ("eval", "latency") for kind in KINDS] + [out / "curve"],
     )
     rows = results_table(evals)
     from threadweaver_verl.eval.report import write_demo_report

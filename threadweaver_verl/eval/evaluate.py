@@ -27,8 +27,11 @@ a launched server stopped with its temporary folder). One run at a time per ``ou
 Summary: accuracy (math-verify via :func:`threadweaver_verl.rl.correctness.check_answer`) over the
 trajectories that ran (failed ones are counted apart, by cause, in ``failed_by_cause``), format-valid
 rate, mean T (response tokens), mean L (critical path), mean T/L, the token speedup against ``baseline``
-(a sequential run's JSONL; the one definition is in :mod:`threadweaver_verl.eval.metrics`), wall-clock
-per problem, prefix-cache hit rate (cached / prompt tokens over the calls that report it).
+(a sequential run's JSONL; the one definition is in :mod:`threadweaver_verl.eval.metrics`), and for the
+run's ``concurrency``: the latency per problem (each trajectory's own wall time: mean, p50, p90) and the
+throughput (problems and response tokens per second of the run's wall time); prefix-cache hit rate
+(cached / prompt tokens over the calls that report it). Latency at one problem in flight is what a lone
+user waits (``concurrency=1``); at high concurrency the throughput is what a batch or an RL rollout gets.
 
 :func:`run_problems` is the sampling itself (stage 2 of the data generator uses it too).
 """
@@ -50,7 +53,14 @@ from typing import Any
 import openai
 
 from threadweaver_verl.config import run_command
-from threadweaver_verl.eval.metrics import mean, token_speedup
+from threadweaver_verl.eval.metrics import (
+    latency,
+    latency_speedup,
+    mean,
+    share_of_token_speedup,
+    throughput,
+    token_speedup,
+)
 from threadweaver_verl.eval.records import EvalSummary, TrajectoryRecord, read_trajectories, trajectory_id
 from threadweaver_verl.eval.report import format_cell, write_eval_report
 from threadweaver_verl.generator.records import RecordStore
@@ -91,7 +101,7 @@ class EvalConfig:
     max_problems: int | None = None
     """Evaluate only the first N problems (None: all; 0: none; negative is an error)."""
     concurrency: int = 16
-    """Trajectories in flight at once."""
+    """Trajectories in flight at once (the latency and throughput in the summary are measured at it)."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
@@ -283,10 +293,19 @@ def _thread_cache_hit_rate(records: list[TrajectoryRecord]) -> float | None:
 
 
 def summarize(
-    records: list[TrajectoryRecord], wall_s: float, baseline: list[TrajectoryRecord] | None = None
+    records: list[TrajectoryRecord],
+    wall_s: float,
+    baseline: list[TrajectoryRecord] | None = None,
+    timed: list[TrajectoryRecord] | None = None,
 ) -> tuple[EvalSummary, dict[str, float]]:
-    """The summary and the per-problem speedups: ``L_seq / L`` against the baseline if given, else T / L."""
+    """The summary and the per-problem speedups: ``L_seq / L`` against the baseline if given, else T / L.
+
+    ``timed``: the records that ran in the ``wall_s`` seconds (default: all of ``records``); the latency
+    and throughput are over their finished ones (:mod:`threadweaver_verl.eval.metrics`)."""
     ok = [r for r in records if r.ok]
+    timed_ok = [r for r in (records if timed is None else timed) if r.ok]
+    lat = latency(r.wall_time_s for r in timed_ok)
+    rate = throughput(len({r.problem for r in timed_ok}), sum(r.stats["total_tokens"] for r in timed_ok), wall_s)
     failed_by_cause: dict[str, int] = {}
     for r in records:
         if not r.ok:
@@ -314,8 +333,13 @@ def summarize(
         mean_T_over_L=mean(r.stats["speedup"] for r in ok),
         mean_blocks=mean(r.stats["num_blocks"] for r in ok),
         mean_engine_calls=mean(r.num_engine_calls for r in ok),
-        wall_s_per_problem=wall_s / len(problems) if problems else None,
-        mean_trajectory_wall_s=mean(r.wall_time_s for r in ok),
+        timed_trajectories=len(timed_ok),
+        timed_wall_s=wall_s if wall_s > 0 else None,
+        latency_mean_s=lat.mean_s if lat else None,
+        latency_p50_s=lat.p50_s if lat else None,
+        latency_p90_s=lat.p90_s if lat else None,
+        problems_per_s=rate.problems_per_s if rate else None,
+        response_tokens_per_s=rate.response_tokens_per_s if rate else None,
         prefix_cache_hit_rate=sum(r.cached_tokens for r in reported) / prompt_reported if prompt_reported else None,
         thread_cache_hit_rate=_thread_cache_hit_rate(ok),
         terminations=terminations,
@@ -324,9 +348,12 @@ def summarize(
         return summary, {p: statistics.fmean(r.stats["speedup"] for r in rs) for p, rs in by_problem.items()}
     run_L = {p: [r.stats["critical_path"] for r in rs] for p, rs in by_problem.items()}
     base_L: dict[str, list[float]] = {}
+    base_s: dict[str, list[float]] = {}
     for r in baseline:
         if r.ok:
             base_L.setdefault(r.problem, []).append(r.stats["critical_path"])
+            if r.wall_time_s is not None:
+                base_s.setdefault(r.problem, []).append(r.wall_time_s)
     common = [p for p in run_L if p in base_L]
     if not common and run_L and base_L:
         raise EvalError("the baseline JSONL shares no problem with this run (keys are data_source#index)")
@@ -336,6 +363,12 @@ def summarize(
         per_problem[p] = statistics.fmean(base_L[p]) / ours if ours else float("nan")
     summary.token_speedup = token_speedup(base_L, run_L)
     summary.baseline_mean_L = mean(statistics.fmean(base_L[p]) for p in common)
+    run_s: dict[str, list[float]] = {}
+    for r in timed_ok:
+        if r.wall_time_s is not None:
+            run_s.setdefault(r.problem, []).append(r.wall_time_s)
+    summary.latency_speedup = latency_speedup(base_s, run_s)
+    summary.latency_share_of_token_speedup = share_of_token_speedup(summary.latency_speedup, summary.token_speedup)
     return summary, per_problem
 
 
@@ -465,7 +498,7 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
                     f"eval: resuming: {len(store)} trajectories done earlier, {len(todo)} problems to run",
                     file=sys.stderr,
                 )
-            wall = 0.0
+            wall, ran = 0.0, []
             with contextlib.ExitStack() as stack:
                 if todo and cfg.model:
                     server = stack.enter_context(VLLMServer(dataclasses.replace(cfg.vllm, model=cfg.model)))
@@ -476,14 +509,15 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
                     longest = max(len(prompt_ids(tokenizer, r["prompt"])) for r in todo)
                     controller = fit_budget(cfg.controller, served_max_model_len(base_url), longest)
                     run_cfg = dataclasses.replace(cfg, controller=controller)
-                    _, wall = run_async(run_problems(run_cfg, todo, tokenizer, base_url, keep_in(store), skip=store))
+                    ran, wall = run_async(run_problems(run_cfg, todo, tokenizer, base_url, keep_in(store), skip=store))
             order = {problem_key(r): i for i, r in enumerate(rows)}  # the data's order, whatever finished first
             records = [r for r in stored_records(store) + failures_to_retry(store) if r.problem in order]
             records.sort(key=lambda r: (order[r.problem], r.sample))
         finally:
             store.close()
-        summary, per_problem = summarize(records, wall, baseline)
+        summary, per_problem = summarize(records, wall, baseline, timed=ran)
         summary.mode = "fork/join" if cfg.controller.fork else "sequential"
+        summary.concurrency = cfg.concurrency
         write_eval_report(out, summary, per_problem, baseline is not None)
         atomic_write_text(out / "summary.json", json.dumps(summary.to_json(), indent=2))  # last: marks it finished
         started.write(run_settings(cfg), {"data": cfg.data}, {"status": "finished"})

@@ -140,8 +140,24 @@ class EvalSummary:
     """Mean of each trajectory's own T / L (not the token speedup)."""
     mean_blocks: float | None = None
     mean_engine_calls: float | None = None
-    wall_s_per_problem: float | None = None
-    mean_trajectory_wall_s: float | None = None
+    concurrency: int | None = None
+    """Trajectories in flight (``EvalConfig.concurrency``) while the timings below were taken."""
+    timed_trajectories: int = 0
+    """The finished trajectories the timings are over: those this invocation ran (a resumed run times only
+    what it ran; a rerun that had nothing left to run times nothing)."""
+    timed_wall_s: float | None = None
+    """Wall time of this invocation's sampling (what the throughput divides by)."""
+    latency_mean_s: float | None = None
+    """Latency per problem: a trajectory's own wall time, first request to last answer
+    (:func:`threadweaver_verl.eval.metrics.latency`), mean over the timed trajectories."""
+    latency_p50_s: float | None = None
+    """Its median."""
+    latency_p90_s: float | None = None
+    """Its 90th percentile."""
+    problems_per_s: float | None = None
+    """Throughput: problems with a finished trajectory per second of ``timed_wall_s``."""
+    response_tokens_per_s: float | None = None
+    """Throughput: response tokens (T, every thread's) of the timed trajectories per second of ``timed_wall_s``."""
     prefix_cache_hit_rate: float | None = None
     """Cached over prompt tokens, over the calls that report it."""
     thread_cache_hit_rate: float | None = None
@@ -150,6 +166,12 @@ class EvalSummary:
     """Against the sequential ``baseline`` (:mod:`threadweaver_verl.eval.metrics`); None without one."""
     baseline_mean_L: float | None = None
     """The baseline's mean L over the problems both runs share."""
+    latency_speedup: float | None = None
+    """Against the ``baseline``: its trajectories' mean wall time over this run's timed ones, on the problems
+    both finished (:func:`threadweaver_verl.eval.metrics.latency_speedup`). Says something only when the
+    baseline ran at the same ``concurrency``; None without a baseline."""
+    latency_share_of_token_speedup: float | None = None
+    """``latency_speedup / token_speedup``: how much of the shorter critical path reaches the wait."""
     terminations: dict[str, int] = field(default_factory=dict)
     """How often each controller intervention happened."""
     mode: str = ""

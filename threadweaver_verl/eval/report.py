@@ -261,7 +261,13 @@ def write_demo_report(
         f"<h2>Results</h2>{table_html(rows)}"
         "<p>token_speedup = the sequential model's mean critical path L over this model's, on the same "
         "problems (a ratio of means; the sequential model has T = L, so its own is 1). "
-        "wall_speedup = sequential wall clock per problem / this one's.</p>"
+        "Latency is what a user waits for one answer: latency_s_at_1_in_flight is the mean wall time of a "
+        "trajectory with one problem in flight (the first latency_problems held-out problems), and "
+        "latency_speedup_at_1_in_flight the sequential model's over this model's; "
+        "latency_share_of_token_speedup is that latency speedup over the token speedup on the same "
+        "problems (1 = every token saved on the critical path is time saved). Throughput is what a batch "
+        "gets: problems and response tokens per second with eval_concurrency problems in flight, and "
+        "throughput_speedup this model's problems per second over the sequential model's.</p>"
     ]
     if curve:
         curve_png(curve, assets / "accuracy_curve.png")

@@ -64,6 +64,11 @@ class TagVocab:
     def tag(self, token_id: int) -> Tag | None:
         return self._by_id.get(token_id)  # type: ignore[attr-defined]
 
+    @property
+    def tags_by_id(self) -> Mapping[int, Tag]:
+        """Token id -> tag, for the tag ids only."""
+        return self._by_id  # type: ignore[attr-defined]
+
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> TagVocab:
         """Look every tag up in a HF tokenizer; raise naming the tag if it is not one token."""

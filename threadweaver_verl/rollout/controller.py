@@ -76,10 +76,9 @@ from threadweaver_verl.format import (
     Thread,
     TokenFormat,
     TrajectoryStats,
-    node_length,
     outline_numbers,
 )
-from threadweaver_verl.format.tree import id_atoms, parse_atoms
+from threadweaver_verl.format.tree import Parser, id_atoms
 from threadweaver_verl.rollout.engine import Completion, Engine, EngineError, Finish
 
 
@@ -325,8 +324,8 @@ class _Parsed:
 class _Line:
     """State of one line being generated: the main line (path ``()``) or a thread (from its fork context).
 
-    ``ctx`` grows by each Request's completion and by each join; ``atoms`` are the atoms of its response
-    part, kept in step (the parser merges adjacent content runs, so they are extended, never re-cut).
+    ``ctx`` grows by each Request's completion and by each join; ``parser`` has read its response part,
+    kept in step (it is fed each completion and join, so no request re-reads the context).
     ``closing`` is what the line needs closed as it stands. Once ``ended``, ``added`` and ``requests``
     are the line's result."""
 
@@ -335,7 +334,7 @@ class _Line:
         ctrl: ForkJoinController,
         run: _Run,
         start: list[int],
-        start_atoms: list,
+        start_parser: Parser,
         path: tuple,
         depth: int,
         limit: int,
@@ -344,7 +343,7 @@ class _Line:
         self.ctrl, self.run = ctrl, run
         self.start_len = len(start)
         self.ctx = list(start)
-        self.atoms = list(start_atoms)
+        self.parser = start_parser  # the line's own: fed as the line grows
         self.path, self.depth = path, depth
         self.limit, self.limit_reason = limit, limit_reason
         self.is_thread = bool(path)
@@ -373,11 +372,15 @@ class _Line:
 
     def extend(self, ids: list[int]) -> None:
         self.ctx.extend(ids)
-        self.atoms.extend(self.ctrl.atoms(ids))
+        self.parser.feed(self.ctrl.atoms(ids))
 
     def view(self, extra: list[int]) -> tuple[tuple, Thread | None, tuple]:
         """The line's nodes, its Thread node and the top-level nodes, with ``extra`` ids appended."""
-        return self.ctrl.view_atoms(self.atoms + self.ctrl.atoms(extra), self.path)
+        return self.ctrl.view(self.after(extra), self.path)
+
+    def after(self, extra: list[int]) -> Parser:
+        """A parser that has read the line's context and ``extra`` (the line's own is left as it is)."""
+        return self.parser.copy().feed(self.ctrl.atoms(extra))
 
     def closing_after(self, extra: list[int]) -> list[int]:
         """Ids that close the line if ``extra`` is appended to it (its own ``</Thread>`` included)."""
@@ -501,10 +504,9 @@ class ForkJoinController:
                     "request from its budgets (ControllerConfig); remove them from the dict"
                 )
         run = _Run(engine, prompt, routing_key, dict(sampling) if sampling else None, self.config.max_requests)
-        ids, requests = await self._line(
-            run, prompt, [], (), 0, self.config.max_response_tokens, Reason.BUDGET_RESPONSE
-        )
-        traj = self.fmt.parse(ids)
+        main = await self._line(run, prompt, Parser(), (), 0, self.config.max_response_tokens, Reason.BUDGET_RESPONSE)
+        ids, requests = main.added, main.requests
+        traj = main.parser.tree()  # the main line's parser has read the whole response
         reasons: list[Reason] = []
         for e in run.events:
             if e.reason not in reasons:
@@ -526,15 +528,16 @@ class ForkJoinController:
         self,
         run: _Run,
         start: list[int],
-        start_atoms: list,
+        start_parser: Parser,
         path: tuple,
         depth: int,
         limit: int,
         limit_reason: Reason,
-    ) -> tuple[list[int], list[Request]]:
+    ) -> _Line:
         """Generate one line from ``start`` (main line: path (); a thread: its fork context). Returns the
-        ids the line added (a thread's: after its header, ending in ``</Thread>``) and its Requests."""
-        line = _Line(self, run, start, start_atoms, path, depth, limit, limit_reason)
+        ended line: ``added``, the ids it added (a thread's: after its header, ending in ``</Thread>``), and
+        its ``requests``."""
+        line = _Line(self, run, start, start_parser, path, depth, limit, limit_reason)
         while not line.ended:
             sampled = await self._sequential(line)
             if sampled is None:
@@ -549,7 +552,7 @@ class ForkJoinController:
             forked = await self._fork(line, sampled, parsed, block)
             if forked is not None:
                 self._join(line, *forked)
-        return line.added, line.requests
+        return line
 
     async def _sequential(self, line: _Line) -> _Sampled | None:
         """Phase 1: one request from the line's context, decoded until a stop id, EOS or its max_tokens.
@@ -594,9 +597,10 @@ class ForkJoinController:
         their closing tag cuts the completion there and the controller adds the closing tags. Ends the
         line (None) on a thread's ``</Thread>``, on EOS, when a thread broke out of its block, or when
         there is no room to go on after an implicit close."""
-        nodes, thread, top = line.view(sampled.ids)
+        parser = line.after(sampled.ids)
+        nodes, thread, top = self.view(parser, line.path)
         tail: list[int] = []  # closing ids the controller adds to this completion
-        implicit = self._first_implicit_close(top, line.offset)
+        implicit = parser.first_ended_open(line.offset)
         if implicit is not None:
             offset, ended = implicit
             keep = offset - line.offset
@@ -646,9 +650,9 @@ class ForkJoinController:
 
     async def _fork(
         self, line: _Line, sampled: _Sampled, parsed: _Parsed, block: Block
-    ) -> tuple[list[int], list, list[int], list[list[int]], list[int]] | None:
+    ) -> tuple[list[int], Parser, list[int], list[list[int]], list[int]] | None:
         """Phase 3: fork the threads of ``block`` from the shared context (the line up to ``</Outlines>``),
-        each with its share of the budget, all in flight at once. Returns (shared context, its atoms,
+        each with its share of the budget, all in flight at once. Returns (shared context, a parser that read it,
         the thread numbers, each thread's ids, the line's closing after the join), or None when the line
         ends instead (the block budget is spent, or not even an empty join fits)."""
         run = line.run
@@ -658,8 +662,8 @@ class ForkJoinController:
             line.end(sampled, Finish.STOP)
             return None
         shared = line.ctx + sampled.ids + parsed.tail
-        shared_atoms = line.atoms + self.atoms(sampled.ids + parsed.tail)
-        plan = self._plan_fork(line, shared, shared_atoms, block)
+        shared_parser = line.after(sampled.ids + parsed.tail)
+        plan = self._plan_fork(line, shared, shared_parser, block)
         if plan is None:  # not even an empty join fits: close the block where it stands
             line.end(sampled, Finish.STOP)
             return None
@@ -670,18 +674,20 @@ class ForkJoinController:
         coros = []
         for i, n in enumerate(numbers, start=1):
             context = self.fmt.fork_context(shared, n)
-            thread_atoms = shared_atoms + self.atoms(context[len(shared) :])
-            coros.append(self._line(run, context, thread_atoms, line.path + (nblock, i), line.depth + 1, share, reason))
-        results = await _gather(coros)
-        for _, thread_requests in results:  # outline order, each thread's own requests depth first
-            line.requests.extend(thread_requests)
-        return shared, shared_atoms, numbers, [ids for ids, _ in results], after
+            thread_parser = shared_parser.copy().feed(self.atoms(context[len(shared) :]))
+            coros.append(
+                self._line(run, context, thread_parser, line.path + (nblock, i), line.depth + 1, share, reason)
+            )
+        threads = await _gather(coros)
+        for thread in threads:  # outline order, each thread's own requests depth first
+            line.requests.extend(thread.requests)
+        return shared, shared_parser, numbers, [thread.added for thread in threads], after
 
     def _join(
         self,
         line: _Line,
         shared: list[int],
-        shared_atoms: list,
+        shared_parser: Parser,
         numbers: list[int],
         threads: list[list[int]],
         after: list[int],
@@ -689,7 +695,7 @@ class ForkJoinController:
         """Phase 4: the line's context becomes the shared context + the threads in outline order."""
         joined = self.fmt.join(shared, list(zip(numbers, threads)))
         line.ctx = joined
-        line.atoms = shared_atoms + self.atoms(joined[len(shared) :])
+        line.parser = shared_parser.feed(self.atoms(joined[len(shared) :]))  # (the threads have their own)
         line.closing = after
 
     def _continue(self, line: _Line, sampled: _Sampled, parsed: _Parsed) -> None:
@@ -722,11 +728,11 @@ class ForkJoinController:
     def atoms(self, ids: Sequence[int]) -> list:
         return id_atoms(ids, self.fmt.vocab)
 
-    def view_atoms(self, atoms: list, path: tuple) -> tuple[tuple, Thread | None, tuple]:
-        """Parse a line's context (its response part, as atoms) and find the line: (its nodes, its Thread
-        node or None on the main line, the top-level nodes). In its own context a thread is always the
-        first thread of its block (siblings are not in it)."""
-        top = parse_atoms(atoms).body
+    def view(self, parser: Parser, path: tuple) -> tuple[tuple, Thread | None, tuple]:
+        """Find a line in the tree of its context (the response part, read by ``parser``): (its nodes, its
+        Thread node or None on the main line, the top-level nodes). In its own context a thread is always
+        the first thread of its block (siblings are not in it)."""
+        top = parser.tree().body
         nodes, thread = top, None
         for b in path[0::2]:
             blocks = [n for n in nodes if isinstance(n, Block)]
@@ -758,7 +764,7 @@ class ForkJoinController:
         return out
 
     def closing_of(self, nodes: tuple, thread: Thread | None, top: tuple) -> list[int]:
-        """Ids that close a line as :meth:`view_atoms` reads it (its own ``</Thread>`` included)."""
+        """Ids that close a line as :meth:`view` finds it (its own ``</Thread>`` included)."""
         ids = self._open_ids(nodes)
         if thread is not None:
             ids.append(self.tag_ids[Tag.THREAD_CLOSE])
@@ -767,30 +773,6 @@ class ForkJoinController:
             if Tag.THINK_OPEN in markers and Tag.THINK_CLOSE not in markers:
                 ids.append(self.tag_ids[Tag.THINK_CLOSE])
         return ids
-
-    @staticmethod
-    def _first_implicit_close(top: tuple, from_offset: int) -> tuple[int, list] | None:
-        """The first response offset >= ``from_offset`` holding a tag that ended elements without their
-        closing tag (e.g. ``<Outline>`` inside an open outline, ``<Thread>`` inside an open thread), and
-        those elements, innermost first."""
-        total = sum(node_length(n) for n in top)
-        found: dict[int, list] = {}
-
-        def walk(nodes: tuple, offset: int) -> None:
-            for n in nodes:
-                length = node_length(n)
-                if isinstance(n, (Block, Outlines, Outline, Thread)):
-                    walk(n.parts if isinstance(n, (Block, Outlines)) else n.body, offset + 1)
-                    end = offset + length
-                    if not n.closed and from_offset <= end < total:
-                        found.setdefault(end, []).append(n)
-                offset += length
-
-        walk(top, 0)
-        if not found:
-            return None
-        first = min(found)
-        return first, found[first]
 
     @staticmethod
     def _open_outline_list(nodes: tuple) -> Block | None:
@@ -849,14 +831,14 @@ class ForkJoinController:
         return chosen
 
     def _plan_fork(
-        self, line: _Line, shared: list[int], shared_atoms: list, block: Block
+        self, line: _Line, shared: list[int], shared_parser: Parser, block: Block
     ) -> tuple[list[int], int, Reason, list[int]] | None:
         """Which threads to fork for the block whose outline list ends ``shared``, and each one's token
         budget: (numbers, share, the share's budget reason, the line's closing after the join); None
         when not even an empty join fits."""
         fmt, cfg = self.fmt, self.config
         numbers = self._choose_threads(line.run, block, line.path)
-        after = self.closing_of(*self.view_atoms(shared_atoms + self.atoms(self.empty_join), line.path))
+        after = self.closing_of(*self.view(shared_parser.copy().feed(self.atoms(self.empty_join)), line.path))
         room = line.limit - (len(shared) - line.start_len) - len(after)
         k, share = 0, 0
         for kk in range(len(numbers), 0, -1):
