@@ -11,6 +11,8 @@
   folder and renamed into place, so a reader sees the old file or the new one, never a torn one.
 - :class:`Marker`: a finished-marker, written last, recording the settings and the fingerprints of the
   inputs a result was made from; :meth:`Marker.mismatch` says why an existing result does not fit.
+- :class:`RunTimes`: the working time of every run on a folder, so a resumed result's wall clock adds up
+  all its runs.
 - :func:`stop_on_signals`: SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so
   ``with``/``finally`` blocks run: servers are stopped, temporary folders removed, finished work kept.
   :func:`run_async` is ``asyncio.run`` for the same: a signal cancels the coroutine, then raises.
@@ -239,6 +241,63 @@ class Marker:
         """Mark the result unfinished (before it is remade)."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+class RunTimes:
+    """The working time of every run on one output folder (``run_times.json``), so that the wall-clock
+    numbers of a resumed result cover all the runs that made it, not only the last one.
+
+    Each run that does work is one entry: ``started``, ``wall_s`` (seconds from :meth:`start` to
+    :meth:`stop`) and ``done`` (the items it finished). The file is rewritten atomically at the start, after
+    each finished item (:meth:`count`) and at the stop, so an interrupted run keeps its time, and a run
+    killed outright (``kill -9``) its time up to its last finished item. ``fresh=True`` (the folder's
+    results are being started over) forgets earlier runs; a folder holding ``done_before`` results but no
+    times (made by an older version) gets an entry whose ``wall_s`` is None: the total is then unknown."""
+
+    def __init__(self, path: str | os.PathLike, fresh: bool, done_before: int):
+        self.path = Path(path)
+        if fresh:
+            self.path.unlink(missing_ok=True)
+        self.runs: list[dict[str, Any]] = [] if fresh else self._read()
+        if done_before and not self.runs:
+            self.runs = [{"started": None, "wall_s": None, "done": done_before}]
+        self._t0: float | None = None
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            runs = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError as e:
+            raise UserError(f"{self.path} is not JSON ({e}); delete it (the wall-clock totals become unknown)") from e
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and "wall_s" in r for r in runs):
+            raise UserError(f"{self.path} is not a list of runs; delete it (the wall-clock totals become unknown)")
+        return runs
+
+    def _write(self) -> None:
+        self.runs[-1]["wall_s"] = time.monotonic() - self._t0
+        atomic_write_text(self.path, json.dumps(self.runs, indent=2))
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self.runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": 0.0, "done": 0})
+        self._write()
+
+    def count(self, n: int = 1) -> None:
+        """``n`` more items finished in this run."""
+        self.runs[-1]["done"] += n
+        self._write()
+
+    def stop(self) -> None:
+        if self._t0 is not None:
+            self._write()
+            self._t0 = None
+
+    @property
+    def total_s(self) -> float | None:
+        """The seconds of every run, added up; None when one run's time was not recorded."""
+        times = [r["wall_s"] for r in self.runs]
+        return None if any(t is None for t in times) else float(sum(times))
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

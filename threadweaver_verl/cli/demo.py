@@ -338,7 +338,11 @@ def results_table(evals: dict) -> list[dict[str, Any]]:
                 "mean_L": s.mean_L,
                 "token_speedup": speedup,
                 "wall_s_per_problem": s.wall_s_per_problem,
-                "wall_speedup": seq.wall_s_per_problem / s.wall_s_per_problem if s.wall_s_per_problem else None,
+                "wall_speedup": (
+                    seq.wall_s_per_problem / s.wall_s_per_problem
+                    if s.wall_s_per_problem and seq.wall_s_per_problem is not None
+                    else None
+                ),
                 "thread_cache_hit_rate": s.thread_cache_hit_rate,
             }
         )

@@ -17,6 +17,8 @@ server is launched for it) is required. Outputs in ``out_dir``:
   ``failure_cause``: ``connection_error``, ``timeout``, ``http_400``, ...); a rerun retries those trajectories;
 - ``eval_run.json``: the settings and data fingerprint of the run (a rerun with other settings into the
   same ``out_dir`` is refused instead of mixing results);
+- ``run_times.json``: the sampling time of each run on this ``out_dir``, so the wall-clock numbers of a
+  resumed eval add up all its runs;
 - ``summary.json``: the :class:`~threadweaver_verl.eval.records.EvalSummary` below (written last, atomically);
 - ``report.html`` + ``speedup_hist.png``: the summary and the per-problem speedup histogram.
 
@@ -28,7 +30,8 @@ Summary: accuracy (math-verify via :func:`threadweaver_verl.rl.correctness.check
 trajectories that ran (failed ones are counted apart, by cause, in ``failed_by_cause``), format-valid
 rate, mean T (response tokens), mean L (critical path), mean T/L, the token speedup against ``baseline``
 (a sequential run's JSONL; the one definition is in :mod:`threadweaver_verl.eval.metrics`), wall-clock
-per problem, prefix-cache hit rate (cached / prompt tokens over the calls that report it).
+per problem (the sampling time of every run on ``out_dir``, added up), prefix-cache hit rate (cached / prompt
+tokens over the calls that report it).
 
 :func:`run_problems` is the sampling itself (stage 2 of the data generator uses it too).
 """
@@ -62,6 +65,7 @@ from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 from threadweaver_verl.runs import (
     Marker,
     OutputLock,
+    RunTimes,
     UserError,
     atomic_write_text,
     output_dir,
@@ -283,9 +287,10 @@ def _thread_cache_hit_rate(records: list[TrajectoryRecord]) -> float | None:
 
 
 def summarize(
-    records: list[TrajectoryRecord], wall_s: float, baseline: list[TrajectoryRecord] | None = None
+    records: list[TrajectoryRecord], wall_s: float | None, baseline: list[TrajectoryRecord] | None = None
 ) -> tuple[EvalSummary, dict[str, float]]:
-    """The summary and the per-problem speedups: ``L_seq / L`` against the baseline if given, else T / L."""
+    """The summary and the per-problem speedups: ``L_seq / L`` against the baseline if given, else T / L.
+    ``wall_s``: the sampling time that made ``records`` (None: unknown)."""
     ok = [r for r in records if r.ok]
     failed_by_cause: dict[str, int] = {}
     for r in records:
@@ -314,7 +319,8 @@ def summarize(
         mean_T_over_L=mean(r.stats["speedup"] for r in ok),
         mean_blocks=mean(r.stats["num_blocks"] for r in ok),
         mean_engine_calls=mean(r.num_engine_calls for r in ok),
-        wall_s_per_problem=wall_s / len(problems) if problems else None,
+        wall_s=wall_s,
+        wall_s_per_problem=wall_s / len(problems) if problems and wall_s is not None else None,
         mean_trajectory_wall_s=mean(r.wall_time_s for r in ok),
         prefix_cache_hit_rate=sum(r.cached_tokens for r in reported) / prompt_reported if prompt_reported else None,
         thread_cache_hit_rate=_thread_cache_hit_rate(ok),
@@ -446,18 +452,18 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
     with OutputLock(out, "eval"):
         remove_stale_temporaries(out)
         started = Marker(out / "eval_run.json")
-        if (out / "trajectories.jsonl").is_file() and (out / "trajectories.jsonl").stat().st_size:
-            problem = started.mismatch(run_settings(cfg), {"data": cfg.data})
-            if problem:
-                raise EvalError(
-                    f"out_dir {str(out)!r} holds trajectories of another run ({problem}); pass another out_dir, "
-                    "or delete that folder to start over"
-                )
+        other_run = started.mismatch(run_settings(cfg), {"data": cfg.data})
+        if other_run and (out / "trajectories.jsonl").is_file() and (out / "trajectories.jsonl").stat().st_size:
+            raise EvalError(
+                f"out_dir {str(out)!r} holds trajectories of another run ({other_run}); pass another out_dir, "
+                "or delete that folder to start over"
+            )
         for name in ("summary.json", "report.html"):  # the folder is unfinished until they are rewritten
             (out / name).unlink(missing_ok=True)
         started.write(run_settings(cfg), {"data": cfg.data}, {"status": "running"})
         store = RecordStore(out / "trajectories.jsonl", out / "failed.jsonl")
         try:
+            run_times = RunTimes(out / "run_times.json", fresh=other_run is not None, done_before=len(store))
             tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
             todo = [r for r in rows if any(trajectory_id(problem_key(r), j) not in store for j in range(cfg.n_samples))]
             if todo and len(store):
@@ -465,7 +471,6 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
                     f"eval: resuming: {len(store)} trajectories done earlier, {len(todo)} problems to run",
                     file=sys.stderr,
                 )
-            wall = 0.0
             with contextlib.ExitStack() as stack:
                 if todo and cfg.model:
                     server = stack.enter_context(VLLMServer(dataclasses.replace(cfg.vllm, model=cfg.model)))
@@ -476,13 +481,27 @@ def evaluate(cfg: EvalConfig) -> EvalSummary:
                     longest = max(len(prompt_ids(tokenizer, r["prompt"])) for r in todo)
                     controller = fit_budget(cfg.controller, served_max_model_len(base_url), longest)
                     run_cfg = dataclasses.replace(cfg, controller=controller)
-                    _, wall = run_async(run_problems(run_cfg, todo, tokenizer, base_url, keep_in(store), skip=store))
+                    keep = keep_in(store)
+
+                    def keep_and_count(rec: TrajectoryRecord) -> None:
+                        keep(rec)
+                        run_times.count()
+
+                    run_times.start()
+                    try:
+                        run_async(run_problems(run_cfg, todo, tokenizer, base_url, keep_and_count, skip=store))
+                    finally:
+                        run_times.stop()
             order = {problem_key(r): i for i, r in enumerate(rows)}  # the data's order, whatever finished first
-            records = [r for r in stored_records(store) + failures_to_retry(store) if r.problem in order]
+            in_out_dir = stored_records(store) + failures_to_retry(store)
+            records = [r for r in in_out_dir if r.problem in order]
             records.sort(key=lambda r: (order[r.problem], r.sample))
         finally:
             store.close()
+        # the sampling time of every run on out_dir; unknown when this summary covers only part of its trajectories
+        wall = run_times.total_s if len(records) == len(in_out_dir) else None
         summary, per_problem = summarize(records, wall, baseline)
+        summary.runs = len(run_times.runs)
         summary.mode = "fork/join" if cfg.controller.fork else "sequential"
         write_eval_report(out, summary, per_problem, baseline is not None)
         atomic_write_text(out / "summary.json", json.dumps(summary.to_json(), indent=2))  # last: marks it finished

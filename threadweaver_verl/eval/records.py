@@ -140,7 +140,14 @@ class EvalSummary:
     """Mean of each trajectory's own T / L (not the token speedup)."""
     mean_blocks: float | None = None
     mean_engine_calls: float | None = None
+    wall_s: float | None = None
+    """Sampling wall-clock seconds, added up over every run on the ``out_dir`` (``run_times.json``): a
+    resumed eval counts its interrupted runs too, with the work the interruption lost. None when unknown (the
+    summary covers only part of the folder's trajectories, or a run's time was not recorded)."""
+    runs: int = 0
+    """How many runs sampled these trajectories (more than 1: resumed, or failed trajectories retried)."""
     wall_s_per_problem: float | None = None
+    """``wall_s`` over ``problems``: the throughput at the run's ``concurrency``, not a latency."""
     mean_trajectory_wall_s: float | None = None
     prefix_cache_hit_rate: float | None = None
     """Cached over prompt tokens, over the calls that report it."""
