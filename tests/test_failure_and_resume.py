@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _scripted_openai import ScriptedOpenAI, Slow
+from generator_oracle import Oracle
+from generator_script import EXPECTED, make_sample
+from generator_script import script as rewrite_script
 
 from threadweaver_verl.cli import main as cli
 from threadweaver_verl.data.schema import rl_row, write_rl
@@ -164,6 +168,27 @@ def test_eval_signal_keeps_finished_trajectories_and_rerun_resumes(sig, tmp_path
     assert not {r["id"] for r in kept} & set(rerun_ids)  # finished work was not redone
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trajectories"] == 8 and summary["failed_trajectories"] == 0 and summary["accuracy"] == 0.5
+    # the timings are this run's: they cover the trajectories it ran, and say so
+    assert summary["timed_trajectories"] == 8 - len(kept) and summary["timed_wall_s"] > 0
+    assert summary["problems_per_s"] == pytest.approx((8 - len(kept)) / summary["timed_wall_s"])
+
+
+def test_eval_timings_cover_the_trajectories_this_run_made(tmp_path, servers, answer_ids, tiny_model_dir):
+    server = servers(ids=answer_ids)
+    data, out = problems(tmp_path / "p.parquet", 4), tmp_path / "out"
+
+    def run(*extra: str) -> dict:
+        assert cli(eval_args(data, server.url, tiny_model_dir, out, *extra)) == 0
+        return json.loads((out / "summary.json").read_text())
+
+    first = run("max_problems=2")
+    assert first["timed_trajectories"] == 2 and first["latency_mean_s"] > 0
+    summary = run()  # two more problems: the summary covers 4, its timings the 2 this run made
+    assert summary["trajectories"] == 4 and summary["timed_trajectories"] == 2
+    assert summary["problems_per_s"] == pytest.approx(2 / summary["timed_wall_s"])
+    done = run()  # nothing left to run: no timings rather than 0 s
+    assert done["trajectories"] == 4 and done["timed_trajectories"] == 0
+    assert done["timed_wall_s"] is None and done["latency_mean_s"] is None and done["problems_per_s"] is None
 
 
 def test_two_evals_on_one_out_dir_the_second_refuses(tmp_path, servers, answer_ids, tiny_model_dir):
@@ -506,6 +531,135 @@ def test_demo_stage_interrupted_with_other_settings_clears_its_outputs(tmp_path)
         Stages(tmp_path, False).run("eval", interrupted, console, {"t": "A"}, outputs=[made])
     Stages(tmp_path, False).run("eval", resume, console, {"t": "B"}, outputs=[made])  # other settings: cleared
     assert seen == [True, False]
+
+
+# --------------------------------------------------------------------------- generator: interrupt and resume
+
+
+def slowly(script, seconds: float):
+    """``script`` with every answer ``seconds`` late, so that records trickle in."""
+
+    def slow(body: dict, attempt: int):
+        return Slow(seconds, script(body, attempt))
+
+    return slow
+
+
+def complete_lines(path: Path) -> int:
+    """Records fully written so far (a line being written has no newline yet)."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def assert_stopped_cleanly(p: subprocess.Popen, log: Path, sig: signal.Signals, *folders: Path) -> None:
+    """The documented exit status and message; no lock, temporary file or finished-marker left."""
+    assert p.wait(120) == 128 + sig, log.read_text()
+    message = log.read_text()
+    assert f"stopped by {sig.name}" in message and "rerun the same command to resume" in message
+    assert "Traceback" not in message and "exception" not in message.lower(), message
+    for folder in folders:
+        assert not (folder / LOCK_NAME).exists() and not list(folder.glob(".*.tmp-*"))
+        assert not (folder / "summary.json").exists()  # unfinished
+        assert not list(folder.glob("*-journal")) and not list(folder.glob("*-wal"))  # the LLM cache is closed
+        assert not lines(folder / "errors.jsonl")  # an interruption is not an API failure to retry
+
+
+STAGE1_KINDS = ["good", "dependent", "repair", "tagged", "nothink", "noblocks"] * 4  # 24 samples
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stage1_signal_keeps_finished_records_and_rerun_completes(sig, tmp_path):
+    samples = [make_sample(kind, k) for k, kind in enumerate(STAGE1_KINDS)]
+    expected = {s["id"]: EXPECTED[s["id"].split("-")[0]] for s in samples}
+    traces, out = tmp_path / "traces.jsonl", tmp_path / "out"
+    traces.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    with ScriptedOpenAI(slowly(rewrite_script, 0.2)) as server:
+        args = ["generate", "stage=1", f"input={traces}", "id_field=id", f"out_dir={out}", "progress=false"]
+        args += ["llm.model=scripted", f"llm.http.base_url={server.url}", "llm.http.api_key_env=null"]
+        args += ["llm.http.max_concurrency=2", "samples_in_flight=2", "llm.http.max_retries=0"]
+        p, log = start(tmp_path, "first", *args)
+        wait_for(lambda: complete_lines(out / "records.jsonl") >= 3 or p.poll() is not None, what="three records")
+        p.send_signal(sig)
+        assert_stopped_cleanly(p, log, sig, out)
+        kept = lines(out / "records.jsonl")
+        assert 3 <= len(kept) < len(samples), "the run must have been cut short"
+        assert len({r["id"] for r in kept}) == len(kept)
+        assert all((r["status"], r["step"]) == expected[r["id"]] for r in kept)
+
+        asked_first = len(server.requests)
+        p, log = start(tmp_path, "second", *args)
+        assert p.wait(300) == 0, log.read_text()
+        asked_again = {
+            next(m["content"] for m in r.body["messages"] if m["role"] == "user").split("Problem ", 1)[1].split(":")[0]
+            for r in server.requests[asked_first:]
+        }
+    done = lines(out / "records.jsonl")
+    assert done[: len(kept)] == kept  # appended to, never rewritten
+    assert sorted(r["id"] for r in done) == sorted(expected)  # every sample exactly once
+    assert all((r["status"], r["step"]) == expected[r["id"]] for r in done)
+    assert not asked_again & {r["id"] for r in kept}  # finished samples cost nothing on the rerun
+    summary = json.loads((out / "summary.json").read_text())
+    accepted = sum(status == "accepted" for status, _ in expected.values())
+    assert summary["samples"] == summary["records"] == len(samples) and summary["missing"] == 0
+    assert summary["resumed_from_records"] == len(kept) and summary["attempted_this_run"] == len(samples) - len(kept)
+    assert summary["accepted"] == accepted and summary["rejected"] == len(samples) - accepted
+    assert summary["errors_to_retry"] == 0 and not lines(out / "errors.jsonl")
+    assert not (out / LOCK_NAME).exists()
+
+
+def stage2_prompts(path: Path, n: int, tokenizer) -> tuple[Path, dict[tuple[int, ...], list[str]]]:
+    """n addition problems, and for the oracle one correct fork/join answer to each."""
+    from threadweaver_verl.data.chat import prompt_ids
+    from threadweaver_verl.format import BlockLayout
+
+    rows, answers = [], {}
+    for i in range(n):
+        row = rl_row(
+            data_source="t/add", question=f"What is {i} + {i}?", ground_truth=str(2 * i), index=i, split="train"
+        )
+        block = BlockLayout().block_text(["left", "right"], [f" {i}.", f" {i} again."])
+        answer = f"<think>\nTwo halves.\n{block}\nSum {2 * i}.\n</think>\n\\boxed{{{2 * i}}}"
+        rows.append(row)
+        answers[tuple(prompt_ids(tokenizer, row["prompt"]))] = [answer]
+    return write_rl(rows, path), answers
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stage2_signal_keeps_finished_records_and_rerun_completes(
+    sig, tmp_path, tiny_model_dir, tiny_tokenizer, tiny_fmt
+):
+    n = 12
+    data, answers = stage2_prompts(tmp_path / "p.parquet", n, tiny_tokenizer)
+    out = tmp_path / "out"
+    round_dir = out / "round_1"
+    with ScriptedOpenAI(completions=slowly(Oracle(tiny_fmt, answers), 0.1)) as server:
+        args = ["generate", "stage=2", f"data={data}", f"server_url={server.url}", f"tokenizer={tiny_model_dir}"]
+        args += [f"out_dir={out}", "n_samples=2", "chunk_size=3", "concurrency=2", "temperature=0", "progress=false"]
+        args += ["engine.http.max_retries=0"]
+        p, log = start(tmp_path, "first", *args)
+        wait_for(lambda: complete_lines(round_dir / "records.jsonl") >= 2 or p.poll() is not None, what="two records")
+        p.send_signal(sig)
+        assert_stopped_cleanly(p, log, sig, out, round_dir)
+        kept = lines(round_dir / "records.jsonl")
+        assert 2 <= len(kept) < n, "the run must have been cut short"
+        assert len({r["id"] for r in kept}) == len(kept) and all(len(r["kept"]) == 1 for r in kept)
+
+        asked_first = len(server.requests)
+        assert cli(args) == 0  # the same command again (in this process: no second start-up)
+        asked_again = {tuple(r.body["prompt"]) for r in server.requests[asked_first:]}
+    done = lines(round_dir / "records.jsonl")
+    assert done[: len(kept)] == kept  # appended to, never rewritten
+    assert sorted(r["id"] for r in done) == sorted(f"t/add#{i}" for i in range(n))  # every problem exactly once
+    prompt_of = {f"t/add#{i}": prompt for i, prompt in enumerate(answers)}
+    for r in kept:  # finished problems cost nothing on the rerun
+        assert not any(ctx[: len(prompt_of[r["id"]])] == prompt_of[r["id"]] for ctx in asked_again)
+    summary = json.loads((round_dir / "summary.json").read_text())
+    assert summary["prompts"] == summary["problems_done"] == n and summary["failed_problems_to_retry"] == 0
+    assert summary["resumed_from_records"] == len(kept) and summary["attempted_this_run"] == n - len(kept)
+    assert summary["samples"] == 2 * n and summary["valid_and_correct"] == 2 * n and summary["accuracy"] == 1.0
+    assert summary["kept"] == summary["problems_with_kept"] == n
+    sft = pd.read_parquet(summary["outputs"]["sft"])
+    assert sorted(e["sample_id"] for e in sft["extra_info"]) == sorted(prompt_of)  # one kept answer each
+    assert not lines(round_dir / "errors.jsonl") and not (out / LOCK_NAME).exists()
 
 
 # --------------------------------------------------------------------------- generator counts and inputs

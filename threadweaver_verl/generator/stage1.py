@@ -311,8 +311,8 @@ async def _run_locked(cfg: Stage1Config, samples: list[SourceSample], duplicates
             return await _process(run, s)
 
     bar = _progress(len(todo), cfg.progress)
+    tasks = [asyncio.create_task(one(s)) for s in todo]
     try:
-        tasks = [asyncio.create_task(one(s)) for s in todo]
         for t in asyncio.as_completed(tasks):
             rec = await t
             if bar is not None:
@@ -320,6 +320,11 @@ async def _run_locked(cfg: Stage1Config, samples: list[SourceSample], duplicates
                 if rec is not None:
                     bar.set_postfix_str(f"{rec['status']}{'' if rec['step'] is None else ' @' + rec['step']}")
     finally:
+        # Interrupted (or a bug): stop the samples still in flight before the client closes under them, so
+        # that none is logged as an API error, and none calls the API or writes after the lock is released.
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if bar is not None:
             bar.close()
         await llm.aclose()
