@@ -47,13 +47,13 @@ class ZeroLatencyEngine:
         self.thread_open = fmt.tag_id(Tag.THREAD_OPEN)
 
     async def complete(self, prompt_ids, *, max_tokens, stop_token_ids, routing_key, sampling=None):
-        from threadweaver_verl.rollout.engine import Completion
+        from threadweaver_verl.rollout.engine import Completion, Finish
 
         tail = prompt_ids[-4:]
         if self.thread_open in tail:
-            return Completion(self.thread, "stop")
+            return Completion(self.thread, Finish.STOP)
         done = sum(1 for i in prompt_ids[self.prompt_len :] if i == self.close_id)
-        return Completion(self.block if done < self.blocks else self.end, "stop")
+        return Completion(self.block if done < self.blocks else self.end, Finish.STOP)
 
 
 def bench_overhead(fmt, prompt, console) -> list[tuple]:
@@ -165,7 +165,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
     from tqdm import tqdm
 
     from threadweaver_verl.data.chat import PromptStyle, prompt_ids
-    from threadweaver_verl.format import THREAD
+    from threadweaver_verl.format import RequestKind
     from threadweaver_verl.rollout.vllm_server import VLLMServer
 
     prompt = prompt_ids(tokenizer, PromptStyle().messages("Multiply 4821 by 37, digit by digit. " * 8))
@@ -189,7 +189,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
                         asyncio.run(_concurrent(fmt, server.url, context, k, thread_tokens, sampling, f"c{k}{r}"))
                     )
                     res = asyncio.run(_fork_join(fmt, server.url, prompt, k, thread_tokens, sampling, f"f{k}{r}"))
-                    threads = [c for c in res.calls if c.kind == THREAD]
+                    threads = [c for c in res.calls if c.kind == RequestKind.THREAD]
                     assert len(threads) == k and all(c.completion_tokens == thread_tokens for c in threads), threads
                     fj.append(res.wall_time_s)
                     ratio_tl.append(res.stats.speedup)
