@@ -94,7 +94,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
 
     from threadweaver_verl.data.chat import PromptStyle, prompt_ids
     from threadweaver_verl.eval.metrics import latency, latency_speedup, share_of_token_speedup, token_speedup
-    from threadweaver_verl.format import THREAD
+    from threadweaver_verl.format import RequestKind
     from threadweaver_verl.rollout.vllm_server import VLLMServer
 
     prompt = prompt_ids(tokenizer, PromptStyle().messages("Multiply 4821 by 37, digit by digit. " * 8))
@@ -118,7 +118,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
                         asyncio.run(_concurrent(fmt, server.url, context, k, thread_tokens, sampling, f"c{k}{r}"))
                     )
                     res = asyncio.run(_fork_join(fmt, server.url, prompt, k, thread_tokens, sampling, f"f{k}{r}"))
-                    threads = [c for c in res.calls if c.kind == THREAD]
+                    threads = [c for c in res.calls if c.kind == RequestKind.THREAD]
                     assert len(threads) == k and all(c.completion_tokens == thread_tokens for c in threads), threads
                     fj.append(res.wall_time_s)
                     fj_L.append(res.stats.critical_path)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from threadweaver_verl.format import TokenFormat, split_requests
-from threadweaver_verl.rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, EngineError
+from threadweaver_verl.rollout.engine import Completion, EngineError, Finish
 
 _KEY_TAIL = 16
 
@@ -58,5 +58,5 @@ class ReplayEngine:
                 f"replay: trajectory {routing_key!r} has no request with this context ({len(prompt_ids)} ids)"
             )
         if len(ids) > max_tokens:
-            return Completion(ids[:max_tokens], FINISH_LENGTH)
-        return Completion(list(ids), FINISH_STOP if ids and ids[-1] in stop_token_ids else FINISH_LENGTH)
+            return Completion(ids[:max_tokens], Finish.LENGTH)
+        return Completion(list(ids), Finish.STOP if ids and ids[-1] in stop_token_ids else Finish.LENGTH)

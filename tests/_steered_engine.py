@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from threadweaver_verl.rollout.engine import FINISH_STOP, Completion, Engine
+from threadweaver_verl.rollout.engine import Completion, Engine, Finish
 
 
 class SteeredEngine:
@@ -42,7 +42,7 @@ class SteeredEngine:
                 await self.real.complete(
                     [*prompt_ids, *answer], max_tokens=1, stop_token_ids=[], routing_key=routing_key, sampling=sampling
                 )
-            return Completion(list(answer), FINISH_STOP)
+            return Completion(list(answer), Finish.STOP)
         return await self.real.complete(
             prompt_ids, max_tokens=max_tokens, stop_token_ids=stop_token_ids, routing_key=routing_key, sampling=sampling
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 from verl.workers.rollout.replica import TokenOutput
 
-from threadweaver_verl.rollout.engine import FINISH_ABORT
+from threadweaver_verl.rollout.engine import Finish
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
 
 
@@ -57,7 +57,7 @@ class OpenAIReplica:
             prompt_ids, max_tokens=max_tokens, stop_token_ids=stops, routing_key=request_id, sampling=params
         )
         extra = {"global_steps": self.global_steps, "num_cached_tokens": comp.cached_tokens}
-        if comp.finish == FINISH_ABORT:
+        if comp.finish == Finish.ABORT:
             return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields=extra)
         return TokenOutput(
             token_ids=comp.token_ids,

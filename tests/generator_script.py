@@ -20,13 +20,13 @@ EXPECTED = {
     "r429": ("accepted", None),  # HTTP 429 once
     "r500": ("accepted", None),  # HTTP 500 once
     "slow": ("accepted", None),  # first answer slower than the client timeout
-    "badjson": ("rejected", prompts.STRUCTURE),
-    "truncated": ("rejected", prompts.STRUCTURE),
-    "gaps": ("rejected", prompts.STRUCTURE),
-    "dependent": ("rejected", prompts.BLOCKS),
-    "noblocks": ("rejected", prompts.BLOCKS),
-    "rewritten": ("rejected", prompts.EDITS),
-    "tagged": ("rejected", prompts.OUTLINES),
+    "badjson": ("rejected", prompts.Step.STRUCTURE),
+    "truncated": ("rejected", prompts.Step.STRUCTURE),
+    "gaps": ("rejected", prompts.Step.STRUCTURE),
+    "dependent": ("rejected", prompts.Step.BLOCKS),
+    "noblocks": ("rejected", prompts.Step.BLOCKS),
+    "rewritten": ("rejected", prompts.Step.EDITS),
+    "tagged": ("rejected", prompts.Step.OUTLINES),
     "wrongtrace": ("rejected", "input"),
 }
 
@@ -65,7 +65,7 @@ def make_sample(kind: str, k: int) -> dict:
 
 def good_answer(step: str, k: int) -> dict:
     a, b, c, d = numbers(k)
-    if step == prompts.STRUCTURE:
+    if step == prompts.Step.STRUCTURE:
         return {
             "steps": [
                 {"step": 1, "units": [1, 1], "purpose": "plan", "relies_on": []},
@@ -75,28 +75,28 @@ def good_answer(step: str, k: int) -> dict:
                 {"step": 5, "units": [5, 6], "purpose": "check and conclude", "relies_on": [4]},
             ]
         }
-    if step == prompts.BLOCKS:
+    if step == prompts.Step.BLOCKS:
         return {"blocks": [{"threads": [[2, 2], [3, 3]]}]}
-    if step == prompts.EDITS:
+    if step == prompts.Step.EDITS:
         return {"blocks": [{"threads": [f"First product: {a}*{b} = {a * b}.", f"Second product: {c}*{d} = {c * d}."]}]}
-    if step == prompts.OUTLINES:
+    if step == prompts.Step.OUTLINES:
         return {"blocks": [{"outlines": [f"Compute {a}*{b}.", f"Compute {c}*{d}."]}]}
     raise AssertionError(step)
 
 
 def bad_answer(kind: str, step: str, k: int) -> str | None:
     """The faulty answer a behaviour gives at ``step`` (None: answer well)."""
-    if kind == "badjson" and step == prompts.STRUCTURE:
+    if kind == "badjson" and step == prompts.Step.STRUCTURE:
         return 'Sure! Here are the steps: {"steps": [1, 2'
-    if kind == "gaps" and step == prompts.STRUCTURE:
+    if kind == "gaps" and step == prompts.Step.STRUCTURE:
         obj = good_answer(step, k)
         obj["steps"][2]["units"] = [4, 4]  # unit 3 never covered
         return json.dumps(obj)
-    if kind == "dependent" and step == prompts.BLOCKS:
+    if kind == "dependent" and step == prompts.Step.BLOCKS:
         return json.dumps({"blocks": [{"threads": [[2, 2], [3, 4]]}]})  # step 4 relies on step 2
-    if kind == "noblocks" and step == prompts.BLOCKS:
+    if kind == "noblocks" and step == prompts.Step.BLOCKS:
         return json.dumps({"blocks": []})
-    if kind == "rewritten" and step == prompts.EDITS:
+    if kind == "rewritten" and step == prompts.Step.EDITS:
         return json.dumps(
             {
                 "blocks": [
@@ -109,7 +109,7 @@ def bad_answer(kind: str, step: str, k: int) -> str | None:
                 ]
             }
         )
-    if kind == "tagged" and step == prompts.OUTLINES:
+    if kind == "tagged" and step == prompts.Step.OUTLINES:
         return json.dumps({"blocks": [{"outlines": ["Compute <Thread> one", "Compute two"]}]})
     return None
 
@@ -124,15 +124,15 @@ def script(body: dict, attempt: int, broken: frozenset = frozenset()):
     repairs = sum(1 for x in messages if x["role"] == "assistant")
     if kind in broken:
         return Status(500)
-    if kind == "r429" and step == prompts.STRUCTURE and attempt == 0:
+    if kind == "r429" and step == prompts.Step.STRUCTURE and attempt == 0:
         return Status(429, '{"error": {"message": "rate limited"}}')
-    if kind == "r500" and step == prompts.EDITS and attempt == 0:
+    if kind == "r500" and step == prompts.Step.EDITS and attempt == 0:
         return Status(500)
-    if kind == "slow" and step == prompts.OUTLINES and attempt == 0:
+    if kind == "slow" and step == prompts.Step.OUTLINES and attempt == 0:
         return Slow(2.0, Reply(json.dumps(good_answer(step, k))))
-    if kind == "truncated" and step == prompts.STRUCTURE:
+    if kind == "truncated" and step == prompts.Step.STRUCTURE:
         return Reply(json.dumps(good_answer(step, k))[:40], finish_reason="length")
-    if kind == "repair" and step == prompts.STRUCTURE and repairs == 0:
+    if kind == "repair" and step == prompts.Step.STRUCTURE and repairs == 0:
         return Reply("{'steps': not json}")
     bad = bad_answer(kind, step, k)
     if bad is not None:

@@ -14,6 +14,7 @@ import pytest
 from threadweaver_verl.data import preprocess as P
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION
 from threadweaver_verl.data.schema import SchemaError, read_rl
+from threadweaver_verl.runs import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "examples" / "data_preprocess"
@@ -180,10 +181,39 @@ def test_source_errors(tmp_path, monkeypatch):
         P.load_records(P.PreprocessConfig(input=str(broken)))
     with pytest.raises(SchemaError, match="data_source"):
         P.to_rl_row({"problem": "q", "answer": "1"}, 0, P.RowConversion())
+    not_json = tmp_path / "x.json"
+    not_json.write_text('[{"problem": "a"}, {oops')
+    with pytest.raises(SchemaError, match="x.json is not valid JSON"):
+        P.load_records(P.PreprocessConfig(input=str(not_json)))
+    not_json.write_text('[{"problem": "a", "answer": "1"}, 7]')
+    with pytest.raises(SchemaError, match="record 1 is int, not a JSON object"):
+        P.load_records(P.PreprocessConfig(input=str(not_json)))
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SchemaError, match="is not UTF-8 text"):
+        P.load_records(P.PreprocessConfig(input=str(binary)))
+    with pytest.raises(SchemaError, match="limit=-2"):
+        P.PreprocessConfig(limit=-2)
     # hub: a clear error when `datasets` is missing (simulated: the import fails)
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(SchemaError, match="needs the `datasets` library"):
         P.load_records(P.PreprocessConfig(hub="HuggingFaceH4/MATH-500"))
+
+
+def test_output_path_is_checked_before_any_work(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"problem": "q", "answer": "1"}) + "\n")
+    (tmp_path / "a_file").write_text("x")
+    for output, match in (
+        (tmp_path / "rl.jsonl", r"the file written is \.parquet"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "a_file" / "sub" / "rl.parquet", "runs through the file"),
+    ):
+        with pytest.raises(UserError, match=match):
+            P.run(P.PreprocessConfig(input=str(src), output=str(output), data_source="d"), progress=False)
+    assert not (tmp_path / "rl.jsonl").exists() and (tmp_path / "a_file").read_text() == "x"
+    nested = tmp_path / "new" / "folder" / "rl.parquet"  # missing folders are fine: created when writing
+    assert P.run(P.PreprocessConfig(input=str(src), output=str(nested), data_source="d"), progress=False)["rows"] == 1
 
 
 def test_hub_errors_are_explained(monkeypatch):

@@ -727,6 +727,96 @@ def test_nonsense_settings_are_refused_with_a_message(argv, expect, tmp_path, ca
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+# --------------------------------------------------------------------------- clear failure, as real processes
+
+
+def bad_files(tmp: Path) -> dict[str, str]:
+    """Real files for the bad-input cases, by the placeholder their argv uses."""
+    pd.DataFrame({"problem": []}).to_parquet(tmp / "empty.parquet")
+    pd.DataFrame({"text": ["What is 2 + 2?"], "label": ["4"]}).to_parquet(tmp / "wrong_columns.parquet")
+    (tmp / "good.jsonl").write_text(json.dumps({"problem": "What is 2 + 2?", "answer": "4"}) + "\n")
+    (tmp / "a_folder.parquet").mkdir()
+    (tmp / "a_file").write_text("x")
+    return {
+        "EMPTY": str(tmp / "empty.parquet"),
+        "WRONG": str(tmp / "wrong_columns.parquet"),
+        "GOOD": str(tmp / "good.jsonl"),
+        "MISSING": str(tmp / "missing.jsonl"),
+        "FOLDER": str(tmp / "a_folder.parquet"),
+        "UNDER_A_FILE": str(tmp / "a_file" / "rl.parquet"),
+        "OUT": str(tmp / "out"),
+    }
+
+
+CLEAR_FAILURES = [
+    # config dataclasses that check their values at start-up (the message names the key)
+    (["sft", "model=M", "train_files=[x.parquet]", "output_dir=OUT", "batch_size=0"], "batch_size must be positive"),
+    (["eval", "controller.max_thread_tokens=-1"], "ControllerConfig.max_thread_tokens must be >= 1, got -1"),
+    (["eval", "engine.http.timeout_s=0"], "OpenAIHTTPConfig.timeout_s must be > 0"),
+    (["eval", "engine.server=tgi"], "OpenAIEngineConfig.server='tgi'"),
+    (["eval", "correctness.num_workers=0"], "CorrectnessConfig.num_workers must be >= 1"),
+    (["generate", "stage=1", "llm.model=m", "+llm.extra_params.model=x"], "llm.extra_params sets ['model']"),
+    (["make-data", "out=OUT", "n_train=0"], "n_train and n_test must be >= 1"),
+    (["demo", "out=OUT", "train_steps=0"], "train_steps must be >= 1, got 0"),
+    (["demo", "out=OUT", "preset=banana"], "preset='banana'"),
+    # preprocess: bad input files and output paths, before any work
+    (["preprocess", "input=EMPTY", "data_source=d", "output=OUT/rl.parquet"], "no records in"),
+    (["preprocess", "input=WRONG", "data_source=d", "output=OUT/rl.parquet"], "no question field found"),
+    (["preprocess", "input=MISSING", "data_source=d", "output=OUT/rl.parquet"], "not found"),
+    (["preprocess", "input=GOOD", "data_source=d", "output=FOLDER"], "is a folder"),
+    (["preprocess", "input=GOOD", "data_source=d", "output=UNDER_A_FILE"], "runs through the file"),
+]
+
+
+def _fill(argv: list[str], files: dict[str, str], model: Path) -> list[str]:
+    """argv with ``M`` replaced by the model folder and each placeholder of ``files`` (``OUT``, ``OUT/x``)."""
+
+    def value(v: str) -> str:
+        head, sep, rest = v.partition("/")
+        return str(model) if v == "M" else (files[head] + sep + rest if head in files else v)
+
+    return [f"{k}={value(v)}" if eq else a for a in argv for k, eq, v in [a.partition("=")]]
+
+
+@pytest.mark.parametrize(("argv", "expect"), CLEAR_FAILURES, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_settings_and_inputs_exit_2_with_one_message(argv, expect, tmp_path, tiny_model_dir):
+    files = bad_files(tmp_path)
+    proc = subprocess.run(
+        command(*_fill(argv, files, tiny_model_dir)), capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert expect in proc.stderr and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr  # a message, not a report
+    assert not Path(files["OUT"]).exists() or not any(Path(files["OUT"]).iterdir())  # nothing written
+
+
+def test_preprocess_script_goes_through_the_same_policy(tmp_path):
+    files = bad_files(tmp_path)
+    script = ROOT / "examples" / "data_preprocess" / "any_math.py"
+    argv = [f"input={files['EMPTY']}", "data_source=d", f"output={tmp_path / 'rl.parquet'}"]
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 2 and "no records in" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    debug = subprocess.run([sys.executable, str(script), *argv, "--debug"], capture_output=True, text=True, env=ENV)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "SchemaError: no records in" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["eval", "controller.max_thread_tokens=-1"], "ConfigError: ControllerConfig.max_thread_tokens"),
+        (["preprocess", "input=MISSING", "data_source=d", "output=OUT/rl.parquet"], "SchemaError: input file"),
+    ],
+)
+def test_debug_prints_the_traceback_of_a_bad_setting(argv, error, tmp_path, tiny_model_dir):
+    files = bad_files(tmp_path)
+    proc = subprocess.run(
+        command(*_fill(argv, files, tiny_model_dir), "--debug"), capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr and error in proc.stderr, (
+        proc.stderr[-3000:]
+    )
+
+
 # --------------------------------------------------------------------------- real vLLM (slow)
 
 

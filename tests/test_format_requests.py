@@ -8,10 +8,9 @@ from hypothesis import strategies as st
 
 from threadweaver_verl.data.chat import response_ids
 from threadweaver_verl.format import (
-    SEQUENTIAL,
-    THREAD,
     BlockLayout,
     NonCanonicalTrajectory,
+    RequestKind,
     Tag,
     TagTokenError,
     TagVocab,
@@ -38,7 +37,7 @@ def replay(prompt: list[int], requests) -> list[int]:
     completion; a block's threads are joined into the main line before the next main-line request."""
     main = list(prompt)
     for r in requests:
-        if r.kind == SEQUENTIAL:
+        if r.kind == RequestKind.SEQUENTIAL:
             assert list(r.context_ids[: len(main)]) == main[: len(r.context_ids)]
             main = list(r.context_ids) + list(r.completion_ids)
     return main[len(prompt) :]
@@ -57,16 +56,16 @@ def test_split_nested_trajectory(tok, fmt):
     reqs = split_requests(prompt, ids, fmt)
     kinds = [(r.kind, r.path) for r in reqs]
     assert kinds == [
-        (SEQUENTIAL, ()),
-        (THREAD, (1, 1)),
-        (THREAD, (1, 1, 1, 1)),
-        (THREAD, (1, 1, 1, 2)),
-        (THREAD, (1, 1)),
-        (THREAD, (1, 2)),
-        (SEQUENTIAL, ()),
-        (THREAD, (2, 1)),
-        (THREAD, (2, 2)),
-        (SEQUENTIAL, ()),
+        (RequestKind.SEQUENTIAL, ()),
+        (RequestKind.THREAD, (1, 1)),
+        (RequestKind.THREAD, (1, 1, 1, 1)),
+        (RequestKind.THREAD, (1, 1, 1, 2)),
+        (RequestKind.THREAD, (1, 1)),
+        (RequestKind.THREAD, (1, 2)),
+        (RequestKind.SEQUENTIAL, ()),
+        (RequestKind.THREAD, (2, 1)),
+        (RequestKind.THREAD, (2, 2)),
+        (RequestKind.SEQUENTIAL, ()),
     ]
     # every request stops where inference stops: </Outlines>, </Thread> or EOS
     stops = {fmt.tag_id(Tag.OUTLINES_CLOSE), fmt.tag_id(Tag.THREAD_CLOSE), *fmt.eos_ids}
@@ -98,7 +97,7 @@ def test_splitter_never_retokenizes_joined_text(tok, fmt):
 def test_sequential_trajectory_is_one_request(tok, fmt):
     ids = response_ids(fmt, "<think>\n3*4 = 12\n</think>\n\\boxed{12}")
     (req,) = split_requests([7, 8], ids, fmt)
-    assert req.kind == SEQUENTIAL and req.context_ids == (7, 8) and list(req.completion_ids) == ids
+    assert req.kind == RequestKind.SEQUENTIAL and req.context_ids == (7, 8) and list(req.completion_ids) == ids
 
 
 def test_invalid_or_non_canonical_trajectories_are_refused(tok, fmt):
@@ -129,4 +128,4 @@ def test_replaying_requests_rebuilds_any_valid_trajectory(fmt, blocks, tail):
     ids = response_ids(fmt, text)
     reqs = split_requests([1, 2], ids, fmt)
     assert replay([1, 2], reqs) == ids
-    assert sum(r.kind == THREAD for r in reqs) == sum(len(th) for th, _ in blocks)
+    assert sum(r.kind == RequestKind.THREAD for r in reqs) == sum(len(th) for th, _ in blocks)

@@ -117,10 +117,10 @@ def test_every_scripted_behaviour_ends_in_the_right_record(tmp_path, tok_dir):
     assert summary["accepted"] == len(accepted) == 7
     assert summary["rejected_by_step"] == {
         "input": 1,
-        prompts.STRUCTURE: 3,
-        prompts.BLOCKS: 2,
-        prompts.EDITS: 1,
-        prompts.OUTLINES: 1,
+        prompts.Step.STRUCTURE: 3,
+        prompts.Step.BLOCKS: 2,
+        prompts.Step.EDITS: 1,
+        prompts.Step.OUTLINES: 1,
         "validate": 0,
     }
     for r in accepted:

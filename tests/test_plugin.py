@@ -113,6 +113,31 @@ def test_doctor_reports_an_active_plugin():
         assert name in out.stdout
     # vLLM must find its platform, or every server start fails.
     assert "vLLM platform" in out.stdout and f"ok ({expected_vllm_device()})" in out.stdout
+    # whether bf16 autocast (the demo's optional bf16=true) is native here: a yes/no the machine decides
+    from threadweaver_verl.cli.doctor import bf16_row
+
+    name, value = bf16_row()
+    answer = value.split(" (")[0]
+    line = next((x for x in out.stdout.splitlines() if name in x), "")
+    assert answer in ("yes", "no", "unknown") and f" {answer} (" in line, out.stdout[-2000:]
+
+
+def test_doctor_bf16_row_says_yes_or_names_the_setting(monkeypatch):
+    import torch
+
+    from threadweaver_verl.cli import doctor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": True})
+    assert doctor.bf16_row() == ("native bf16", "yes (CPU: avx512_bf16)")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False})
+    name, value = doctor.bf16_row()
+    assert name == "native bf16" and value.startswith("no (CPU without avx512_bf16/amx_bf16")
+    assert "slower" in value and "bf16=false" in value
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a: True)
+    assert doctor.bf16_row() == ("native bf16", "yes (CUDA: NVIDIA H100)")
 
 
 def test_doctor_says_when_verl_did_not_load_the_plugin():

@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 
 from threadweaver_verl.data.chat import prompt_ids
 from threadweaver_verl.format import (
-    SEQUENTIAL,
-    THREAD,
     Block,
     Limits,
     Marker,
     Outline,
     Outlines,
+    RequestKind,
+    Rule,
     Tag,
     Thread,
     TokenFormat,
@@ -32,6 +32,7 @@ from threadweaver_verl.rollout.controller import (
     LINE_SPLITTING,
     ControllerConfig,
     ForkJoinController,
+    OutlineNumbers,
     Reason,
     RolloutError,
 )
@@ -124,10 +125,10 @@ class ScriptedEngine:
             cut = next((i for i, t in enumerate(out) if t in stop_token_ids), None)
             if cut is not None:
                 out = out[: cut + 1]
-            finish = "stop" if cut is not None and cut < max_tokens else "length"
+            finish = Finish.STOP if cut is not None and cut < max_tokens else Finish.LENGTH
             out = out[:max_tokens]
-            if finish == "length" and len(out) < max_tokens:
-                finish = "stop"  # ran out of script: like a stop string
+            if finish == Finish.LENGTH and len(out) < max_tokens:
+                finish = Finish.STOP  # ran out of script: like a stop string
             return Completion(out, finish, [self.logprob] * len(out))
         finally:
             self.in_flight -= 1
@@ -166,7 +167,7 @@ def check(result, engine, fmt, prompt, config=None):
     assert len(engine.calls) == result.num_engine_calls
     assert len(result.response_ids) <= cfg.max_response_tokens
     # the structure is closed: nothing at the end of any line is left open
-    assert not [e for e in result.format_errors if e.rule == "unclosed"], result.format_errors
+    assert not [e for e in result.format_errors if e.rule == Rule.UNCLOSED], result.format_errors
     assert_closed(fmt.parse(result.response_ids))
     # one routing key for the whole trajectory
     assert {c["routing_key"] for c in engine.calls} <= {"traj-1"}
@@ -175,13 +176,13 @@ def check(result, engine, fmt, prompt, config=None):
         assert 0 <= r.forced <= len(r.completion_ids)
         if r.logprobs is not None:
             assert len(r.logprobs) == len(r.completion_ids) - r.forced
-        if r.kind == THREAD:
+        if r.kind == RequestKind.THREAD:
             assert r.completion_ids and r.completion_ids[-1] in (
                 fmt.tag_id(Tag.THREAD_CLOSE),
                 fmt.tag_id(Tag.OUTLINES_CLOSE),
             )
     # the main line's last request ends the response, or a join does (no request after it)
-    mains = [r for r in result.requests if r.kind == SEQUENTIAL]
+    mains = [r for r in result.requests if r.kind == RequestKind.SEQUENTIAL]
     full = list(prompt) + list(result.response_ids)
     if mains:
         assert full[: len(mains[-1].ids)] == list(mains[-1].ids)
@@ -217,13 +218,13 @@ def test_fork_join_matches_splitter_threads_concurrent(fmt, prompt):
     assert result.valid and result.ended_normally and result.terminations == []
     assert result.requests == split_requests(prompt, result.response_ids, fmt)
     assert [(r.kind, r.path) for r in result.requests] == [
-        (SEQUENTIAL, ()),
-        (THREAD, (1, 1)),
-        (THREAD, (1, 2)),
-        (SEQUENTIAL, ()),
+        (RequestKind.SEQUENTIAL, ()),
+        (RequestKind.THREAD, (1, 1)),
+        (RequestKind.THREAD, (1, 2)),
+        (RequestKind.SEQUENTIAL, ()),
     ]
     assert engine.max_in_flight == 2  # both threads in flight at once
-    a, b = [c for c in result.calls if c.kind == THREAD]
+    a, b = [c for c in result.calls if c.kind == RequestKind.THREAD]
     assert a.started_s < b.ended_s and b.started_s < a.ended_s
     # joined in outline order, each thread saw only the shared context and its header
     assert "<Thread>\n1: six</Thread>\n<Thread>\n2: seven</Thread>\n</Parallel>" in text(fmt, result)
@@ -258,13 +259,13 @@ def test_nested_blocks(fmt, prompt):
     check(result, engine, fmt, prompt)
     assert result.valid and result.ended_normally
     assert [(r.kind, r.path) for r in result.requests] == [
-        (SEQUENTIAL, ()),
-        (THREAD, (1, 1)),
-        (THREAD, (1, 1, 1, 1)),
-        (THREAD, (1, 1, 1, 2)),
-        (THREAD, (1, 1)),
-        (THREAD, (1, 2)),
-        (SEQUENTIAL, ()),
+        (RequestKind.SEQUENTIAL, ()),
+        (RequestKind.THREAD, (1, 1)),
+        (RequestKind.THREAD, (1, 1, 1, 1)),
+        (RequestKind.THREAD, (1, 1, 1, 2)),
+        (RequestKind.THREAD, (1, 1)),
+        (RequestKind.THREAD, (1, 2)),
+        (RequestKind.SEQUENTIAL, ()),
     ]
     assert result.stats.num_blocks == 2 and result.stats.max_depth == 2
     # a thread of a nested block may not nest again (max_depth=2): </Outlines> is no stop there
@@ -305,7 +306,7 @@ def test_sequential_baseline(fmt, prompt):
     check(result, engine, fmt, prompt, cfg)
     assert len(engine.calls) == 1 and engine.calls[0]["stops"] == list(fmt.eos_ids)
     assert result.ended_normally and result.valid
-    assert [r.kind for r in result.requests] == [SEQUENTIAL]
+    assert [r.kind for r in result.requests] == [RequestKind.SEQUENTIAL]
 
 
 def test_realistic_trajectories_replay_request_for_request(tok, fmt):
@@ -465,11 +466,11 @@ def test_bad_outline_numbers(fmt, prompt, outlines, threads, reasons):
     if outlines:
         assert not result.valid  # the model's numbering stays wrong; the validator says so
     else:  # an empty outline list joins as an empty block, which the format rejects
-        assert {e.rule for e in result.format_errors} == {"empty_block"}
+        assert {e.rule for e in result.format_errors} == {Rule.EMPTY_BLOCK}
 
 
 def test_by_position_policy(fmt, prompt):
-    cfg = ControllerConfig(outline_numbers="by_position")
+    cfg = ControllerConfig(outline_numbers=OutlineNumbers.BY_POSITION)
     result, engine = run(fmt, prompt, outline_script("1: a", "1: b", "x: c"), cfg)
     check(result, engine, fmt, prompt, cfg)
     assert thread_numbers(fmt, result) == [1, 2, 3]
@@ -520,7 +521,7 @@ def test_outlines_close_with_no_block_open(fmt, prompt):
     check(result, engine, fmt, prompt)
     assert Reason.STRAY_STOP in result.terminations and Reason.CLOSED_AT_EOS in result.terminations
     assert text(fmt, result) == "<think>\nlist</Outlines> then 42</think><|im_end|>"
-    assert "stray_tag" in {e.rule for e in result.format_errors}
+    assert Rule.STRAY_TAG in {e.rule for e in result.format_errors}
     # a model that writes only </Outlines> is stopped by max_requests
     cfg = ControllerConfig(max_requests=10)
     result, engine = run(fmt, prompt, lambda t: "</Outlines>", cfg)
@@ -576,7 +577,11 @@ def test_elements_ended_without_their_closing_tag(fmt, prompt):
     check(result, engine, fmt, prompt)
     assert result.terminations == [Reason.IMPLICIT_CLOSE]
     assert "<Outline>1: a</Outline></Outlines>\n<Thread>\n1: ok</Thread>\n</Parallel> end" in text(fmt, result)
-    assert [(r.kind, r.path) for r in result.requests] == [(SEQUENTIAL, ()), (THREAD, (1, 1)), (SEQUENTIAL, ())]
+    assert [(r.kind, r.path) for r in result.requests] == [
+        (RequestKind.SEQUENTIAL, ()),
+        (RequestKind.THREAD, (1, 1)),
+        (RequestKind.SEQUENTIAL, ()),
+    ]
 
 
 def test_main_line_eos_with_think_open(fmt, prompt):
@@ -592,9 +597,9 @@ def test_engine_ignoring_stops_and_max_tokens(tok, prompt):
 
     def script(t):
         if t.endswith("<Thread>\n1:"):
-            return Completion(fmt.fragment_ids(" a</Thread> more</Thread>"), "stop")
+            return Completion(fmt.fragment_ids(" a</Thread> more</Thread>"), Finish.STOP)
         if t.endswith("</Parallel>"):
-            return Completion(fmt.fragment_ids(" end<|im_end|> junk"), "stop")
+            return Completion(fmt.fragment_ids(" end<|im_end|> junk"), Finish.STOP)
         return block("1: a")
 
     result, engine = run(fmt, prompt, script)
@@ -603,7 +608,7 @@ def test_engine_ignoring_stops_and_max_tokens(tok, prompt):
     assert result.requests[1].logprobs is None  # the engine returned none
     assert text(fmt, result).endswith(" end<|im_end|>")
     cfg = ControllerConfig(max_response_tokens=40)
-    result, engine = run(fmt, prompt, lambda t: Completion(fmt.fragment_ids("7 " * 60), "length"), cfg)
+    result, engine = run(fmt, prompt, lambda t: Completion(fmt.fragment_ids("7 " * 60), Finish.LENGTH), cfg)
     check(result, engine, fmt, prompt, cfg)
     assert Reason.ENGINE_OVERRUN in result.terminations
 
@@ -611,11 +616,11 @@ def test_engine_ignoring_stops_and_max_tokens(tok, prompt):
 def test_logprobs_that_are_not_one_per_id_fail_the_trajectory(fmt, prompt):
     ids = fmt.fragment_ids("<think>\nhmm</think>\\boxed{1}<|im_end|>")
     with pytest.raises(RolloutError, match=f"{len(ids) - 1} log-probs for {len(ids)} ids"):
-        run(fmt, prompt, lambda t: Completion(ids, "stop", [-0.5] * (len(ids) - 1)))
+        run(fmt, prompt, lambda t: Completion(ids, Finish.STOP, [-0.5] * (len(ids) - 1)))
 
 
 def test_stop_without_stop_id(fmt, prompt):
-    result, engine = run(fmt, prompt, lambda t: Completion(fmt.fragment_ids("<think> cut"), "stop"))
+    result, engine = run(fmt, prompt, lambda t: Completion(fmt.fragment_ids("<think> cut"), Finish.STOP))
     check(result, engine, fmt, prompt)
     assert result.terminations == [Reason.ENGINE_STOP_WITHOUT_STOP_ID]
     assert text(fmt, result) == "<think> cut</think>"
@@ -654,7 +659,7 @@ def test_budget_max_response_tokens_shared_by_threads(fmt, prompt):
     check(result, engine, fmt, prompt, cfg)
     assert result.valid and len(result.response_ids) <= 120
     assert Reason.BUDGET_RESPONSE in result.terminations and Reason.BUDGET_THREAD not in result.terminations
-    lengths = [len(r.completion_ids) for r in result.requests if r.kind == THREAD]
+    lengths = [len(r.completion_ids) for r in result.requests if r.kind == RequestKind.THREAD]
     assert max(lengths) - min(lengths) <= 1  # an equal share each
 
 
@@ -742,7 +747,7 @@ def test_engine_timeout_fails_the_trajectory(fmt, prompt):
 
 def test_engine_abort_fails_the_trajectory(fmt, prompt):
     with pytest.raises(RolloutError, match="aborted"):
-        run(fmt, prompt, lambda t: Completion([], "abort"))
+        run(fmt, prompt, lambda t: Completion([], Finish.ABORT))
 
 
 # --------------------------------------------------------------------------- bad input

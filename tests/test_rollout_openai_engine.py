@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from _scripted_openai import Answer, ScriptedOpenAI, Status, in_order
 
-from threadweaver_verl.rollout.engine import EngineError
+from threadweaver_verl.rollout.engine import EngineError, Finish
 from threadweaver_verl.rollout.http import OpenAIHTTPConfig
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine, OpenAIEngineConfig
 
@@ -38,7 +38,7 @@ def test_vllm_request_and_answer():
     with ScriptedOpenAI(completions=in_order(answer([4, 5, 7], stop_reason=7, cached=8))) as server:
         comp = complete(server.url, sampling={"temperature": 0.5, "top_k": 3})
         request = server.requests[0]
-    assert comp.token_ids == [4, 5, 7] and comp.finish == "stop"
+    assert comp.token_ids == [4, 5, 7] and comp.finish == Finish.STOP
     assert comp.logprobs == [-1.0, -2.0, -3.0] and comp.cached_tokens == 8
     body, headers = request.body, request.headers
     assert request.path == "/v1/completions"
@@ -60,7 +60,7 @@ def test_sglang_trimmed_stop_token_is_restored():
 def test_length_and_missing_cache_report():
     with ScriptedOpenAI(completions=in_order(answer([1] * 8, finish="length", logprobs=False))) as server:
         comp = complete(server.url, sampling={"logprobs": False})
-    assert comp.finish == "length" and comp.cached_tokens is None and comp.logprobs is None
+    assert comp.finish == Finish.LENGTH and comp.cached_tokens is None and comp.logprobs is None
 
 
 def test_answer_without_token_ids_is_a_clear_error():
@@ -135,7 +135,7 @@ def test_vllm_answers_carry_token_ids_logprobs_and_cached_tokens(vllm_server, ti
             return first, again
 
     first, again = asyncio.run(go())
-    assert first.finish == "length" and len(first.token_ids) == 6 and again.token_ids == first.token_ids
+    assert first.finish == Finish.LENGTH and len(first.token_ids) == 6 and again.token_ids == first.token_ids
     assert all(isinstance(i, int) for i in first.token_ids)
     assert first.logprobs is not None and len(first.logprobs) == 6 and all(lp <= 0.0 for lp in first.logprobs)
     assert again.cached_tokens is not None and again.cached_tokens >= len(prompt) // 2

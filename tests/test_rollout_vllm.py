@@ -12,7 +12,7 @@ from _steered_engine import SteeredEngine
 
 from threadweaver_verl.data.chat import PromptStyle, prompt_ids
 from threadweaver_verl.data.schema import rl_row, write_rl
-from threadweaver_verl.format import SEQUENTIAL, THREAD, BlockLayout, Tag, split_requests
+from threadweaver_verl.format import BlockLayout, RequestKind, Rule, Tag, split_requests
 from threadweaver_verl.format.tree import atoms_text
 from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, Reason
 from threadweaver_verl.rollout.openai_engine import OpenAICompletionsEngine
@@ -49,14 +49,14 @@ def test_fork_join_on_vllm(vllm_server, tiny_tokenizer, tiny_fmt):
 
     result = asyncio.run(go())
     assert [(r.kind, r.path) for r in result.requests] == [
-        (SEQUENTIAL, ()),
-        (THREAD, (1, 1)),
-        (THREAD, (1, 2)),
-        (THREAD, (1, 3)),
-        (SEQUENTIAL, ()),
+        (RequestKind.SEQUENTIAL, ()),
+        (RequestKind.THREAD, (1, 1)),
+        (RequestKind.THREAD, (1, 2)),
+        (RequestKind.THREAD, (1, 3)),
+        (RequestKind.SEQUENTIAL, ()),
     ]
     # every thread ran on the real server, all in flight together, then were joined in outline order
-    threads = [c for c in result.calls if c.kind == THREAD]
+    threads = [c for c in result.calls if c.kind == RequestKind.THREAD]
     assert len(threads) == 3
     assert max(c.started_s for c in threads) < min(c.ended_s for c in threads)
     shared = list(result.requests[0].ids)
@@ -91,7 +91,7 @@ def test_random_model_on_vllm_terminates_well_formed(vllm_server, tiny_tokenizer
 
     for result in asyncio.run(go()):
         assert len(result.response_ids) <= 200 and result.num_engine_calls <= 16
-        assert not [e for e in result.format_errors if e.rule == "unclosed"], result.format_errors
+        assert not [e for e in result.format_errors if e.rule == Rule.UNCLOSED], result.format_errors
         if result.valid:
             assert result.requests == split_requests(prompt, result.response_ids, fmt)
 

@@ -128,6 +128,23 @@ def test_bad_settings_say_what_to_fix(tmp_path):
         check_config(SFTConfig(model="m", train_files=["x"], output_dir="o", time_limit_minutes=-3))
     with pytest.raises(ValueError, match="batch_tokens must be >= 0"):
         check_config(SFTConfig(model="m", train_files=["x"], output_dir="o", batch_tokens=-1))
+    # a setting error is the dispatcher's exit-2 kind (ConfigError), not a bug
+    from threadweaver_verl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size must be positive"):
+        SFTConfig(model="m", train_files=["x"], output_dir="o", batch_size=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="flex attention trains on a GPU")
+def test_flex_on_a_cpu_is_refused_before_any_work(tiny_model_dir, parquet, tmp_path):
+    from threadweaver_verl.config import ConfigError
+    from threadweaver_verl.sft.train import SFTConfig, train
+
+    out = tmp_path / "out"
+    cfg = SFTConfig(model=str(tiny_model_dir), train_files=[str(parquet)], output_dir=str(out), attention="flex")
+    with pytest.raises(ConfigError, match="attention=flex cannot train on a CPU"):
+        train(cfg)
+    assert not out.exists()
 
 
 def test_attention_choice_respects_that_cpu_flex_has_no_backward():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from _sft_common import NESTED, SEQUENTIAL, requests_of, three_threads
 
-from threadweaver_verl.format import Request
+from threadweaver_verl.format import Request, RequestKind
 from threadweaver_verl.sft.data import SFTDataError, SFTExample, build_rows
 from threadweaver_verl.sft.synthetic import TrajectoryShape, random_trajectory
 from threadweaver_verl.sft.trie import TrieError, build_trie, chain, concat, pack
@@ -56,7 +56,7 @@ def test_each_distinct_path_appears_once(split, text):
 def test_threads_after_the_first_appear_twice_thread_one_once(split):
     reqs = split(three_threads())
     t = build_trie(reqs)
-    threads = [r for r in reqs if r.kind == "thread"]
+    threads = [r for r in reqs if r.kind == RequestKind.THREAD]
     final = reqs[-1]  # main line after the join: re-reads all threads as causal context
     final_idx = t.index_of(final.ids)
     for k, r in enumerate(threads, start=1):
@@ -138,8 +138,8 @@ def test_build_rows_names_the_sample_that_does_not_fit(split):
 
 
 def test_two_requests_completing_the_same_token_count_its_loss_once():
-    a = Request((1, 2), (3, 4), "sequential")
-    b = Request((1, 2, 3), (4, 5), "sequential")  # token 4 is a completion token of both
+    a = Request((1, 2), (3, 4), RequestKind.SEQUENTIAL)
+    b = Request((1, 2, 3), (4, 5), RequestKind.SEQUENTIAL)  # token 4 is a completion token of both
     t = build_trie([a, b])
     assert len(t) == 5
     assert t.num_loss_tokens == 3 and t.loss_collisions == 1
@@ -147,7 +147,7 @@ def test_two_requests_completing_the_same_token_count_its_loss_once():
 
 def test_empty_context_is_refused():
     with pytest.raises(TrieError, match="empty context"):
-        build_trie([Request((), (5, 6), "sequential")])
+        build_trie([Request((), (5, 6), RequestKind.SEQUENTIAL)])
 
 
 def test_chain_is_the_plain_request(split):
@@ -159,6 +159,6 @@ def test_chain_is_the_plain_request(split):
 
 
 def test_ids_the_controller_inserted_carry_no_loss():
-    r = Request((1, 2), (3, 4, 5, 6), "thread", forced=2)  # e.g. closing tags after a truncation
+    r = Request((1, 2), (3, 4, 5, 6), RequestKind.THREAD, forced=2)  # e.g. closing tags after a truncation
     t = build_trie([r])
     assert t.loss_mask.tolist() == [False, False, True, True, False, False]

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from threadweaver_verl.data.chat import PromptStyle, prompt_ids
-from threadweaver_verl.format import Block, Span, Thread, parse_text, split_requests
+from threadweaver_verl.format import Block, RequestKind, Span, Thread, parse_text, split_requests
 from threadweaver_verl.tasks import multiplication as mul
 
 BOXED = re.compile(r"\\boxed\{(\d+)\}")
@@ -61,7 +61,7 @@ def test_every_solution_is_valid_splits_and_boxes_the_true_product(many, fmt, to
         ids = fmt.encode_text(s.parallel)
         requests = split_requests(prompt, ids, fmt)
         assert list(requests[-1].ids) == prompt + ids
-        assert sum(1 for r in requests if r.kind == "thread") == sum(digits[1:])
+        assert sum(1 for r in requests if r.kind == RequestKind.THREAD) == sum(digits[1:])
 
 
 def _value(expr: str) -> int:

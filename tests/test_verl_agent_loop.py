@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 from verl.workers.rollout.replica import TokenOutput
 
-from threadweaver_verl.format import SEQUENTIAL, BlockLayout, Tag, TokenFormat
+from threadweaver_verl.format import BlockLayout, RequestKind, Tag, TokenFormat
 from threadweaver_verl.integrations.verl.agent_loop import (
     REQUEST_KEY,
     STATS_KEY,
@@ -26,7 +26,7 @@ from threadweaver_verl.integrations.verl.agent_loop import (
 )
 from threadweaver_verl.rl.reward import compute_score
 from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController, Reason
-from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, EngineError, Finish
+from threadweaver_verl.rollout.engine import EngineError, Finish
 
 
 def logprob_of(token: int, position: int) -> float:
@@ -143,7 +143,7 @@ def test_outputs_thread_rows_then_final_trajectory_each_token_trained_once(fmt):
     result, outputs, _ = run_trajectory(fmt, manager, prompt)
     assert result.valid and not result.terminations
     threads = [r for r in result.requests if r.path]
-    main = [r for r in result.requests if r.kind == SEQUENTIAL and not r.path]
+    main = [r for r in result.requests if r.kind == RequestKind.SEQUENTIAL and not r.path]
     assert len(threads) == 2 and len(main) == 2
     assert len(outputs) == 3
     for out, req in zip(outputs[:-1], threads):
@@ -222,15 +222,15 @@ def test_finish_is_decided_from_the_returned_ids(fmt):
     stop = asyncio.run(
         VerlServerEngine(OneShot([5, eos])).complete(prompt, max_tokens=8, stop_token_ids=[eos], routing_key="k")
     )
-    assert stop.finish == FINISH_STOP
+    assert stop.finish == Finish.STOP
     length = asyncio.run(
         VerlServerEngine(OneShot([5, 6])).complete(prompt, max_tokens=2, stop_token_ids=[eos], routing_key="k")
     )
-    assert length.finish == FINISH_LENGTH and length.logprobs is None
+    assert length.finish == Finish.LENGTH and length.logprobs is None
     aborted = asyncio.run(
         VerlServerEngine(OneShot([], "aborted")).complete(prompt, max_tokens=2, stop_token_ids=[eos], routing_key="k")
     )
-    assert aborted.finish == FINISH_ABORT
+    assert aborted.finish == Finish.ABORT
     with pytest.raises(EngineError, match="at least one token"):
         asyncio.run(VerlServerEngine(OneShot([])).complete(prompt, max_tokens=0, stop_token_ids=[eos], routing_key="k"))
 

@@ -132,6 +132,25 @@ def output_dir(path: str | os.PathLike, setting: str = "out_dir") -> Path:
     return p
 
 
+def output_file(path: str | os.PathLike, setting: str = "output", suffix: str | None = None) -> Path:
+    """``path`` checked as a file to write (nothing is created): a clear error if it is empty or a folder, does
+    not end in ``suffix`` (e.g. ``".parquet"``), or its folder runs through a file or is not writable."""
+    p = Path(path)
+    example = f"DIR/NAME{suffix or ''}"
+    if not str(path):
+        raise UserError(f"{setting} is empty: pass the file to write as {setting}={example}")
+    if p.is_dir():
+        raise UserError(f"{setting}={str(p)!r} is a folder; pass the path of the file to write ({setting}={example})")
+    if suffix and p.suffix.lower() != suffix:
+        raise UserError(f"{setting}={str(p)!r}: the file written is {suffix}; give it a {suffix} name ({example})")
+    existing = next(a for a in (p.parent, *p.parent.parents) if a.exists())  # "." exists at the latest
+    if not existing.is_dir():
+        raise UserError(f"{setting}={str(p)!r}: its folder path runs through the file {str(existing)!r}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{setting}={str(p)!r}: cannot write in {str(existing)!r}; pass a writable path")
+    return p
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is fsynced and renamed onto ``path``,

@@ -23,6 +23,7 @@ stage). An interrupted evaluation resumes where it stopped.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import shutil
@@ -34,8 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from threadweaver_verl.config import ConfigError
 from threadweaver_verl.models.tiny import TinyModelConfig
-from threadweaver_verl.runs import Marker, OutputLock, UserError, atomic_write_text, output_dir, require_count
+from threadweaver_verl.runs import Marker, OutputLock, UserError, atomic_write_text, output_dir
 
 
 @dataclass
@@ -102,6 +104,32 @@ class DemoConfig:
     force: bool = False
     """Redo every stage even if its results exist."""
 
+    def __post_init__(self) -> None:
+        from threadweaver_verl.tasks.multiplication import Difficulty, DifficultyError
+
+        at_least_one = (
+            "n_train",
+            "n_test",
+            "train_steps",
+            "batch_tokens",
+            "curve_concurrency",
+            "eval_concurrency",
+            "max_response_tokens",
+            "max_thread_tokens",
+            "kv_block_size",
+        )
+        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in at_least_one if getattr(self, k) < 1]
+        at_least_zero = ("warmup_steps", "curve_points", "latency_problems", "time_limit_minutes", "temperature")
+        problems += [f"{k} must be >= 0, got {getattr(self, k)}" for k in at_least_zero if getattr(self, k) < 0]
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        try:
+            Difficulty.parse(self.preset)
+        except DifficultyError as e:
+            problems.append(f"preset={self.preset!r}: {e}")
+        if problems:
+            raise ConfigError("demo settings: " + "; ".join(problems))
+
     def effective(self) -> DemoConfig:
         if not self.quick:
             return self
@@ -118,9 +146,6 @@ class DemoConfig:
                 "latency_problems": min(self.latency_problems, 4),
             }
         )
-
-    def __post_init__(self) -> None:
-        require_count(self.latency_problems, "latency_problems")
 
     def curve_steps(self) -> list[int]:
         """Steps of the checkpoints evaluated for the accuracy curve (the final model is the last point)."""
@@ -184,16 +209,20 @@ class Stages:
         return result
 
 
-KINDS = ("sequential", "parallel")
+class ModelKind(enum.StrEnum):
+    """The demo's two models (and their files' names): SFT on sequential or on parallel trajectories."""
+
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
 
 
 def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> dict:
     """Both SFT runs at once, one core each (a tiny model gains little from a second thread)."""
-    from threadweaver_verl.sft.train import time_limit_message
+    from threadweaver_verl.sft.train import StoppedBy, time_limit_message
 
     curve = cfg.curve_steps()
     procs = {}
-    for kind in KINDS:
+    for kind in ModelKind:
         args = [
             sys.executable,
             "-m",
@@ -232,7 +261,7 @@ def _train_both(cfg: DemoConfig, out: Path, base: Path, data: Path, console) -> 
     for kind, (p, _) in procs.items():
         summary = out / f"sft_{kind}" / "sft_summary.json"
         result = json.loads(summary.read_text())["result"] if summary.exists() else None
-        if result is not None and result["stopped_by"] == "time_limit":
+        if result is not None and result["stopped_by"] == StoppedBy.TIME_LIMIT:
             raise DemoError(
                 f"the {kind} model's training was "
                 + time_limit_message(result["steps"], cfg.train_steps, cfg.time_limit_minutes)
@@ -281,11 +310,11 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
     from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
 
     budgets = dict(max_response_tokens=cfg.max_response_tokens, max_thread_tokens=cfg.max_thread_tokens)
-    results: dict[str, Any] = {"curve": {k: {} for k in KINDS}, "latency": {}}
+    results: dict[str, Any] = {"curve": {k: {} for k in ModelKind}, "latency": {}}
     # Prefix caching works in whole KV blocks: the tiny task's shared contexts (~70 tokens) are
     # shorter than a default CPU block, so use small blocks to let thread requests hit the cache.
     server_cfg = VLLMServerConfig(
-        model=sft["sequential"]["model_dir"],
+        model=sft[ModelKind.SEQUENTIAL]["model_dir"],
         work_dir=str(out / "vllm"),
         weight_reload=True,
         extra_args=["--block-size", str(cfg.kv_block_size)],
@@ -310,13 +339,13 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
                 concurrency=concurrency,
                 max_problems=max_problems,
                 baseline=baseline,
-                controller=ControllerConfig(fork=kind == "parallel", **budgets),
+                controller=ControllerConfig(fork=kind == ModelKind.PARALLEL, **budgets),
             )
         )
 
     with VLLMServer(server_cfg) as server:
-        for kind in KINDS:
-            fork = kind == "parallel"
+        for kind in ModelKind:
+            fork = kind == ModelKind.PARALLEL
             if fork:
                 server.reload_weights(sft[kind]["model_dir"])
             console.print(f"evaluating the {kind} model ({'fork/join' if fork else 'plain decoding'})")
@@ -341,7 +370,7 @@ def _evaluate_both(cfg: DemoConfig, out: Path, data: Path, sft: dict, console) -
 def curve_rows(curve: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """The accuracy-vs-steps table: one row per evaluated step."""
     steps = sorted({int(s) for points in curve.values() for s in points})
-    return [{"step": s, **{k: curve[k].get(str(s)) for k in KINDS}} for s in steps]
+    return [{"step": s, **{k: curve[k].get(str(s)) for k in ModelKind}} for s in steps]
 
 
 def results_table(evals: dict) -> list[dict[str, Any]]:
@@ -360,10 +389,10 @@ def results_table(evals: dict) -> list[dict[str, Any]]:
     Rows the demo did not measure (``latency_problems=0``) are None."""
     from threadweaver_verl.eval.records import EvalSummary
 
-    seq, par = (EvalSummary.from_json(evals[k], f"demo eval stage ({k})") for k in KINDS)
+    seq, par = (EvalSummary.from_json(evals[k], f"demo eval stage ({k})") for k in ModelKind)
     timed = evals.get("latency", {})
     lat_seq, lat_par = (
-        EvalSummary.from_json(timed[k], f"demo eval stage (latency, {k})") if k in timed else None for k in KINDS
+        EvalSummary.from_json(timed[k], f"demo eval stage (latency, {k})") if k in timed else None for k in ModelKind
     )
     n = seq.concurrency
     rows = []
@@ -403,10 +432,10 @@ def print_curve(curve: dict, console) -> None:
     from threadweaver_verl.eval.report import format_cell
 
     t = Table(title="held-out accuracy vs training steps")
-    for name in ("step", *KINDS):
+    for name in ("step", *ModelKind):
         t.add_column(name, justify="right")
     for r in curve_rows(curve):
-        t.add_row(str(r["step"]), *[format_cell(r[k]) for k in KINDS])
+        t.add_row(str(r["step"]), *[format_cell(r[k]) for k in ModelKind])
     console.print(t)
 
 
@@ -474,7 +503,7 @@ def _run(cfg: DemoConfig, out: Path, console) -> dict:
         settings["data"],
         outputs=[data],
     )
-    sft_data = {kind: data / f"sft_{kind}.parquet" for kind in KINDS}
+    sft_data = {kind: data / f"sft_{kind}.parquet" for kind in ModelKind}
     base = out / "base_model"
 
     def build() -> dict:
@@ -493,15 +522,15 @@ def _run(cfg: DemoConfig, out: Path, console) -> dict:
         console,
         settings["sft"],
         {"base_model": base, **sft_data},
-        outputs=[out / f"sft_{kind}" for kind in KINDS],
+        outputs=[out / f"sft_{kind}" for kind in ModelKind],
     )
     evals = stages.run(
         "eval",
         lambda: _evaluate_both(cfg, out, data, sft, console),
         console,
         settings["eval"],
-        {"test": data / "test.parquet", **{f"model_{kind}": Path(sft[kind]["model_dir"]) for kind in KINDS}},
-        outputs=[out / f"{stage}_{kind}" for stage in ("eval", "latency") for kind in KINDS] + [out / "curve"],
+        {"test": data / "test.parquet", **{f"model_{kind}": Path(sft[kind]["model_dir"]) for kind in ModelKind}},
+        outputs=[out / f"{stage}_{kind}" for stage in ("eval", "latency") for kind in ModelKind] + [out / "curve"],
     )
     rows = results_table(evals)
     from threadweaver_verl.eval.report import write_demo_report
@@ -518,7 +547,7 @@ def _run(cfg: DemoConfig, out: Path, console) -> dict:
     atomic_write_text(out / "results.json", json.dumps(result, indent=2))
     print_curve(evals["curve"], console)
     print_table(rows, console, f"ThreadWeaver demo: multiplication {cfg.preset}, {cfg.n_test} held-out problems")
-    steps = ", ".join(f"{k} {sft[k]['steps']} steps in {sft[k]['seconds'] / 60:.1f} min" for k in KINDS)
+    steps = ", ".join(f"{k} {sft[k]['steps']} steps in {sft[k]['seconds'] / 60:.1f} min" for k in ModelKind)
     console.print(f"report: {report}   ({result['minutes']} min this run; training: {steps})")
     return result
 

@@ -1,4 +1,5 @@
-"""``python -m threadweaver_verl doctor``: is the verl plugin active, and what versions are here."""
+"""``python -m threadweaver_verl doctor``: is the verl plugin active, what versions are here, and whether this
+machine has native bf16 (for the demo's optional bf16 autocast, ``DemoConfig.bf16``)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,33 @@ def vllm_platform() -> str | None:
             else ""
         )
         return f"{type(e).__name__}: {e}.{hint}"
+
+
+# CPU features that compute bf16 natively (x86: AVX512-BF16 or AMX; ARM: the BF16 extension), as
+# torch.cpu.get_capabilities() names them. Without one, bf16 autocast is emulated and slower than fp32.
+NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def bf16_row() -> tuple[str, str]:
+    """Whether this machine computes bf16 natively: the demo's ``bf16=true`` (off by default, see
+    ``DemoConfig.bf16``) makes steps faster only then; without it, bf16 autocast is emulated and slower."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported():
+            return "native bf16", f"yes (CUDA: {name})"
+        return "native bf16", f"no (CUDA: {name}): bf16 training runs slower here; keep the demo's bf16=false"
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return "native bf16", f"unknown (torch {torch.__version__} cannot tell): keep the demo's bf16=false"
+    found = [f for f in NATIVE_BF16_CPU_FEATURES if capabilities().get(f)]
+    if found:
+        return "native bf16", f"yes (CPU: {', '.join(found)})"
+    return "native bf16", (
+        f"no (CPU without {'/'.join(NATIVE_BF16_CPU_FEATURES)}): bf16 autocast is emulated and runs slower "
+        "here; keep the demo's bf16=false"
+    )
 
 
 PLUGIN_MODULE = "threadweaver_verl.integrations.verl.plugin"
@@ -124,6 +152,12 @@ def print_report() -> int:
     t.add_column("status")
     for name, status in rows:
         t.add_row(name, status if status.startswith("ok") else f"[red]{status}[/red]")
+    console.print(t)
+    t = Table(title="this machine")
+    t.add_column("check")
+    t.add_column("value")
+    name, value = bf16_row()
+    t.add_row(name, value if value.startswith("yes") else f"[yellow]{value}[/yellow]")
     console.print(t)
     console.print("[green]plugin active[/green]" if ok else "[red]plugin NOT fully active: see the rows above[/red]")
     return 0 if ok else 1

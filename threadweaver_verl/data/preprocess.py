@@ -27,18 +27,28 @@ The RL dataset (:mod:`threadweaver_verl.integrations.verl.rl_dataset`) converts 
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from threadweaver_verl.data.chat import DEFAULT_INSTRUCTION, PromptStyle
 from threadweaver_verl.data.schema import AGENT_NAME, SchemaError, read_records, rl_row, write_rl
+from threadweaver_verl.runs import output_file
 
 QUESTION_KEYS = ("problem", "question", "Problem", "Question", "query")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "ground_truth", "expected_answer")
 SOLUTION_KEYS = ("solution", "Solution")  # full worked solutions: the answer is their last \boxed{}
 ID_KEYS = ("unique_id", "id", "ID", "problem_id", "idx")
-ANSWER_FORMATS = ("auto", "plain", "gsm8k", "boxed")
+
+
+class AnswerFormat(enum.StrEnum):
+    """``RowConversion.answer_format``: how the ground truth is read from the answer field."""
+
+    AUTO = "auto"  # boxed for a solution field, gsm8k when the text has '####', else plain
+    PLAIN = "plain"  # the field as it is
+    GSM8K = "gsm8k"  # the text after the last '####', thousands separators removed
+    BOXED = "boxed"  # the last \boxed{} of a worked solution
 
 
 @dataclass
@@ -49,7 +59,7 @@ class RowConversion:
     """Field holding the problem text; auto: first of QUESTION_KEYS present."""
     answer_key: str = "auto"
     """Field holding the answer; auto: first of ANSWER_KEYS, else SOLUTION_KEYS."""
-    answer_format: str = "auto"
+    answer_format: str = AnswerFormat.AUTO.value
     """``plain``, ``gsm8k`` ("... #### 72"), ``boxed`` (last \boxed{} of a solution) or ``auto``."""
     data_source: str | None = None
     """The rows' data_source (needed unless the records carry their own)."""
@@ -69,8 +79,8 @@ class RowConversion:
         return PromptStyle(instruction=text, system=self.system)
 
     def __post_init__(self) -> None:
-        if self.answer_format not in ANSWER_FORMATS:
-            raise SchemaError(f"answer_format={self.answer_format!r}: choose one of {ANSWER_FORMATS}")
+        if self.answer_format not in tuple(AnswerFormat):
+            raise SchemaError(f"answer_format={self.answer_format!r}: choose one of {[f.value for f in AnswerFormat]}")
         if self.agent_name is not None and not self.agent_name:
             raise SchemaError("agent_name is empty: name the agent loop verl runs for each row (e.g. 'threadweaver')")
 
@@ -93,6 +103,11 @@ class PreprocessConfig(RowConversion):
     """Keep the first N records (-1: all)."""
     skip_invalid: bool = False
     """Drop bad records (counted) instead of stopping at the first."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.limit < -1:
+            raise SchemaError(f"limit={self.limit}: keep the first N >= 0 records, or -1 for all")
 
 
 # --------------------------------------------------------------------------- loading
@@ -153,11 +168,15 @@ def ground_truth_of(record: Mapping[str, Any], conv: RowConversion) -> str:
         raise SchemaError(f"answer field {key!r} is {value!r}; expected a string or number")
     text = str(value).strip()
     fmt = conv.answer_format
-    if fmt == "auto":
-        fmt = "boxed" if key in SOLUTION_KEYS else ("gsm8k" if "####" in text else "plain")
-    if fmt == "gsm8k":
+    if fmt == AnswerFormat.AUTO:
+        fmt = (
+            AnswerFormat.BOXED
+            if key in SOLUTION_KEYS
+            else (AnswerFormat.GSM8K if "####" in text else AnswerFormat.PLAIN)
+        )
+    if fmt == AnswerFormat.GSM8K:
         text = gsm8k_answer(text)
-    elif fmt == "boxed":
+    elif fmt == AnswerFormat.BOXED:
         from threadweaver_verl.rl.correctness import last_boxed
 
         boxed = last_boxed(text)
@@ -223,6 +242,7 @@ def convert(
 
 # --------------------------------------------------------------------------- command
 def run(cfg: PreprocessConfig, progress: bool = True) -> dict[str, Any]:
+    output_file(cfg.output, "output", ".parquet")  # before any work
     records = load_records(cfg)
     source = cfg.input or f"hub:{cfg.hub}"
     rows, skipped = convert(records, cfg, cfg.skip_invalid, source, progress)
@@ -248,7 +268,10 @@ def script_main(defaults: Mapping[str, Any], argv: Sequence[str]) -> int:
     if given & {"input", "hub"}:
         base.pop("input", None)
         base.pop("hub", None)
-    return main([f"{k}={v}" for k, v in base.items()] + list(argv))
+    from threadweaver_verl.cli import run_command
+
+    args = [f"{k}={v}" for k, v in base.items()] + [a for a in argv if a != "--debug"]
+    return run_command("preprocess", args, debug="--debug" in argv)  # the commands' error policy (exit 2)
 
 
 def main(argv: Sequence[str] = ()) -> int:

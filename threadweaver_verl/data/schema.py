@@ -197,6 +197,13 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SchemaError(f"{str(p)!r} is not UTF-8 text ({e}); pass a .parquet, .jsonl or .json file") from e
+
+
 def read_records(path: str | os.PathLike, what: str = "records") -> list[dict[str, Any]]:
     """The records of a ``.parquet`` (lists as lists), ``.jsonl`` (one JSON object a line, blank lines
     skipped) or ``.json`` file (a list of objects, or ``{"data": [...]}``): the one reader of record files.
@@ -223,21 +230,26 @@ def read_records(path: str | os.PathLike, what: str = "records") -> list[dict[st
         return [{k: _plain(v) for k, v in r.items()} for r in frame.to_dict(orient="records")]
     if name.endswith(".jsonl"):
         out = []
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SchemaError(f"{p}: line {n} is not valid JSON: {e}") from e
-                    if not isinstance(out[-1], dict):
-                        raise SchemaError(f"{p}: line {n} must be a JSON object (one record a line)")
+        for n, line in enumerate(_text(p).splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SchemaError(f"{p}: line {n} is not valid JSON: {e}") from e
+                if not isinstance(out[-1], dict):
+                    raise SchemaError(f"{p}: line {n} must be a JSON object (one record a line)")
     elif name.endswith(".json"):
-        out = json.loads(p.read_text(encoding="utf-8"))
+        try:
+            out = json.loads(_text(p))
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{p} is not valid JSON: {e}") from e
         if isinstance(out, Mapping) and isinstance(out.get("data"), list):
             out = out["data"]
         if not isinstance(out, list):
             raise SchemaError(f"{p}: expected a JSON list of records (or {{'data': [...]}})")
+        bad = next((i for i, r in enumerate(out) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise SchemaError(f"{p}: record {bad} is {type(out[bad]).__name__}, not a JSON object (one per record)")
     else:
         raise SchemaError(f"input {str(p)!r}: unsupported file type; use .parquet, .jsonl or .json")
     if not out:

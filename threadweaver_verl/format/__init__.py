@@ -3,9 +3,9 @@ statistics, rendering, block layout, token layout and request splitting in the p
 
 from threadweaver_verl.format import validation
 from threadweaver_verl.format.layout import BlockLayout
-from threadweaver_verl.format.requests import SEQUENTIAL, THREAD, Request, RequestKind, split_requests
+from threadweaver_verl.format.requests import Request, RequestKind, split_requests
 from threadweaver_verl.format.stats import TrajectoryStats, compute_stats
-from threadweaver_verl.format.tags import ALL_TAGS, TAG_STRINGS, Tag, TagTokenError, TagVocab
+from threadweaver_verl.format.tags import ALL_TAGS, TAG_STRINGS, Tag, TagTokenError, TagVocab, TokenizerError
 from threadweaver_verl.format.tokens import NonCanonicalTrajectory, TokenFormat, eos_token_ids
 from threadweaver_verl.format.tree import (
     Block,
@@ -39,6 +39,7 @@ __all__ = [
     "TAG_STRINGS",
     "Tag",
     "TagTokenError",
+    "TokenizerError",
     "TagVocab",
     "Block",
     "Marker",
@@ -69,8 +70,6 @@ __all__ = [
     "NonCanonicalTrajectory",
     "TokenFormat",
     "eos_token_ids",
-    "SEQUENTIAL",
-    "THREAD",
     "Request",
     "RequestKind",
     "split_requests",

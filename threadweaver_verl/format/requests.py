@@ -26,11 +26,6 @@ class RequestKind(enum.StrEnum):
     THREAD = "thread"  # a request of a thread (its own line, from its fork context)
 
 
-# The kinds by their short names (imported across the package).
-SEQUENTIAL = RequestKind.SEQUENTIAL
-THREAD = RequestKind.THREAD
-
-
 @dataclass(frozen=True)
 class Request:
     context_ids: tuple[int, ...]  # prompt + everything before this request, as the engine saw it
@@ -61,7 +56,7 @@ def split_requests(prompt_ids: Sequence[int], response_ids: Sequence[int], fmt: 
     if errors:
         raise NonCanonicalTrajectory("cannot split an invalid trajectory: " + "; ".join(map(str, errors[:5])))
     out: list[Request] = []
-    ctx = _line(list(prompt_ids), traj.body, SEQUENTIAL, (), [], fmt, out)
+    ctx = _line(list(prompt_ids), traj.body, RequestKind.SEQUENTIAL, (), [], fmt, out)
     if tuple(ctx[len(prompt_ids) :]) != tuple(response_ids):  # pragma: no cover - guarded by construction
         raise NonCanonicalTrajectory("replaying the requests does not rebuild the response")
     return out
@@ -99,7 +94,9 @@ def _line(
             body = ((Span(rest),) if rest else ()) + t.body[1:]
             start = len(out)
             tctx = fmt.fork_context(shared, num)
-            end = _line(tctx, body, THREAD, path + (nblock, t_index), [fmt.tag_id(Tag.THREAD_CLOSE)], fmt, out)
+            end = _line(
+                tctx, body, RequestKind.THREAD, path + (nblock, t_index), [fmt.tag_id(Tag.THREAD_CLOSE)], fmt, out
+            )
             if len(out) == start:  # pragma: no cover - a thread always yields at least its close tag
                 raise NonCanonicalTrajectory("empty thread")
             threads.append((num, end[len(tctx) :]))
@@ -112,7 +109,7 @@ def _line(
             )
         ctx = joined
     cur += close
-    if cur or kind == THREAD:
+    if cur or kind == RequestKind.THREAD:
         out.append(Request(tuple(ctx), tuple(cur), kind, path))
         ctx = ctx + cur
     return ctx

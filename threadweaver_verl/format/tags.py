@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from threadweaver_verl.runs import UserError
+
 
 class Tag(str, enum.Enum):
     THINK_OPEN = "<think>"
@@ -40,7 +42,11 @@ def tag_of_string(s: str) -> Tag:
     return _BY_STRING[s]
 
 
-class TagTokenError(ValueError):
+class TokenizerError(UserError, ValueError):
+    """The tokenizer cannot carry the format (the message names the fix)."""
+
+
+class TagTokenError(TokenizerError):
     """A tag is not exactly one token of the tokenizer."""
 
 

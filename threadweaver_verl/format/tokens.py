@@ -20,7 +20,7 @@ from typing import Any
 
 from threadweaver_verl.format.layout import BlockLayout
 from threadweaver_verl.format.stats import TrajectoryStats, compute_stats
-from threadweaver_verl.format.tags import Tag, TagVocab
+from threadweaver_verl.format.tags import Tag, TagVocab, TokenizerError
 from threadweaver_verl.format.tree import (
     Atom,
     Block,
@@ -187,7 +187,7 @@ def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> tuple[int, .
     ids: list[int] = []
     first = _id_list(getattr(tokenizer, "eos_token_id", None))
     if not first:
-        raise ValueError("the tokenizer has no eos_token_id; set one (e.g. '<|im_end|>') before using ThreadWeaver")
+        raise TokenizerError("the tokenizer has no eos_token_id; set one (e.g. '<|im_end|>') before using ThreadWeaver")
     source = generation_config if generation_config is not None else getattr(tokenizer, "name_or_path", None)
     for i in first + _id_list(_generation_eos(source)):
         if i not in ids:

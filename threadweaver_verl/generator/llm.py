@@ -27,6 +27,7 @@ from typing import Any
 
 from openai.types.chat import ChatCompletion
 
+from threadweaver_verl.config import ConfigError
 from threadweaver_verl.rollout.http import OpenAIHTTP, OpenAIHTTPConfig
 
 
@@ -65,6 +66,22 @@ class LLMConfig:
     """Price of one million prompt tokens; with the completion price, the summary reports the cost."""
     price_completion_per_mtok: float | None = None
     """Price of one million completion tokens."""
+
+    def __post_init__(self) -> None:
+        clash = sorted(k for k in self.extra_params if k == "messages" or k in self.request_fields())
+        if clash:
+            raise ConfigError(f"llm.extra_params sets {clash}, which have their own settings; set them there instead")
+
+    def request_fields(self) -> dict[str, Any]:
+        """The request fields these settings set themselves (``messages`` and ``extra_params`` aside)."""
+        body: dict[str, Any] = {"model": self.model}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body[self.max_tokens_field] = self.max_tokens
+        if self.json_mode:
+            body["response_format"] = {"type": "json_object"}
+        return body
 
 
 class LLMError(RuntimeError):
@@ -187,7 +204,7 @@ class ChatLLM:
 
     def __init__(self, config: LLMConfig, cache_path: str | Path, http: OpenAIHTTP | None = None):
         if not config.model:
-            raise ValueError("llm.model is not set: name the model to call, e.g. llm.model=gpt-5")
+            raise ConfigError("llm.model is not set: name the model to call, e.g. llm.model=gpt-5")
         self.config = config
         self.http = http or OpenAIHTTP(config.http)
         self.cache = RequestCache(cache_path)
@@ -198,19 +215,7 @@ class ChatLLM:
         self._inflight: dict[str, asyncio.Future] = {}
 
     def payload(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        c = self.config
-        body: dict[str, Any] = {"model": c.model, "messages": messages}
-        if c.temperature is not None:
-            body["temperature"] = c.temperature
-        if c.max_tokens is not None:
-            body[c.max_tokens_field] = c.max_tokens
-        if c.json_mode:
-            body["response_format"] = {"type": "json_object"}
-        for k, v in c.extra_params.items():
-            if k in body:
-                raise ValueError(f"llm.extra_params sets {k!r}, which has its own setting")
-            body[k] = v
-        return body
+        return {**self.config.request_fields(), "messages": messages, **self.config.extra_params}
 
     async def chat(self, messages: list[dict[str, str]]) -> ChatReply:
         body = self.payload(messages)

@@ -6,14 +6,23 @@ Every step asks for a single JSON object and says exactly which keys it wants;
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 
-# Step names, in order (rejections and the scripted test server key on them).
-STRUCTURE = "structure"  # 1: steps of the solution and their dependencies
-BLOCKS = "blocks"  # 2: which runs of steps become parallel blocks, cut into threads
-EDITS = "edits"  # 3: minimal edits so that no thread depends on a sibling
-OUTLINES = "outlines"  # 4: one outline per thread
-STEPS = (STRUCTURE, BLOCKS, EDITS, OUTLINES)
+
+class Step(enum.StrEnum):
+    """The steps of stage 1, in order (records, rejections and the scripted test server key on them).
+    ``input`` and ``validate`` are checks of the stage itself; the four between are LLM calls, one prompt each."""
+
+    INPUT = "input"  # 0: the trace cut into units, checked
+    STRUCTURE = "structure"  # 1: steps of the solution and their dependencies
+    BLOCKS = "blocks"  # 2: which runs of steps become parallel blocks, cut into threads
+    EDITS = "edits"  # 3: minimal edits so that no thread depends on a sibling
+    OUTLINES = "outlines"  # 4: one outline per thread
+    VALIDATE = "validate"  # 5: the assembled trajectory checked
+
+
+LLM_STEPS = (Step.STRUCTURE, Step.BLOCKS, Step.EDITS, Step.OUTLINES)
 
 _JSON_ONLY = "Answer with one JSON object and nothing else: no explanation before or after it, no Markdown."
 
@@ -133,14 +142,14 @@ def repair_messages(messages: Sequence[dict[str, str]], reply: str, problem: str
     ]
 
 
-def step_of(messages: Sequence[dict[str, str]]) -> str | None:
-    """Which step a conversation belongs to (by its system prompt); None for others."""
+def step_of(messages: Sequence[dict[str, str]]) -> Step | None:
+    """Which LLM step a conversation belongs to (by its system prompt); None for others."""
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     for name, head in (
-        (STRUCTURE, STRUCTURE_SYSTEM[:60]),
-        (BLOCKS, BLOCKS_SYSTEM[:60]),
-        (EDITS, EDITS_SYSTEM[:60]),
-        (OUTLINES, OUTLINES_SYSTEM[:60]),
+        (Step.STRUCTURE, STRUCTURE_SYSTEM[:60]),
+        (Step.BLOCKS, BLOCKS_SYSTEM[:60]),
+        (Step.EDITS, EDITS_SYSTEM[:60]),
+        (Step.OUTLINES, OUTLINES_SYSTEM[:60]),
     ):
         if system.startswith(head):
             return name

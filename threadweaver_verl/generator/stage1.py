@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import json
 import sys
 import time
@@ -39,6 +40,7 @@ from threadweaver_verl.format import Limits, TokenFormat
 from threadweaver_verl.generator import prompts
 from threadweaver_verl.generator.inputs import InputError, SourceSample, load_samples, split_trace
 from threadweaver_verl.generator.llm import ChatLLM, LLMConfig, LLMError, Usage
+from threadweaver_verl.generator.prompts import Step
 from threadweaver_verl.generator.records import RecordStore
 from threadweaver_verl.generator.rewrite import (
     PlanError,
@@ -63,10 +65,12 @@ from threadweaver_verl.runs import (
     run_async,
 )
 
-INPUT = "input"
-VALIDATE = "validate"
-ACCEPTED = "accepted"
-REJECTED = "rejected"
+
+class SampleStatus(enum.StrEnum):
+    """A record's ``status``."""
+
+    ACCEPTED = "accepted"  # the sample became a parallel trajectory
+    REJECTED = "rejected"  # a step refused it; the record names the step and the reason
 
 
 @dataclass
@@ -126,7 +130,7 @@ class Stage1Config:
 
 
 class StepRejected(Exception):
-    def __init__(self, step: str, reason: str):
+    def __init__(self, step: Step, reason: str):
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.reason = reason
@@ -142,7 +146,9 @@ class _Run:
     errors: int = 0
 
 
-async def _ask(run: _Run, step: str, messages: list[dict[str, str]], check: Callable[[dict], Any], usage: Usage) -> Any:
+async def _ask(
+    run: _Run, step: Step, messages: list[dict[str, str]], check: Callable[[dict], Any], usage: Usage
+) -> Any:
     """One LLM step: answer -> strict JSON check; a faulty answer is sent back ``repair_attempts`` times."""
     for attempt in range(run.cfg.repair_attempts + 1):
         reply = await run.llm.chat(messages)
@@ -169,13 +175,13 @@ async def _rewrite(run: _Run, s: SourceSample, usage: Usage, rec: dict[str, Any]
     try:
         split = split_trace(s.trace, cfg.min_units)
     except InputError as e:
-        raise StepRejected(INPUT, str(e)) from None
+        raise StepRejected(Step.INPUT, str(e)) from None
     n = len(split.units)
     rec["units"] = n
     if n < 2:
-        raise StepRejected(INPUT, "the trace is a single paragraph; there is nothing to run in parallel")
+        raise StepRejected(Step.INPUT, "the trace is a single paragraph; there is nothing to run in parallel")
     if n > cfg.max_units:
-        raise StepRejected(INPUT, f"the trace has {n} units > max_units={cfg.max_units}")
+        raise StepRejected(Step.INPUT, f"the trace has {n} units > max_units={cfg.max_units}")
     final = split.final if split.final is not None else cfg.final_template.format(answer=s.answer)
     if cfg.check_input_answer:
         # Judge the trace as a whole response: with </think> by the configured rule, else its last box.
@@ -188,14 +194,14 @@ async def _rewrite(run: _Run, s: SourceSample, usage: Usage, rec: dict[str, Any]
         if not chk.correct:
             detail = f": {chk.detail}" if chk.detail else ""
             raise StepRejected(
-                INPUT,
+                Step.INPUT,
                 f"the trace's own answer is not the ground truth {s.answer!r} "
                 f"(found {chk.extracted!r}, {chk.status}{detail})",
             )
 
     steps = await _ask(
         run,
-        prompts.STRUCTURE,
+        Step.STRUCTURE,
         prompts.structure_messages(s.question, split.units),
         lambda obj: check_structure(obj, n),
         usage,
@@ -204,7 +210,7 @@ async def _rewrite(run: _Run, s: SourceSample, usage: Usage, rec: dict[str, Any]
     step_texts = [split.join(st.first_unit, st.last_unit) for st in steps]
     plans = await _ask(
         run,
-        prompts.BLOCKS,
+        Step.BLOCKS,
         prompts.blocks_messages(
             s.question,
             [{"step": st.number, "purpose": st.purpose, "relies_on": st.relies_on} for st in steps],
@@ -215,19 +221,19 @@ async def _rewrite(run: _Run, s: SourceSample, usage: Usage, rec: dict[str, Any]
         usage,
     )
     if not plans:
-        raise StepRejected(prompts.BLOCKS, "the LLM found no independent spans (no block)")
+        raise StepRejected(Step.BLOCKS, "the LLM found no independent spans (no block)")
     rec["blocks"] = [[list(t) for t in p.threads] for p in plans]
     originals = thread_texts(split, steps, plans)
     edited = await _ask(
         run,
-        prompts.EDITS,
+        Step.EDITS,
         prompts.edits_messages(s.question, text_before_blocks(split, steps, plans), originals),
         lambda obj: check_edits(obj, originals, cfg.min_edit_similarity),
         usage,
     )
     outlines = await _ask(
         run,
-        prompts.OUTLINES,
+        Step.OUTLINES,
         prompts.outlines_messages(s.question, edited),
         lambda obj: check_outlines(obj, [len(b) for b in edited], cfg.max_outline_chars),
         usage,
@@ -237,10 +243,10 @@ async def _rewrite(run: _Run, s: SourceSample, usage: Usage, rec: dict[str, Any]
     try:
         checked = check_trajectory(traj, run.limits, run.fmt)
     except PlanError as e:
-        raise StepRejected(VALIDATE, str(e)) from None
+        raise StepRejected(Step.VALIDATE, str(e)) from None
     chk = await _check_answer(checked.text, s.answer, cfg.correctness)
     if not chk.correct:
-        raise StepRejected(VALIDATE, f"the rewrite lost the final answer (found {chk.extracted!r}, {chk.status})")
+        raise StepRejected(Step.VALIDATE, f"the rewrite lost the final answer (found {chk.extracted!r}, {chk.status})")
     rec.update(response=checked.text, stats=checked.stats, stats_unit=checked.stats_unit)
 
 
@@ -250,9 +256,9 @@ async def _process(run: _Run, s: SourceSample) -> dict[str, Any] | None:
     rec: dict[str, Any] = {"id": s.id, "index": s.index, "question": s.question, "answer": s.answer}
     try:
         await _rewrite(run, s, usage, rec)
-        rec.update(status=ACCEPTED, step=None, reason=None)
+        rec.update(status=SampleStatus.ACCEPTED, step=None, reason=None)
     except StepRejected as r:
-        rec.update(status=REJECTED, step=r.step, reason=r.reason)
+        rec.update(status=SampleStatus.REJECTED, step=r.step, reason=r.reason)
     except (LLMError, EngineError) as e:  # the API failed for good (OpenAIHTTPError is an EngineError)
         run.errors += 1
         run.store.log_error(s.id, "llm", f"{type(e).__name__}: {e}")
@@ -299,9 +305,9 @@ async def _run_locked(cfg: Stage1Config, samples: list[SourceSample], duplicates
     todo = [s for s in samples if s.id not in store]
     try:
         llm = ChatLLM(cfg.llm, cfg.llm.cache_path or out / "llm_cache.sqlite")
-    except ValueError as e:  # e.g. the API-key variable is not set
+    except ConfigError:  # e.g. the API-key variable is not set
         store.close()
-        raise ConfigError(str(e)) from e
+        raise
     run = _Run(cfg, llm, store, fmt, limits)
     started = time.monotonic()
     gate = asyncio.Semaphore(max(1, cfg.samples_in_flight))
@@ -361,8 +367,8 @@ def _summarise(
 ) -> dict[str, Any]:
     ids = {s.id for s in samples}
     recs = [r for r in store if r["id"] in ids]
-    accepted = [r for r in recs if r["status"] == ACCEPTED]
-    rejected = Counter(r["step"] for r in recs if r["status"] == REJECTED)
+    accepted = [r for r in recs if r["status"] == SampleStatus.ACCEPTED]
+    rejected = Counter(r["step"] for r in recs if r["status"] == SampleStatus.REJECTED)
     return {
         "stage": 1,
         "samples": len(samples),
@@ -372,7 +378,7 @@ def _summarise(
         "records": len(recs),
         "accepted": len(accepted),
         "rejected": sum(rejected.values()),
-        "rejected_by_step": {step: rejected.get(step, 0) for step in (INPUT, *prompts.STEPS, VALIDATE)},
+        "rejected_by_step": {step: rejected.get(step, 0) for step in Step},
         "errors_to_retry": errors,
         "missing": len(samples) - len(recs),
         "mean_speedup": mean([r["stats"]["speedup"] for r in accepted]),
@@ -408,7 +414,7 @@ def _write_outputs(
             )
         )
         rec = store.get(s.id)
-        if rec is not None and rec["status"] == ACCEPTED:
+        if rec is not None and rec["status"] == SampleStatus.ACCEPTED:
             sft.append(
                 sft_row(
                     data_source=cfg.data_source,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import hashlib
 import json
 import random
@@ -57,7 +58,13 @@ from threadweaver_verl.runs import (
     run_async,
 )
 
-SELECTIONS = ("shortest_critical_path", "all_correct", "random_one")
+
+class Selection(enum.StrEnum):
+    """``Stage2Config.selection``: which correct candidates of a problem are kept."""
+
+    SHORTEST_CRITICAL_PATH = "shortest_critical_path"  # the one with the shortest critical path
+    ALL_CORRECT = "all_correct"  # every distinct one
+    RANDOM_ONE = "random_one"  # one, picked by (seed, problem key)
 
 
 # The per-round numbers kept in the generator's summary and shown in its table (one list for both).
@@ -85,7 +92,7 @@ class Stage2Config(EvalConfig):
     round: int = 1
     """Self-training round number (output folder ``round_<round>``); the model should be the SFT model
     trained on the previous rounds' data."""
-    selection: str = "shortest_critical_path"
+    selection: str = Selection.SHORTEST_CRITICAL_PATH.value
     """Which candidates to keep per problem: shortest_critical_path | all_correct | random_one."""
     seed: int = 0
     """Seed of ``random_one`` (combined with the problem key, so a resumed run picks the same)."""
@@ -106,8 +113,8 @@ class Stage2Config(EvalConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"selection={self.selection!r}; choose one of {SELECTIONS}")
+        if self.selection not in tuple(Selection):
+            raise ConfigError(f"selection={self.selection!r}; choose one of {[s.value for s in Selection]}")
         if self.baseline:
             raise ConfigError("baseline is an eval setting; stage 2 reports T/L of its own trajectories. Remove it.")
         if self.fail_on_error:
@@ -172,22 +179,22 @@ def select(candidates: Sequence[dict[str, Any]], policy: str, seed: int, key: st
     """The kept candidates of one problem under ``policy``."""
     if not candidates:
         return []
-    if policy == "shortest_critical_path":
+    if policy == Selection.SHORTEST_CRITICAL_PATH:
         return [min(candidates, key=lambda c: (c["stats"]["critical_path"], c["stats"]["total_tokens"], c["sample"]))]
-    if policy == "all_correct":
+    if policy == Selection.ALL_CORRECT:
         seen, out = set(), []
         for c in sorted(candidates, key=lambda c: c["sample"]):
             if tuple(c["response_ids"]) not in seen:
                 seen.add(tuple(c["response_ids"]))
                 out.append(c)
         return out
-    if policy == "random_one":
+    if policy == Selection.RANDOM_ONE:
         digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         # Ordered by content, not sample number: concurrent sampling may give one response to a
         # different sample number on a rerun, and the pick must depend on the candidates only.
         return [rng.choice(sorted(candidates, key=lambda c: (list(c["response_ids"]), c["sample"])))]
-    raise ConfigError(f"selection={policy!r}; choose one of {SELECTIONS}")
+    raise ConfigError(f"selection={policy!r}; choose one of {[s.value for s in Selection]}")
 
 
 def problem_record(

@@ -49,6 +49,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from threadweaver_verl.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -97,15 +99,15 @@ class CorrectnessConfig:
 
     def __post_init__(self) -> None:
         if self.answer_rule not in tuple(AnswerRule):
-            raise ValueError(
+            raise ConfigError(
                 f"CorrectnessConfig.answer_rule={self.answer_rule!r}: choose one of {[r.value for r in AnswerRule]}"
             )
         if not self.timeout_s > 0:
-            raise ValueError(f"CorrectnessConfig.timeout_s must be > 0 seconds, got {self.timeout_s}")
+            raise ConfigError(f"CorrectnessConfig.timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.num_workers < 1:
-            raise ValueError(f"CorrectnessConfig.num_workers must be >= 1, got {self.num_workers}")
+            raise ConfigError(f"CorrectnessConfig.num_workers must be >= 1, got {self.num_workers}")
         if self.max_answer_chars < 1:
-            raise ValueError(f"CorrectnessConfig.max_answer_chars must be >= 1, got {self.max_answer_chars}")
+            raise ConfigError(f"CorrectnessConfig.max_answer_chars must be >= 1, got {self.max_answer_chars}")
 
 
 @dataclass(frozen=True)

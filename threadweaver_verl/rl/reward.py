@@ -59,7 +59,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from threadweaver_verl.config import read_section
+from threadweaver_verl.config import ConfigError, read_section
 from threadweaver_verl.rl.correctness import AnswerCheck, AnswerStatus, CorrectnessConfig, check_answer
 
 
@@ -120,13 +120,13 @@ class RewardConfig:
         if isinstance(self.correctness, dict):
             self.correctness = CorrectnessConfig(**self.correctness)
         if self.acceleration not in tuple(Acceleration):
-            raise ValueError(
+            raise ConfigError(
                 f"RewardConfig.acceleration={self.acceleration!r}: choose one of {[a.value for a in Acceleration]}"
             )
         if self.acceleration_clip < 0 or self.acceleration_factor < 0:
-            raise ValueError("RewardConfig.acceleration_factor and acceleration_clip must be >= 0")
+            raise ConfigError("RewardConfig.acceleration_factor and acceleration_clip must be >= 0")
         if self.format_penalty < 0:
-            raise ValueError(f"RewardConfig.format_penalty is subtracted; give it as >= 0, got {self.format_penalty}")
+            raise ConfigError(f"RewardConfig.format_penalty is subtracted; give it as >= 0, got {self.format_penalty}")
 
 
 def acceleration_bonus(total_tokens: int, critical_path: int, cfg: RewardConfig) -> float:

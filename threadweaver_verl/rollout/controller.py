@@ -64,6 +64,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from threadweaver_verl.config import ConfigError
 from threadweaver_verl.format import (
     Block,
     FormatError,
@@ -163,17 +164,17 @@ class ControllerConfig:
             "max_depth",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"ControllerConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"ControllerConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("join_reserve_tokens", "close_reserve_tokens"):
             if getattr(self, name) < 0:
-                raise ValueError(f"ControllerConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"ControllerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.outline_numbers not in tuple(OutlineNumbers):
-            raise ValueError(
+            raise ConfigError(
                 f"ControllerConfig.outline_numbers={self.outline_numbers!r}; "
                 f"choose one of {[p.value for p in OutlineNumbers]}"
             )
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
-            raise ValueError(f"ControllerConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
+            raise ConfigError(f"ControllerConfig.request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
 
 
 class RolloutError(EngineError):
@@ -465,13 +466,13 @@ class ForkJoinController:
         self.fmt = fmt
         self.config = config = config or ControllerConfig()
         if config.max_depth > fmt.limits.max_depth:
-            raise ValueError(
+            raise ConfigError(
                 f"ControllerConfig.max_depth={config.max_depth} exceeds the format's "
                 f"Limits.max_depth={fmt.limits.max_depth}: every nested block would be invalid. "
                 "Lower max_depth or build the TokenFormat with matching Limits."
             )
         if config.max_threads_per_block > fmt.limits.max_threads_per_block:
-            raise ValueError(
+            raise ConfigError(
                 f"ControllerConfig.max_threads_per_block={config.max_threads_per_block} exceeds the "
                 f"format's Limits.max_threads_per_block={fmt.limits.max_threads_per_block}. Lower it "
                 "or build the TokenFormat with matching Limits."

@@ -25,16 +25,10 @@ class Finish(enum.StrEnum):
     FORCED = "forced"  # (controller) no engine call: the completion is only controller-inserted closing ids
 
 
-# The engine finishes by their short names (imported by the engine adapters).
-FINISH_STOP = Finish.STOP
-FINISH_LENGTH = Finish.LENGTH
-FINISH_ABORT = Finish.ABORT
-
-
 @dataclass
 class Completion:
     token_ids: list[int]
-    finish: str  # a Finish
+    finish: Finish
     logprobs: list[float] | None = None  # one per token_id when the engine returns them (else None)
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache, if reported
     extra: dict[str, Any] = field(default_factory=dict)

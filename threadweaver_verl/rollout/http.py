@@ -41,6 +41,7 @@ import openai
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
+from threadweaver_verl.config import ConfigError
 from threadweaver_verl.rollout.engine import EngineError
 
 # HTTP statuses the SDK tries again: request timeout, conflict (some servers use it while loading),
@@ -72,6 +73,14 @@ class OpenAIHTTPConfig:
     tries: 0.5 s doubling up to 8 s, less up to 25 % jitter, or what the server's ``Retry-After`` asks."""
     headers: dict[str, str] = field(default_factory=dict)
     """Extra headers sent with every request."""
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ConfigError(f"OpenAIHTTPConfig.max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ConfigError(f"OpenAIHTTPConfig.max_retries must be >= 0 (0: try once), got {self.max_retries}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"OpenAIHTTPConfig.timeout_s must be > 0 seconds, got {self.timeout_s}")
 
 
 class OpenAIHTTPError(EngineError):
@@ -109,18 +118,12 @@ class OpenAIHTTP:
                     f"{sorted(OpenAIHTTPConfig.__dataclass_fields__)}"
                 )
             config = OpenAIHTTPConfig(**{**config.__dict__, **overrides})
-        if config.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {config.max_concurrency}")
-        if config.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {config.max_retries}")
-        if config.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {config.timeout_s}")
         self.config = config
         api_key = NO_API_KEY
         if config.api_key_env:
             api_key = os.environ.get(config.api_key_env, "")
             if not api_key:
-                raise ValueError(
+                raise ConfigError(
                     f"api_key_env={config.api_key_env!r} names an environment variable that is not set; "
                     f"export {config.api_key_env}=... or set api_key_env=null for a server without a key"
                 )

@@ -34,6 +34,7 @@ trajectory are in flight at once. The routing key goes in ``user`` and ``routing
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,10 +43,18 @@ import openai
 from openai.types import Completion as OpenAICompletion
 from openai.types import CompletionChoice
 
-from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, EngineError
+from threadweaver_verl.config import ConfigError
+from threadweaver_verl.rollout.engine import Completion, EngineError, Finish
 from threadweaver_verl.rollout.http import OpenAIHTTP, OpenAIHTTPConfig
 
-SERVERS = ("vllm", "sglang", "generic")
+
+class Server(enum.StrEnum):
+    """``OpenAIEngineConfig.server``: which server's own request fields are sent (see the module doc)."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    GENERIC = "generic"
+
 
 # Settings the engine itself owns; a sampling dict may not override them.
 _OWNED = frozenset({"prompt", "max_tokens", "stop_token_ids", "n", "stream", "echo", "model", "user"})
@@ -59,7 +68,7 @@ class OpenAIEngineConfig:
     """Server URL (``/v1`` suffix optional), API-key variable, concurrency, timeout and retries."""
     model: str | None = None
     """Served model name; None sends no ``model`` field (vLLM and SGLang then use the one they serve)."""
-    server: str = "vllm"
+    server: str = Server.VLLM.value
     """``vllm``, ``sglang`` or ``generic``: which extra request fields are sent (see the module doc)."""
     routing_header: str | None = "X-Routing-Key"
     """HTTP header carrying the trajectory's routing key (for a sticky router); None: only ``user``."""
@@ -67,11 +76,12 @@ class OpenAIEngineConfig:
     """Ask for the sampled tokens' log-probs (``logprobs: 0``); the answer must then carry one per token."""
 
     def __post_init__(self) -> None:
-        if self.server not in SERVERS:
-            raise ValueError(f"OpenAIEngineConfig.server={self.server!r}; choose one of {SERVERS}")
+        if self.server not in tuple(Server):
+            raise ConfigError(f"OpenAIEngineConfig.server={self.server!r}: choose one of {[s.value for s in Server]}")
 
 
-_FINISH = {"stop": FINISH_STOP, "length": FINISH_LENGTH, "abort": FINISH_ABORT}
+# The finish_reason values of /v1/completions the engine knows (the server names them as Finish does).
+_FINISH = {f.value: f for f in (Finish.STOP, Finish.LENGTH, Finish.ABORT)}
 
 
 class OpenAICompletionsEngine:
@@ -103,9 +113,9 @@ class OpenAICompletionsEngine:
             raise ValueError(f"sampling sets {clash}, which the engine sets itself per request; remove them")
         want_logprobs = sampling.pop("logprobs", self.config.logprobs)
         extra_body: dict[str, Any] = {"stop_token_ids": [int(i) for i in stop_token_ids], "return_token_ids": True}
-        if self.config.server in ("vllm", "sglang"):
+        if self.config.server in (Server.VLLM, Server.SGLANG):
             extra_body["skip_special_tokens"] = False
-        if self.config.server == "sglang":
+        if self.config.server == Server.SGLANG:
             extra_body["no_stop_trim"] = True
         extra_body.update(sampling)
         params: dict[str, Any] = {
@@ -165,7 +175,7 @@ class OpenAICompletionsEngine:
         matched = server_fields.get("stop_reason", server_fields.get("matched_stop"))
         extra: dict[str, Any] = {"finish_reason": finish_raw}
         if (
-            finish == FINISH_STOP
+            finish == Finish.STOP
             and isinstance(matched, int)
             and matched in set(stop_token_ids)
             and (not ids or ids[-1] != matched)

@@ -9,6 +9,7 @@ parent, no loss and see only themselves.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ from threadweaver_verl.sft.masks import block_mask, bool_mask
 from threadweaver_verl.sft.trie import Trie
 
 ROW_KEYS = ("input_ids", "position_ids", "loss_mask", "trie_parent", "trie_tout")
-ATTENTION_CHOICES = ("auto", "sdpa", "flex")
+
+
+class Attention(enum.StrEnum):
+    """The attention of trie rows (``SFTConfig.attention``)."""
+
+    AUTO = "auto"  # sdpa for rows shorter than flex_min_tokens (and always when training on a CPU), else flex
+    SDPA = "sdpa"  # a 4-D bool mask: O(N^2) memory per row
+    FLEX = "flex"  # torch's flex attention with a BlockMask (no CPU backward: GPU only for training)
 
 
 def row_features(row: Trie) -> dict[str, torch.Tensor]:
@@ -70,20 +78,20 @@ def choose_attention(
     torch's flex attention has no CPU backward: on a CPU with gradients ``auto`` stays on
     ``sdpa`` and an explicit ``flex`` is refused (CPU flex is for forward passes only).
     """
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    if attention not in tuple(Attention):
+        raise ValueError(f"attention must be one of {[a.value for a in Attention]}, got {attention!r}")
     cpu_training = torch.device(device).type == "cpu" and needs_grad
-    if attention == "auto":
-        return "flex" if seq_len >= flex_min_tokens and not cpu_training else "sdpa"
-    if attention == "flex" and cpu_training:
+    if attention == Attention.AUTO:
+        return Attention.FLEX if seq_len >= flex_min_tokens and not cpu_training else Attention.SDPA
+    if attention == Attention.FLEX and cpu_training:
         raise ValueError(
             "attention=flex cannot train on a CPU (torch's flex attention has no CPU backward); "
             "use attention=sdpa or auto on CPU, flex on a GPU"
         )
-    return attention
+    return Attention(attention)
 
 
-_HF_IMPL = {"sdpa": "sdpa", "flex": "flex_attention"}
+_HF_IMPL = {Attention.SDPA: "sdpa", Attention.FLEX: "flex_attention"}
 
 
 @contextmanager
@@ -103,15 +111,15 @@ def attention_implementation(model: Any, attention: str) -> Iterator[None]:
 
 def attention_mask(batch: dict[str, torch.Tensor], attention: str, block_size: int = 128):
     """The ancestor-only mask of a collated batch in the form ``attention`` needs."""
-    if attention == "sdpa":
+    if attention == Attention.SDPA:
         return bool_mask(batch["trie_tin"], batch["trie_tout"])
-    if attention == "flex":
+    if attention == Attention.FLEX:
         return block_mask(batch["trie_tin"], batch["trie_tout"], block_size)
     raise ValueError(f"attention must be 'sdpa' or 'flex' here, got {attention!r}")
 
 
 def forward_logprobs(
-    model: Any, batch: dict[str, torch.Tensor], attention: str = "auto", flex_min_tokens: int = 4096
+    model: Any, batch: dict[str, torch.Tensor], attention: str = Attention.AUTO, flex_min_tokens: int = 4096
 ) -> torch.Tensor:
     """One forward over a collated batch; ``[B, N]`` log-prob of each token at its trie parent."""
     device = next(model.parameters()).device

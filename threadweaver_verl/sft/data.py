@@ -17,6 +17,7 @@ Layouts:
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,19 @@ from typing import Any
 from threadweaver_verl.data.chat import prompt_ids, response_ids
 from threadweaver_verl.data.schema import read_sft
 from threadweaver_verl.format import NonCanonicalTrajectory, Request, TokenFormat, split_requests
+from threadweaver_verl.runs import UserError
 from threadweaver_verl.sft.trie import Trie, build_trie, chain, pack
 
-LAYOUTS = ("trie", "expanded")
+
+class Layout(enum.StrEnum):
+    """How trajectories become training rows (``SFTConfig.layout``)."""
+
+    TRIE = "trie"  # one trie per trajectory: each shared context once
+    EXPANDED = "expanded"  # one causal chain per Request
 
 
-class SFTDataError(ValueError):
-    pass
+class SFTDataError(UserError, ValueError):
+    """SFT data or a data setting is wrong (the message names the row or setting and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -79,9 +86,9 @@ def load_examples(
 
 def example_tries(examples: Iterable[SFTExample], layout: str) -> list[Trie]:
     """One trie per trajectory (``trie``) or one chain per Request (``expanded``)."""
-    if layout not in LAYOUTS:
-        raise SFTDataError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "trie":
+    if layout not in tuple(Layout):
+        raise SFTDataError(f"layout must be one of {[x.value for x in Layout]}, got {layout!r}")
+    if layout == Layout.TRIE:
         return [build_trie(e.requests) for e in examples]
     return [chain(r) for e in examples for r in e.requests if r.completion_ids]
 
@@ -90,7 +97,7 @@ def build_rows(examples: Sequence[SFTExample], layout: str, max_tokens: int, pac
     """Training rows: tries (or Request chains) packed up to ``max_tokens`` tokens each, or one per row
     (``pack_rows=False``; still at most ``max_tokens``)."""
     tries = example_tries(examples, layout)
-    if layout == "trie":
+    if layout == Layout.TRIE:
         for e, t in zip(examples, tries):
             if len(t) > max_tokens:
                 raise SFTDataError(

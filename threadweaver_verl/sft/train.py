@@ -18,6 +18,7 @@ machine. ``time_limit_minutes`` is only a safety stop: a run it ends is reported
 from __future__ import annotations
 
 import csv
+import enum
 import json
 import math
 import sys
@@ -33,8 +34,8 @@ from transformers import Trainer, TrainerCallback
 
 from threadweaver_verl.config import ConfigError
 from threadweaver_verl.runs import UserError, require_model_dir
-from threadweaver_verl.sft.batch import ATTENTION_CHOICES, TrieCollator, forward_logprobs, row_features
-from threadweaver_verl.sft.data import LAYOUTS, SFTExample, build_rows, load_examples
+from threadweaver_verl.sft.batch import Attention, TrieCollator, forward_logprobs, row_features
+from threadweaver_verl.sft.data import Layout, SFTExample, build_rows, load_examples
 from threadweaver_verl.sft.loss import mean_nll
 from threadweaver_verl.sft.trie import Trie
 
@@ -51,7 +52,7 @@ class SFTConfig:
     """Optional held-out SFT parquet files: their mean loss is reported at the end."""
     output_dir: str = ""
     """Everything goes here; the final model in output_dir/model."""
-    layout: str = "trie"
+    layout: str = Layout.TRIE.value
     """``trie`` (one trie per trajectory) or ``expanded`` (one chain per Request)."""
     max_tokens: int = 1024
     """Token budget of one row (sdpa's bool mask costs O(N^2) per row: keep it short)."""
@@ -79,7 +80,7 @@ class SFTConfig:
     """Any HF scheduler name (over the step budget): cosine | linear | constant ..."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
-    attention: str = "auto"
+    attention: str = Attention.AUTO.value
     """``auto``, ``sdpa`` (4-D bool mask) or ``flex`` (BlockMask, GPU only for training)."""
     flex_min_tokens: int = 4096
     """``auto`` uses flex for rows at least this long (on a GPU; a CPU stays on sdpa)."""
@@ -104,10 +105,10 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.layout not in LAYOUTS:
-            problems.append(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.attention not in ATTENTION_CHOICES:
-            problems.append(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.layout not in tuple(Layout):
+            problems.append(f"layout must be one of {[x.value for x in Layout]}, got {self.layout!r}")
+        if self.attention not in tuple(Attention):
+            problems.append(f"attention must be one of {[a.value for a in Attention]}, got {self.attention!r}")
         if self.time_limit_minutes < 0:
             problems.append(f"time_limit_minutes must be >= 0 (0: no limit), got {self.time_limit_minutes}")
         if self.batch_tokens < 0:
@@ -118,7 +119,15 @@ class SFTConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if problems:
-            raise ValueError("sft settings: " + "; ".join(problems))
+            raise ConfigError("sft settings: " + "; ".join(problems))
+
+
+class StoppedBy(enum.StrEnum):
+    """``SFTResult.stopped_by``: what ended the training."""
+
+    STEPS = "steps"  # max_steps reached
+    EPOCHS = "epochs"  # the epochs ran out (max_steps <= 0)
+    TIME_LIMIT = "time_limit"  # the safety stop (time_limit_minutes): not a finished run
 
 
 @dataclass
@@ -132,7 +141,7 @@ class SFTResult:
     trajectories: int
     row_tokens: int
     loss_tokens: int
-    stopped_by: str  # "steps" | "epochs" | "time_limit" (the safety stop: not a finished run)
+    stopped_by: StoppedBy
     loss_curve: str
     batch_size: int = 0  # rows per optimizer step actually used
     longest_row: int = 0  # tokens of the longest row
@@ -168,6 +177,11 @@ def check_config(cfg: SFTConfig) -> None:
     problems += [f"train file {f!r} not found" for f in cfg.train_files or () if not Path(f).is_file()]
     if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         problems.append(f"output_dir={cfg.output_dir!r} is a file; pass a folder")
+    if cfg.attention == Attention.FLEX and not torch.cuda.is_available():
+        problems.append(
+            "attention=flex cannot train on a CPU (torch's flex attention has no CPU backward); "
+            "use attention=auto or sdpa here"
+        )
     if problems:
         raise ConfigError("sft settings: " + "; ".join(problems))
 
@@ -177,7 +191,7 @@ def mean_loss(
     rows: Sequence[Trie],
     pad_token_id: int,
     batch_size: int,
-    attention: str = "auto",
+    attention: str = Attention.AUTO,
     flex_min_tokens: int = 4096,
 ) -> float:
     """Mean NLL over all loss tokens of ``rows`` (no gradient)."""
@@ -199,7 +213,7 @@ def mean_loss(
 class TrieTrainer(Trainer):
     """HF Trainer whose loss is the parent-gathered trie NLL."""
 
-    def __init__(self, *args, attention: str = "auto", flex_min_tokens: int = 4096, **kwargs):
+    def __init__(self, *args, attention: str = Attention.AUTO, flex_min_tokens: int = 4096, **kwargs):
         super().__init__(*args, **kwargs)
         self.attention = attention
         self.flex_min_tokens = flex_min_tokens
@@ -289,11 +303,6 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
     )
 
     use_cpu = not torch.cuda.is_available()
-    if use_cpu and cfg.attention == "flex":
-        raise ValueError(
-            "attention=flex cannot train on a CPU (torch's flex attention has no CPU backward); "
-            "use attention=auto or sdpa here"
-        )
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa")
     args = TrainingArguments(
         output_dir=str(out),
@@ -344,7 +353,10 @@ def train(cfg: SFTConfig, console: Any = None) -> SFTResult:
         mean_loss(model, val_rows, pad_id, cfg.batch_size, cfg.attention, cfg.flex_min_tokens) if val_rows else None
     )
     history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    stopped_by = "time_limit" if limit.hit_time_limit else ("steps" if cfg.max_steps > 0 else "epochs")
+    if limit.hit_time_limit:
+        stopped_by = StoppedBy.TIME_LIMIT
+    else:
+        stopped_by = StoppedBy.STEPS if cfg.max_steps > 0 else StoppedBy.EPOCHS
     res = SFTResult(
         model_dir=str(model_dir),
         steps=int(trainer.state.global_step),
@@ -386,7 +398,7 @@ def main(argv: Sequence[str] = ()) -> int:
 
 def run(cfg: SFTConfig) -> int:
     res = train(cfg)
-    if res.stopped_by == "time_limit":
+    if res.stopped_by == StoppedBy.TIME_LIMIT:
         print(time_limit_message(res.steps, cfg.max_steps, cfg.time_limit_minutes), file=sys.stderr)
         return 1
     return 0

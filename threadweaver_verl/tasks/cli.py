@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from threadweaver_verl.config import ConfigError
 from threadweaver_verl.data.schema import AGENT_NAME
 from threadweaver_verl.runs import (
     OutputLock,
@@ -65,7 +66,7 @@ class MakeDataConfig:
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_test < 1:
-            raise ValueError(f"make-data: n_train and n_test must be >= 1 (got {self.n_train}, {self.n_test})")
+            raise ConfigError(f"make-data: n_train and n_test must be >= 1 (got {self.n_train}, {self.n_test})")
 
 
 def prompt_style(cfg: MakeDataConfig):

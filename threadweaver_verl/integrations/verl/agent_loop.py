@@ -85,12 +85,12 @@ from verl.experimental.agent_loop.agent_loop import (
     register as _register_agent_loop,
 )
 
-from threadweaver_verl.config import read_section
+from threadweaver_verl.config import ConfigError, read_section
 from threadweaver_verl.data.chat import prompt_ids as chat_prompt_ids
 from threadweaver_verl.data.schema import AGENT_NAME
-from threadweaver_verl.format import SEQUENTIAL, Request, TokenFormat
+from threadweaver_verl.format import Request, RequestKind, TokenFormat
 from threadweaver_verl.rl.reward import STATS_KEY  # final output's extra_fields[STATS_KEY]: what the reward reads
-from threadweaver_verl.rollout.engine import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Completion, EngineError
+from threadweaver_verl.rollout.engine import Completion, EngineError, Finish
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -140,11 +140,11 @@ class VerlServerEngine:
         self.calls += 1
         ids = [int(t) for t in out.token_ids]
         if out.stop_reason == "aborted":
-            finish = FINISH_ABORT
+            finish = Finish.ABORT
         elif ids and ids[-1] in params["stop_token_ids"]:
-            finish = FINISH_STOP
+            finish = Finish.STOP
         else:  # the length limit, or the server's context window (verl clamps max_tokens to it)
-            finish = FINISH_LENGTH
+            finish = Finish.LENGTH
         extra = dict(out.extra_fields or {})
         for key, pick in (("min_global_steps", min), ("max_global_steps", max)):
             value = extra.get(key)
@@ -172,7 +172,7 @@ def _trained(r: Request) -> tuple[list[int], list[float] | None]:
 
 
 def is_main_line(r: Request) -> bool:
-    return r.kind == SEQUENTIAL and not r.path
+    return r.kind == RequestKind.SEQUENTIAL and not r.path
 
 
 def main_line_mask(
@@ -358,7 +358,7 @@ def controller_config(settings: Any, response_length: int):
     if base.get("max_response_tokens") is None:
         base["max_response_tokens"] = int(response_length)
     elif int(base["max_response_tokens"]) > int(response_length):
-        raise ValueError(
+        raise ConfigError(
             f"agent loop {AGENT_NAME!r}: controller.max_response_tokens={base['max_response_tokens']} "
             f"exceeds actor_rollout_ref.rollout.response_length={response_length}; lower it or raise "
             "response_length"

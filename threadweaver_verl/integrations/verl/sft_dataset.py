@@ -33,10 +33,10 @@ import torch
 from omegaconf import MISSING
 from torch.utils.data import Dataset
 
-from threadweaver_verl.config import read_section
+from threadweaver_verl.config import ConfigError, read_section
 from threadweaver_verl.format import TokenFormat
 from threadweaver_verl.sft.batch import row_features
-from threadweaver_verl.sft.data import build_rows, load_examples
+from threadweaver_verl.sft.data import Layout, build_rows, load_examples
 from threadweaver_verl.sft.trie import Trie, chain
 
 PAD_MODES = ("no_padding", "DatasetPadMode.NO_PADDING")
@@ -53,7 +53,7 @@ class SFTDataKeys:
 
     def __post_init__(self) -> None:
         if self.pad_mode != MISSING and self.pad_mode not in PAD_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"the ThreadWeaver SFT datasets need data.pad_mode=no_padding (got {self.pad_mode!r}); verl's "
                 "FSDP engine packs rows itself"
             )
@@ -132,7 +132,7 @@ class TrieSFTDataset(_SFTDatasetBase):
         super().__init__(parquet_files, tokenizer, config, processor, max_samples)
 
     def _rows(self) -> list[Trie]:
-        return build_rows(self.examples, "trie", self.max_length)
+        return build_rows(self.examples, Layout.TRIE, self.max_length)
 
     def _features(self, row: Trie) -> dict[str, torch.Tensor]:
         return row_features(row)
