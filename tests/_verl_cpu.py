@@ -105,8 +105,6 @@ def main_ppo_command(
         "data.dataloader_num_workers=0",
         f"actor_rollout_ref.rollout.n={n}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
-        "actor_rollout_ref.actor.use_dynamic_bsz=true",
-        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384",
         # the format-following model's outlines carry no numbers (format_ok is false)
         "reward.custom_reward_function.reward_kwargs.bonus_requires_format_ok=false",
         # fp32 in the actor and in vLLM: the log-prob comparison after each sync is then exact up to kernels

