@@ -169,17 +169,15 @@ def first_step_marker(record: RunRecord, validation: bool) -> int | None:
 
 
 def milestone_lines(record: RunRecord) -> dict[str, int]:
-    """phase -> index of the line that ends it, searched in order (each after the previous one found)."""
+    """phase -> index of the first line that ends it. Each is searched in the whole log: Ray forwards a
+    worker's stdout and stderr separately, so a print can arrive after a later log line."""
     found: dict[str, int] = {}
-    start = 0
     lines = list(record.lines)
     for name, pattern in MILESTONES:
         rx = re.compile(pattern)
-        for i in range(start, len(lines)):
-            if rx.search(lines[i].text):
-                found[name] = i
-                start = i + 1
-                break
+        index = next((i for i, line in enumerate(lines) if rx.search(line.text)), None)
+        if index is not None:
+            found[name] = index
     return found
 
 
