@@ -12,7 +12,8 @@ the server dies or does not come up in time) and stops the server's whole
 process group with SIGTERM on exit (SIGKILL if it lingers).
 
 On a CPU build of vLLM, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is set from
-``kv_cache_space_gib`` unless the environment already sets it. Scripts that
+``kv_cache_space_gib`` unless the environment already sets it, and the engine core
+is kept off the API server's core (``separate_engine_core``). Scripts that
 start a server need an ``if __name__ == "__main__":`` guard.
 """
 
@@ -67,6 +68,10 @@ class VLLMServerConfig:
     """More command-line arguments for the server, as is."""
     work_dir: str | None = None
     """Folder for the server log and caches; None: a fresh temporary folder (removed on exit)."""
+    separate_engine_core: bool = True
+    """CPU builds: once the server is up, pin vLLM's busy-waiting engine core beside its worker and the API
+    server onto the cores left (:mod:`threadweaver_verl.rollout.cpu_affinity`; 6.6x faster fork/join at 16
+    in flight on 2 cores). No effect where vLLM does not bind its worker to a subset of the cores (GPUs)."""
     weight_reload: bool = False
     """Allow :meth:`VLLMServer.reload_weights` (serve another checkpoint of the same architecture without a
     restart). It turns on vLLM's development endpoints (``VLLM_SERVER_DEV_MODE=1``): loopback use only."""
@@ -105,6 +110,8 @@ class VLLMServer:
         self.url = f"http://{config.host}:{self.port}"
         self.work_dir: Path | None = None
         self.log_path: Path | None = None
+        self.core_plan = None
+        """The cores the engine core and the API server were pinned to (``separate_engine_core``), or None."""
 
     def command(self) -> list[str]:
         c = self.config
@@ -167,6 +174,10 @@ class VLLMServer:
             log.close()
         try:
             self._wait_healthy()
+            if self.config.separate_engine_core:
+                from threadweaver_verl.rollout.cpu_affinity import separate_engine_core
+
+                self.core_plan = separate_engine_core(self.process.pid)
         except ServerStartError as e:
             kept = self._keep_log()
             self.stop()
