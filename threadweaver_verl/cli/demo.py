@@ -4,7 +4,8 @@
 2. two tiny Qwen3-style models from one seed; trie SFT of one on the parallel solutions and of the
    other on the sequential ones, same optimiser, step budget and tokens per step, each at its own peak
    learning rate (both run at once, one core each). The step budget ends training, so every machine
-   trains the same models; only the time differs. ``time_limit_minutes`` is a safety stop that fails the demo loudly, never its normal end;
+   trains the same models; only the time differs. ``time_limit_minutes`` is a safety stop that fails
+   the demo loudly, never its normal end;
 3. one vLLM server (CPU build) at a time: it serves the sequential model, evaluated with plain decoding,
    then reloads the parallel model's weights, evaluated with fork/join inference, on the same held-out
    problems; intermediate checkpoints of both give the held-out accuracy against training steps;
