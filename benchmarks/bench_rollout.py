@@ -8,7 +8,9 @@ requests. Latency, its speedup and that share have the eval's definitions
 
 The controller's own CPU time per request: ``benchmarks/bench_controller.py``.
 
-    python benchmarks/bench_rollout.py [thread_tokens=128] [repeats=3]
+    python benchmarks/bench_rollout.py [thread_tokens=128] [repeats=3] [separate=false]
+
+``separate=false`` leaves vLLM's engine core where the kernel puts it (``VLLMServerConfig.separate_engine_core``).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ async def _concurrent(fmt, url, context, k, tokens, sampling, key):
     return wall
 
 
-def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, console) -> list[tuple]:
+def bench_vllm(
+    fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, console, separate: bool = True
+) -> list[tuple]:
     from rich.table import Table
     from tqdm import tqdm
 
@@ -103,7 +107,7 @@ def bench_vllm(fmt, tokenizer, model_dir, thread_tokens: int, repeats: int, cons
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as work:
         t0 = time.perf_counter()
-        with VLLMServer(str(model_dir), work_dir=work, max_model_len=4096) as server:
+        with VLLMServer(str(model_dir), work_dir=work, max_model_len=4096, separate_engine_core=separate) as server:
             console.print(f"vLLM CPU server up in {time.perf_counter() - t0:.0f} s at {server.url}")
             for k in (2, 4, 8):
                 block_ids = fmt.fragment_ids(outline_block(k))
@@ -181,13 +185,14 @@ def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv)
     thread_tokens = int(args.get("thread_tokens", 128))
     repeats = int(args.get("repeats", 3))
+    separate = args.get("separate", "true").lower() in ("1", "true")
     console = Console(width=200)
     console.print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
         model_dir = build_tiny_model(Path(tmp) / "model")
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         fmt = TokenFormat.from_tokenizer(tokenizer)
-        bench_vllm(fmt, tokenizer, model_dir, thread_tokens, repeats, console)
+        bench_vllm(fmt, tokenizer, model_dir, thread_tokens, repeats, console, separate)
     console.print(f"load average at end: {os.getloadavg()[0]:.1f}")
     return 0
 

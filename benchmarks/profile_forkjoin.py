@@ -204,6 +204,7 @@ def main(argv) -> int:
 
     from threadweaver_verl.data.chat import prompt_ids
     from threadweaver_verl.data.schema import read_rl
+    from threadweaver_verl.eval.metrics import share_of_token_speedup
     from threadweaver_verl.format import TokenFormat
     from threadweaver_verl.rollout.controller import ControllerConfig, ForkJoinController
     from threadweaver_verl.rollout.vllm_server import VLLMServer, VLLMServerConfig
@@ -284,6 +285,7 @@ def main(argv) -> int:
                         "latency_mean_s": statistics.fmean(lat),
                         "latency_p50_s": statistics.median(lat),
                         "mean_T": tokens / len(results),
+                        "mean_L": statistics.fmean(r.stats.critical_path for r in results),
                         **{f"client_{k}": v for k, v in client_breakdown(results).items()},
                         "server_requests": reqs,
                         "server_queue_s": delta(m1, m0, "vllm:request_queue_time_seconds_sum") / reqs,
@@ -318,7 +320,17 @@ def main(argv) -> int:
             medians[(kind, c)] = {
                 k: statistics.median(m[k] for m in ms if k in m) for k in keys if any(k in m for m in ms)
             }
-    table = Table(title=f"median of {repeats} repeats, {n} problems (greedy), one vLLM server at a time")
+    # the eval's definitions (threadweaver_verl.eval.metrics) on these problems: every trajectory of both runs
+    # finished (the controller raises otherwise), so ratios of the per-problem means are ratios of the means
+    for c in concurrencies:
+        seq, par = medians[("sequential", c)], medians[("parallel", c)]
+        token_speedup = seq["mean_T"] / par["mean_L"]
+        par["token_speedup"] = token_speedup
+        par["latency_speedup"] = seq["latency_mean_s"] / par["latency_mean_s"]
+        par["latency_share_of_token_speedup"] = share_of_token_speedup(par["latency_speedup"], token_speedup)
+        par["ms_per_token_over_sequential"] = par["ms_per_token"] / seq["ms_per_token"]
+    keys += ["token_speedup", "latency_speedup", "latency_share_of_token_speedup", "ms_per_token_over_sequential"]
+    table = Table(f"median of {repeats} repeats, {n} problems (greedy), one vLLM server at a time")
     table.add_column("metric")
     cols = [(kind, c) for c in concurrencies for kind in ("sequential", "parallel")]
     for kind, c in cols:
