@@ -91,15 +91,16 @@ def server_processes(root_pid: int) -> dict[str, list]:
     """vLLM's API server (the launched process) and its children by role (EngineCore, ...)."""
     import psutil
 
+    from threadweaver_verl.rollout.cpu_affinity import ENGINE_CORE_TITLE
+
     root = psutil.Process(root_pid)
     roles: dict[str, list] = {"api_server": [root]}
     for child in root.children(recursive=True):
         try:
-            name = " ".join(child.cmdline())[:80] or child.name()
             title = child.name()
         except psutil.Error:
             continue
-        role = "engine_core" if "EngineCor" in title or "EngineCor" in name else f"other:{title}"
+        role = "engine_core" if title.startswith(ENGINE_CORE_TITLE) else f"other:{title}"
         roles.setdefault(role, []).append(child)
     return roles
 

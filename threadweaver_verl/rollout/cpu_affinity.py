@@ -47,7 +47,7 @@ def _pin(pid: int, cores: frozenset[int]) -> None:
 def plan_cores(all_cores: frozenset[int], worker: frozenset[int]) -> CorePlan | None:
     """Where the engine core and the API server go, given the worker's cores (None: leave them alone)."""
     rest = all_cores - worker
-    if not worker or not rest or worker == all_cores:
+    if not worker or not rest:  # nothing known about the worker, or it holds every core
         return None
     if len(rest) >= 2:
         engine = frozenset({min(rest)})
