@@ -3,11 +3,9 @@ pure function, and on a real vLLM server (CPU build) the cores its processes end
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from threadweaver_verl.rollout.cpu_affinity import ENGINE_CORE_TITLE, WORKER_TITLE, CorePlan, plan_cores
+from threadweaver_verl.rollout.cpu_affinity import CorePlan, plan_cores
 
 
 def cores(*ids: int) -> frozenset[int]:
@@ -37,27 +35,8 @@ def test_nothing_to_separate_changes_nothing(all_cores, worker):
     assert plan_cores(all_cores, worker) is None
 
 
-def _cores_of(pid: int) -> set[int]:
-    """The union of the cores every thread of ``pid`` may run on."""
-    return {c for tid in os.listdir(f"/proc/{pid}/task") for c in os.sched_getaffinity(int(tid))}
-
-
 @pytest.mark.slow
 def test_real_vllm_server_processes_end_up_on_the_planned_cores(vllm_server):
-    import psutil
+    from _vllm_cores import assert_engine_core_separated
 
-    root = psutil.Process(vllm_server.process.pid)
-    titles = {p.pid: p.name() for p in root.children(recursive=True)}
-    (worker,) = [pid for pid, t in titles.items() if t.startswith(WORKER_TITLE)]
-    (engine,) = [pid for pid, t in titles.items() if t.startswith(ENGINE_CORE_TITLE)]
-    plan = vllm_server.core_plan
-    all_cores = _cores_of(root.pid) | _cores_of(engine) | _cores_of(worker)  # what the three may use together
-    expected = plan_cores(frozenset(all_cores), frozenset(_cores_of(worker)))
-    if os.cpu_count() == 2:  # this project's machines: vLLM binds its worker to core 0 of 2
-        assert plan == CorePlan(cores(0), cores(0), cores(1))
-    assert plan == expected
-    if plan is not None:
-        # every thread of the engine core and of the API server, not just the main ones
-        assert _cores_of(engine) == plan.engine_core
-        assert _cores_of(root.pid) == plan.api_server
-        assert not _cores_of(engine) & _cores_of(root.pid)
+    assert vllm_server.core_plan == assert_engine_core_separated(vllm_server.process.pid)

