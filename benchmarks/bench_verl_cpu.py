@@ -31,7 +31,9 @@ format-following tiny model (it forks on every trajectory), ``--prompts`` multip
 
 (b) Step time: verl's own ``timing_s/step`` per step (and its parts ``timing_s/gen``, ``update_actor``,
     ...), from verl's file logger; the median over the steps after the first (the first step includes
-    first requests and first update: it is reported apart).
+    first requests and first update: it is reported apart). verl's V1 trainer waits for the rollout by
+    polling its replay buffer every 2 s, so ``gen`` comes in multiples of about 2 s; the rollout itself is
+    the trajectories' latency (``threadweaver/wall_time_s``: mean, and max = the last one to finish).
 
 ``--startup-only`` stops the run once the first step starts (only (a)). ``--pycache DIR`` runs it with
 Python's bytecode cache in DIR (``PYTHONPYCACHEPREFIX``, ``PYTHONDONTWRITEBYTECODE`` unset): a run then
@@ -263,12 +265,22 @@ def startup_phases(record: RunRecord, validation: bool) -> tuple[list[dict], flo
     return phases, max(record.lines[marker].stamp(), record.started) - record.started
 
 
+# the agent loop's per-trajectory latency (first request to answer), logged by the threadweaver trainer mode
+LATENCY_KEYS = {
+    "trajectory latency, mean": "threadweaver/wall_time_s/mean",
+    "trajectory latency, max": "threadweaver/wall_time_s/max",
+}
+
+
 def step_times(record: RunRecord) -> dict:
-    """verl's timing_s/* per step; the median over the steps after the first."""
+    """verl's timing_s/* and the trajectories' latency per step; the median over the steps after the first."""
     # training steps only (verl logs the validation before training as step 0, without timing_s/step)
     steps = sorted((m for m in record.metrics if "timing_s/step" in m["data"]), key=lambda m: m["step"])
     per_step = {
-        m["step"]: {k.removeprefix("timing_s/"): v for k, v in m["data"].items() if k.startswith("timing_s/")}
+        m["step"]: {
+            **{k.removeprefix("timing_s/"): v for k, v in m["data"].items() if k.startswith("timing_s/")},
+            **{name: m["data"][key] for name, key in LATENCY_KEYS.items() if key in m["data"]},
+        }
         for m in steps
     }
     later = [per_step[s] for s in sorted(per_step)[1:]]

@@ -261,14 +261,15 @@ def test_trajectory_metrics_use_each_sessions_final_row():
     assert final_rows(["u_0_2", "u_0_0", "u_0_1"]) == {("u", "0"): 0}  # the highest index, wherever it sits
     m = trajectory_metrics(
         [
-            {"speedup": 2.0, "threads_per_block": [2, 4], "format_ok": True},
-            {"speedup": 1.0, "threads_per_block": [], "format_ok": False},
+            {"speedup": 2.0, "threads_per_block": [2, 4], "format_ok": True, "wall_time_s": 0.5},
+            {"speedup": 1.0, "threads_per_block": [], "format_ok": False, "wall_time_s": 1.5},
             None,
         ]
     )
     assert m["threadweaver/speedup/mean"] == 1.5
     assert m["threadweaver/threads_per_block/mean"] == 3.0
     assert m["threadweaver/format_ok/mean"] == 0.5
+    assert (m["threadweaver/wall_time_s/mean"], m["threadweaver/wall_time_s/max"]) == (1.0, 1.5)  # latency
 
 
 def test_advantage_spread_is_zero_only_when_every_row_has_its_trajectorys_advantage():

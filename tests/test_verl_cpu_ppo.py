@@ -93,6 +93,7 @@ def test_every_step_logged_with_threadweaver_metrics(first_run):
     for step, data in steps.items():
         for key in ("threadweaver/num_threads/mean", "threadweaver/speedup/mean", "actor/pg_loss", "critic/score/mean"):
             assert key in data, (step, key, sorted(data))
+        assert 0 < data["threadweaver/wall_time_s/mean"] <= data["threadweaver/wall_time_s/max"], step  # latency
     # step 1 samples the format-following model before any update: every trajectory forks
     assert steps[1]["threadweaver/num_threads/min"] >= 1 and steps[1]["threadweaver/speedup/mean"] > 1.0
     assert any(k.startswith("val-core/") for k in steps[STEPS]), "validation ran at the last step"

@@ -48,6 +48,7 @@ METRIC_KEYS = (
     "num_threads",
     "num_requests",
     "format_ok",
+    "wall_time_s",  # the trajectory's latency: from its first request to its answer (the controller's clock)
 )
 
 
