@@ -119,10 +119,10 @@ def main_ppo_command(
     ]
 
 
-def run_main_ppo(work: Path, command: list[str], timeout_s: float, tag: str) -> PPORun:
+def run_main_ppo(work: Path, command: list[str], timeout_s: float, tag: str, **extra_env: str) -> PPORun:
     metrics_file = work / f"{tag}.metrics.jsonl"
     log_file = work / f"{tag}.log"
-    env = cpu_env(work, VERL_FILE_LOGGER_PATH=str(metrics_file))
+    env = cpu_env(work, VERL_FILE_LOGGER_PATH=str(metrics_file), **extra_env)
     start = time.monotonic()
     with open(log_file, "w") as log:
         proc = subprocess.Popen(

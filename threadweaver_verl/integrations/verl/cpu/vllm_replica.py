@@ -8,10 +8,12 @@ while many requests are in flight: fork/join sends many short thread requests at
 library and psutil) pins the engine core beside the worker and the API server onto the cores left;
 ``docs/benchmarks.md`` has the measurements.
 
-The CPU mode registers :class:`CPUvLLMReplica` under verl's rollout name ``vllm`` through verl's public
+Opt-in: with ``VERL_CPU_SEPARATE_ENGINE_CORE=1`` in the trainer's environment, the CPU mode registers
+:class:`CPUvLLMReplica` under verl's rollout name ``vllm`` through verl's public
 ``RolloutReplicaRegistry.register`` (``actor_rollout_ref.rollout.name=vllm`` gets it); everything else is
-verl's own ``vLLMReplica``. ``VERL_CPU_SEPARATE_ENGINE_CORE=0`` in the trainer's environment leaves the
-processes where the kernel puts them.
+verl's own ``vLLMReplica``. Off by default: in verl's CPU runs on 2 cores it gained nothing (verl's agent
+loop reaches the engine through Ray calls, not HTTP, and other processes share the API server's core),
+while our own HTTP launcher gains several times at 16 requests in flight (docs/benchmarks.md).
 
 Imported on first use of the replica (verl's registry loads it lazily), in the trainer's process and in the
 server actors' processes (Ray imports the actor class there).
@@ -24,21 +26,7 @@ import os
 import ray
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 
-from threadweaver_verl.integrations.verl.cpu.errors import CPUModeError
 from threadweaver_verl.rollout.cpu_affinity import separate_engine_core
-
-SEPARATE_ENV = "VERL_CPU_SEPARATE_ENGINE_CORE"
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def separation_requested() -> bool:
-    """``VERL_CPU_SEPARATE_ENGINE_CORE`` (default on); any other value than a boolean is an error."""
-    value = os.environ.get(SEPARATE_ENV, "1").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise CPUModeError(f"{SEPARATE_ENV}={value!r}: use 1 (keep vLLM's engine core off its API server's core) or 0")
 
 
 class CPUvLLMHttpServer(vLLMHttpServer):
@@ -46,16 +34,15 @@ class CPUvLLMHttpServer(vLLMHttpServer):
 
     async def launch_server(self, *args, **kwargs):
         result = await super().launch_server(*args, **kwargs)
-        if separation_requested():
-            plan = separate_engine_core(os.getpid())
-            # printed: Ray forwards an actor's stdout to the driver's console
-            if plan is None:
-                print("[threadweaver-verl] vLLM engine core left in place (nothing to separate on these cores)")
-            else:
-                print(
-                    f"[threadweaver-verl] vLLM engine core on cores {sorted(plan.engine_core)} (worker "
-                    f"{sorted(plan.worker)}), API server on cores {sorted(plan.api_server)}"
-                )
+        plan = separate_engine_core(os.getpid())
+        # printed: Ray forwards an actor's stdout to the driver's console
+        if plan is None:
+            print("[threadweaver-verl] vLLM engine core left in place (nothing to separate on these cores)")
+        else:
+            print(
+                f"[threadweaver-verl] vLLM engine core on cores {sorted(plan.engine_core)} (worker "
+                f"{sorted(plan.worker)}), API server on cores {sorted(plan.api_server)}"
+            )
         return result
 
 
