@@ -331,7 +331,7 @@ def main(argv) -> int:
         par["latency_share_of_token_speedup"] = share_of_token_speedup(par["latency_speedup"], token_speedup)
         par["ms_per_token_over_sequential"] = par["ms_per_token"] / seq["ms_per_token"]
     keys += ["token_speedup", "latency_speedup", "latency_share_of_token_speedup", "ms_per_token_over_sequential"]
-    table = Table(f"median of {repeats} repeats, {n} problems (greedy), one vLLM server at a time")
+    table = Table(title=f"median of {repeats} repeats, {n} problems (greedy), one vLLM server at a time")
     table.add_column("metric")
     cols = [(kind, c) for c in concurrencies for kind in ("sequential", "parallel")]
     for kind, c in cols:
