@@ -1,8 +1,14 @@
-"""Where a fork/join trajectory's time goes: the demo's two models on a real vLLM CPU server (one server at
-a time, as the demo evaluates), at 1 problem in flight and at 16, repeated and alternated.
+"""Where a fork/join trajectory's time goes: the demo's two models on a real vLLM CPU server (one server busy
+at a time, as the demo evaluates), at 1 problem in flight and at 16, repeated and alternated: each repeat
+starts a fresh server per model, both stay up, and the two models take turns over slices of the problems
+(``slice`` problems, or the concurrency if larger; ABBA order; ``pause_s`` between turns, longer than
+vLLM's 1 s busy-wait after a step, so only one server is awake at a time). A server's speed on a shared
+CPU differs from one start to the next and drifts with the machine by more than the effects measured
+here, so the two models are measured side by side, and each ratio is the median of the repeats' ratios.
+Requests are the evaluation's (greedy, no log-probs).
 
     python benchmarks/profile_forkjoin.py runs/demo [problems=48] [concurrency=1,16] [repeats=3] \\
-        [pyspy=PATH_TO_PY_SPY] [json=out.json] [server_args=...] [separate=false]
+        [pyspy=PATH_TO_PY_SPY] [json=out.json] [server_args=...] [separate=false] [slice=4] [pause_s=1.5]
 
 ``runs/demo`` is a finished ``make demo`` output folder (its ``sft_sequential/model``, ``sft_parallel/model``
 and ``data/test.parquet`` are used). For each model, concurrency and repeat it reports:
@@ -20,7 +26,8 @@ and ``data/test.parquet`` are used). For each model, concurrency and repeat it r
 - CPU seconds per process (vLLM's API server, its engine core, this client) per 1,000 generated tokens.
 
 With ``pyspy=`` (py-spy is not a dependency: ``pip install py-spy`` anywhere and pass its path) the first
-repeat at the highest concurrency is also sampled, and each process's top functions (own time) are printed.
+repeat's first slice at the highest concurrency is also sampled, and each process's top functions (own
+time) are printed.
 ``separate=false`` leaves vLLM's engine core where the kernel puts it (``VLLMServerConfig.separate_engine_core``,
 on by default: :mod:`threadweaver_verl.rollout.cpu_affinity`). The load average is printed at the start and
 the end: the machine is shared; run it idle, read medians.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import re
@@ -52,6 +60,8 @@ def parse_args(argv):
         "pyspy": "",
         "json": "",
         "server_args": "",
+        "slice": "4",
+        "pause_s": "1.5",
     }
     rest = []
     for a in argv:
@@ -189,7 +199,7 @@ def pyspy_top(path: Path, n: int = 8) -> list[tuple[str, float]]:
         return []
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or not count.isdigit():  # py-spy splits a frame name holding a newline over two lines
             continue
         leaf = stack.split(";")[-1]
         own[re.sub(r" \(.*/", " (", leaf)] += int(count)
@@ -197,7 +207,68 @@ def pyspy_top(path: Path, n: int = 8) -> list[tuple[str, float]]:
     return [(f, c / total) for f, c in own.most_common(n)] if total else []
 
 
+def measure(fmt, controller, url, prompts, concurrency, sampling, roles) -> dict[str, float]:
+    """One pass over ``prompts`` at ``concurrency``: the user's, the client's and the server's view."""
+    m0 = scrape(url)
+    cpu0 = {role: cpu_seconds(p) for role, p in roles.items()}
+    own0 = time.process_time()
+    results, wall = asyncio.run(run_batch(fmt, controller, url, prompts, concurrency, sampling))
+    own = time.process_time() - own0
+    cpu = {role: cpu_seconds(p) - cpu0[role] for role, p in roles.items()}
+    m1 = scrape(url)
+    tokens = sum(len(r.response_ids) for r in results)
+    reqs = delta(m1, m0, "vllm:request_success_total") or 1.0
+    steps = delta(m1, m0, "vllm:iteration_tokens_total_count")
+    lat = [r.wall_time_s for r in results]
+    meas = {
+        "load": os.getloadavg()[0],
+        "wall_s": wall,
+        "problems_per_s": len(results) / wall,
+        "ms_per_token": 1000 * wall / tokens,
+        "latency_mean_s": statistics.fmean(lat),
+        "latency_p50_s": statistics.median(lat),
+        "mean_T": tokens / len(results),
+        "mean_L": statistics.fmean(r.stats.critical_path for r in results),
+        **{f"client_{k}": v for k, v in client_breakdown(results).items()},
+        "server_requests": reqs,
+        "server_queue_s": delta(m1, m0, "vllm:request_queue_time_seconds_sum") / reqs,
+        "server_prefill_s": delta(m1, m0, "vllm:request_prefill_time_seconds_sum") / reqs,
+        "server_decode_s": delta(m1, m0, "vllm:request_decode_time_seconds_sum") / reqs,
+        "server_e2e_s": delta(m1, m0, "vllm:e2e_request_latency_seconds_sum") / reqs,
+        "prompt_tokens": delta(m1, m0, "vllm:prompt_tokens_total"),
+        "prefix_cache_hit_share": delta(m1, m0, "vllm:prefix_cache_hits_total")
+        / max(1.0, delta(m1, m0, "vllm:prefix_cache_queries_total")),
+        "engine_steps": steps,
+        "tokens_per_step": delta(m1, m0, "vllm:iteration_tokens_total_sum") / max(1.0, steps),
+        "ms_per_engine_step": 1000 * wall / max(1.0, steps),
+        **{f"cpu_s_per_1k_tokens_{role}": 1000 * s / tokens for role, s in cpu.items()},
+        "cpu_s_per_1k_tokens_client": 1000 * own / tokens,
+    }
+    meas["tokens"] = tokens
+    meas["http_and_api_server_s_per_call"] = meas["client_mean_call_s"] - meas["server_e2e_s"]
+    return meas
+
+
+_SUMMED = ("wall_s", "tokens", "server_requests", "prompt_tokens", "engine_steps")
+
+
+def combine(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One measurement from passes over equal slices of the problems: counts and times summed, the rates
+    recomputed from the sums, per-problem and per-request means averaged (slices are equal but for the last)."""
+    out = {k: statistics.fmean(p[k] for p in parts) for k in parts[0]}
+    out.update({k: sum(p[k] for p in parts) for k in _SUMMED})
+    problems = sum(p["problems_per_s"] * p["wall_s"] for p in parts)
+    out["problems_per_s"] = problems / out["wall_s"]
+    out["ms_per_token"] = 1000 * out["wall_s"] / out["tokens"]
+    out["ms_per_engine_step"] = 1000 * out["wall_s"] / max(1.0, out["engine_steps"])
+    out["load"] = max(p["load"] for p in parts)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
+KINDS = ("sequential", "parallel")
+
+
 def main(argv) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -219,94 +290,76 @@ def main(argv) -> int:
     measurements = []
     spy = {}
     work = Path(tempfile.mkdtemp(prefix="profile-forkjoin-"))
-    for kind in ("sequential", "parallel"):
+    setups = {}
+    for kind in KINDS:
         model = run / f"sft_{kind}" / "model"
         tok = AutoTokenizer.from_pretrained(str(model))
         fmt = TokenFormat.from_tokenizer(tok)
-        prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
         controller = ForkJoinController(
             fmt, ControllerConfig(fork=kind == "parallel", max_response_tokens=2048, max_thread_tokens=512)
         )
-        sampling = {"temperature": 0.0}
-        extra = ["--block-size", "16", *args["server_args"].split()]
-        with VLLMServer(
-            VLLMServerConfig(
-                model=str(model),
-                work_dir=str(work / kind),
-                extra_args=extra,
-                separate_engine_core=args["separate"].lower() in ("1", "true"),
-            )
-        ) as server:
-            asyncio.run(run_batch(fmt, controller, server.url, prompts[:4], 4, sampling))  # warm-up
-            roles = server_processes(server.process.pid)
-            console.print(f"{kind}: vLLM processes { ({k: [p.pid for p in v] for k, v in roles.items()}) }")
-            for rep in range(repeats):
-                for c in concurrencies:
-                    spies = []
-                    if args["pyspy"] and rep == 0 and c == max(concurrencies):
-                        for role, procs in roles.items():
-                            spies.append(
-                                (
-                                    role,
-                                    work / f"{kind}-{role}.txt",
-                                    pyspy_start(args["pyspy"], procs[0].pid, work / f"{kind}-{role}.txt"),
-                                )
-                            )
-                        spies.append(
-                            (
-                                "client",
-                                work / f"{kind}-client.txt",
-                                pyspy_start(args["pyspy"], os.getpid(), work / f"{kind}-client.txt"),
-                            )
+        setups[kind] = (model, fmt, controller, [prompt_ids(tok, r["prompt"]) for r in rows])
+    sampling = {"temperature": 0.0, "logprobs": False}  # as the evaluation asks (EvalConfig.engine)
+    extra = ["--block-size", "16", *args["server_args"].split()]
+    pause_s = float(args["pause_s"])
+    for rep in range(repeats):
+        # A fresh pair of servers per repeat, both up, the two models' slices of the problems alternating
+        # (ABBA) with a pause between them: a server's speed on a shared CPU differs from one start to the next
+        # and drifts with the machine by more than the effects measured here, so a repeat's two models are
+        # measured side by side. The pause outlasts vLLM's busy-wait after a step (1 s), so the idle server's
+        # engine core and worker are asleep while the other one runs.
+        with contextlib.ExitStack() as stack:
+            servers, roles = {}, {}
+            for kind in KINDS:
+                model, fmt, controller, prompts = setups[kind]
+                servers[kind] = stack.enter_context(
+                    VLLMServer(
+                        VLLMServerConfig(
+                            model=str(model),
+                            work_dir=str(work / f"{kind}-{rep}"),
+                            extra_args=extra,
+                            separate_engine_core=args["separate"].lower() in ("1", "true"),
                         )
-                        time.sleep(1.0)
-                    m0 = scrape(server.url)
-                    cpu0 = {role: cpu_seconds(p) for role, p in roles.items()}
-                    own0 = time.process_time()
-                    results, wall = asyncio.run(run_batch(fmt, controller, server.url, prompts, c, sampling))
-                    own = time.process_time() - own0
-                    cpu = {role: cpu_seconds(p) - cpu0[role] for role, p in roles.items()}
-                    m1 = scrape(server.url)
-                    for role, path, proc in spies:
-                        proc.send_signal(signal.SIGINT)
-                        proc.wait(60)
-                        spy[(kind, role)] = pyspy_top(path)
-                    tokens = sum(len(r.response_ids) for r in results)
-                    reqs = delta(m1, m0, "vllm:request_success_total") or 1.0
-                    steps = delta(m1, m0, "vllm:iteration_tokens_total_count")
-                    lat = [r.wall_time_s for r in results]
-                    meas = {
-                        "model": kind,
-                        "concurrency": c,
-                        "repeat": rep,
-                        "load": os.getloadavg()[0],
-                        "wall_s": wall,
-                        "problems_per_s": len(results) / wall,
-                        "ms_per_token": 1000 * wall / tokens,
-                        "latency_mean_s": statistics.fmean(lat),
-                        "latency_p50_s": statistics.median(lat),
-                        "mean_T": tokens / len(results),
-                        "mean_L": statistics.fmean(r.stats.critical_path for r in results),
-                        **{f"client_{k}": v for k, v in client_breakdown(results).items()},
-                        "server_requests": reqs,
-                        "server_queue_s": delta(m1, m0, "vllm:request_queue_time_seconds_sum") / reqs,
-                        "server_prefill_s": delta(m1, m0, "vllm:request_prefill_time_seconds_sum") / reqs,
-                        "server_decode_s": delta(m1, m0, "vllm:request_decode_time_seconds_sum") / reqs,
-                        "server_e2e_s": delta(m1, m0, "vllm:e2e_request_latency_seconds_sum") / reqs,
-                        "prompt_tokens": delta(m1, m0, "vllm:prompt_tokens_total"),
-                        "prefix_cache_hit_share": delta(m1, m0, "vllm:prefix_cache_hits_total")
-                        / max(1.0, delta(m1, m0, "vllm:prefix_cache_queries_total")),
-                        "engine_steps": steps,
-                        "tokens_per_step": delta(m1, m0, "vllm:iteration_tokens_total_sum") / max(1.0, steps),
-                        "ms_per_engine_step": 1000 * wall / max(1.0, steps),
-                        **{f"cpu_s_per_1k_tokens_{role}": 1000 * s / tokens for role, s in cpu.items()},
-                        "cpu_s_per_1k_tokens_client": 1000 * own / tokens,
-                    }
-                    meas["http_and_api_server_s_per_call"] = meas["client_mean_call_s"] - meas["server_e2e_s"]
+                    )
+                )
+                asyncio.run(run_batch(fmt, controller, servers[kind].url, prompts[:4], 4, sampling))  # warm-up
+                roles[kind] = server_processes(servers[kind].process.pid)
+                if rep == 0:
+                    console.print(
+                        f"{kind}: vLLM processes { ({k: [p.pid for p in v] for k, v in roles[kind].items()}) }"
+                    )
+            for c in concurrencies:
+                size = max(int(args["slice"]), c)
+                slices = [range(i, min(i + size, n)) for i in range(0, n, size)]
+                parts = collections.defaultdict(list)
+                for j, problems in enumerate(slices):
+                    for kind in KINDS if j % 2 == 0 else KINDS[::-1]:
+                        time.sleep(pause_s)
+                        _, fmt, controller, prompts = setups[kind]
+                        spies = []
+                        if args["pyspy"] and rep == 0 and c == max(concurrencies) and j == 0:
+                            for role, procs in roles[kind].items():
+                                out = work / f"{kind}-{role}.txt"
+                                spies.append((role, out, pyspy_start(args["pyspy"], procs[0].pid, out)))
+                            out = work / f"{kind}-client.txt"
+                            spies.append(("client", out, pyspy_start(args["pyspy"], os.getpid(), out)))
+                            time.sleep(1.0)
+                        url = servers[kind].url
+                        parts[kind].append(
+                            measure(fmt, controller, url, [prompts[i] for i in problems], c, sampling, roles[kind])
+                        )
+                        for role, path, proc in spies:
+                            proc.send_signal(signal.SIGINT)
+                            proc.wait(60)
+                            spy[(kind, role)] = pyspy_top(path)
+                for kind in KINDS:
+                    meas = combine(parts[kind])
+                    meas.update(model=kind, concurrency=c, repeat=rep)
                     measurements.append(meas)
                     console.print(
-                        f"{kind} c={c} rep {rep}: wall {wall:.1f} s, {meas['ms_per_token']:.2f} ms/token, "
-                        f"latency {meas['latency_mean_s']:.2f} s, load {meas['load']:.2f}"
+                        f"repeat {rep} {kind} c={c}: {len(slices)} slices, wall {meas['wall_s']:.1f} s, "
+                        f"{meas['ms_per_token']:.2f} ms/token, latency {meas['latency_mean_s']:.3f} s, "
+                        f"load {meas['load']:.2f}"
                     )
     console.print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
@@ -321,17 +374,28 @@ def main(argv) -> int:
             medians[(kind, c)] = {
                 k: statistics.median(m[k] for m in ms if k in m) for k in keys if any(k in m for m in ms)
             }
-    # the eval's definitions (threadweaver_verl.eval.metrics) on these problems: every trajectory of both runs
-    # finished (the controller raises otherwise), so ratios of the per-problem means are ratios of the means
+    # the eval's definitions (threadweaver_verl.eval.metrics) on these problems, per repeat (its two models
+    # measured side by side), then the median over repeats: every trajectory of both runs finished (the
+    # controller raises otherwise), so ratios of the per-problem means are ratios of the means
+    paired = collections.defaultdict(list)
     for c in concurrencies:
-        seq, par = medians[("sequential", c)], medians[("parallel", c)]
-        token_speedup = seq["mean_T"] / par["mean_L"]
-        par["token_speedup"] = token_speedup
-        par["latency_speedup"] = seq["latency_mean_s"] / par["latency_mean_s"]
-        par["latency_share_of_token_speedup"] = share_of_token_speedup(par["latency_speedup"], token_speedup)
-        par["ms_per_token_over_sequential"] = par["ms_per_token"] / seq["ms_per_token"]
+        for rep in range(repeats):
+            (seq,) = [m for m in measurements if (m["model"], m["concurrency"], m["repeat"]) == ("sequential", c, rep)]
+            (par,) = [m for m in measurements if (m["model"], m["concurrency"], m["repeat"]) == ("parallel", c, rep)]
+            token_speedup = seq["mean_T"] / par["mean_L"]
+            latency_speedup = seq["latency_mean_s"] / par["latency_mean_s"]
+            paired[("token_speedup", c)].append(token_speedup)
+            paired[("latency_speedup", c)].append(latency_speedup)
+            paired[("latency_share_of_token_speedup", c)].append(share_of_token_speedup(latency_speedup, token_speedup))
+            paired[("ms_per_token_over_sequential", c)].append(par["ms_per_token"] / seq["ms_per_token"])
+        for k in ("token_speedup", "latency_speedup", "latency_share_of_token_speedup", "ms_per_token_over_sequential"):
+            medians[("parallel", c)][k] = statistics.median(paired[(k, c)])
+            console.print(f"c={c} {k} per repeat: " + ", ".join(f"{v:.3f}" for v in paired[(k, c)]))
     keys += ["token_speedup", "latency_speedup", "latency_share_of_token_speedup", "ms_per_token_over_sequential"]
-    table = Table(title=f"median of {repeats} repeats, {n} problems (greedy), one vLLM server at a time")
+    table = Table(
+        title=f"median of {repeats} repeats (ratios: of the repeats' ratios), {n} problems (greedy), "
+        "a fresh pair of vLLM servers per repeat, the models taking turns"
+    )
     table.add_column("metric")
     cols = [(kind, c) for c in concurrencies for kind in ("sequential", "parallel")]
     for kind, c in cols:
@@ -354,6 +418,7 @@ def main(argv) -> int:
                 {
                     "measurements": measurements,
                     "medians": {f"{k} c={c}": v for (k, c), v in medians.items()},
+                    "per_repeat": {f"{k} c={c}": v for (k, c), v in paired.items()},
                     "pyspy": {f"{k} {r}": t for (k, r), t in spy.items()},
                 },
                 indent=1,
