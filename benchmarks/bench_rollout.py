@@ -185,7 +185,9 @@ def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv)
     thread_tokens = int(args.get("thread_tokens", 128))
     repeats = int(args.get("repeats", 3))
-    separate = args.get("separate", "true").lower() in ("1", "true")
+    if args.get("separate", "true").lower() not in ("true", "false", "1", "0"):
+        sys.exit(f"separate={args['separate']!r}: use true or false")
+    separate = args.get("separate", "true").lower() in ("true", "1")
     console = Console(width=200)
     console.print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:

@@ -74,6 +74,8 @@ def parse_args(argv):
             rest.append(a)
     if len(rest) != 1:
         sys.exit(__doc__)
+    if args["separate"].lower() not in ("true", "false", "1", "0"):
+        sys.exit(f"separate={args['separate']!r}: use true or false")
     return Path(rest[0]), args
 
 
@@ -223,6 +225,9 @@ def measure(fmt, controller, url, prompts, concurrency, sampling, roles) -> dict
     meas = {
         "load": os.getloadavg()[0],
         "wall_s": wall,
+        "problems": len(results),
+        "latencies": lat,
+        "tokens": tokens,
         "problems_per_s": len(results) / wall,
         "ms_per_token": 1000 * wall / tokens,
         "latency_mean_s": statistics.fmean(lat),
@@ -244,23 +249,29 @@ def measure(fmt, controller, url, prompts, concurrency, sampling, roles) -> dict
         **{f"cpu_s_per_1k_tokens_{role}": 1000 * s / tokens for role, s in cpu.items()},
         "cpu_s_per_1k_tokens_client": 1000 * own / tokens,
     }
-    meas["tokens"] = tokens
     meas["http_and_api_server_s_per_call"] = meas["client_mean_call_s"] - meas["server_e2e_s"]
     return meas
 
 
-_SUMMED = ("wall_s", "tokens", "server_requests", "prompt_tokens", "engine_steps")
+_SUMMED = ("wall_s", "problems", "tokens", "server_requests", "prompt_tokens", "engine_steps")
 
 
-def combine(parts: list[dict[str, float]]) -> dict[str, float]:
-    """One measurement from passes over equal slices of the problems: counts and times summed, the rates
-    recomputed from the sums, per-problem and per-request means averaged (slices are equal but for the last)."""
-    out = {k: statistics.fmean(p[k] for p in parts) for k in parts[0]}
+def combine(parts: list[dict]) -> dict[str, float]:
+    """One measurement from :func:`measure`'s passes over slices of the problems: counts and times summed, rates
+    and the median latency recomputed from them, the other means weighted by each slice's problems (a model
+    sends the same requests per problem, so per-request means are weighted alike)."""
+    weights = [p["problems"] for p in parts]
+    out = {
+        k: statistics.fmean([p[k] for p in parts], weights=weights)
+        for k in parts[0]
+        if k not in _SUMMED and k != "latencies"
+    }
     out.update({k: sum(p[k] for p in parts) for k in _SUMMED})
-    problems = sum(p["problems_per_s"] * p["wall_s"] for p in parts)
-    out["problems_per_s"] = problems / out["wall_s"]
+    out["latency_p50_s"] = statistics.median(t for p in parts for t in p["latencies"])
+    out["problems_per_s"] = out["problems"] / out["wall_s"]
     out["ms_per_token"] = 1000 * out["wall_s"] / out["tokens"]
     out["ms_per_engine_step"] = 1000 * out["wall_s"] / max(1.0, out["engine_steps"])
+    out["http_and_api_server_s_per_call"] = out["client_mean_call_s"] - out["server_e2e_s"]
     out["load"] = max(p["load"] for p in parts)
     return out
 
@@ -302,6 +313,7 @@ def main(argv) -> int:
     sampling = {"temperature": 0.0, "logprobs": False}  # as the evaluation asks (EvalConfig.engine)
     extra = ["--block-size", "16", *args["server_args"].split()]
     pause_s = float(args["pause_s"])
+    separate = args["separate"].lower() in ("true", "1")
     for rep in range(repeats):
         # A fresh pair of servers per repeat, both up, the two models' slices of the problems alternating
         # (ABBA) with a pause between them: a server's speed on a shared CPU differs from one start to the next
@@ -318,7 +330,7 @@ def main(argv) -> int:
                             model=str(model),
                             work_dir=str(work / f"{kind}-{rep}"),
                             extra_args=extra,
-                            separate_engine_core=args["separate"].lower() in ("1", "true"),
+                            separate_engine_core=separate,
                         )
                     )
                 )
