@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
-PLATFORM_NAME = "cpu"
+from threadweaver_verl.integrations.verl.cpu import PLATFORM_NAME, requested
+
 # verl counts and places workers by an accelerator resource ("GPU"/"NPU" only, see
 # verl.single_controller.ray.base.ResourcePoolManager._check_resource_available). On CPU the Ray
 # cluster advertises as many *logical* GPUs as trainer.n_gpus_per_node (configs/platform/cpu.yaml:
@@ -182,7 +183,7 @@ class PlatformCPU(PlatformBase):
 
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
         # never auto-detected: the CPU platform runs only when asked for (VERL_PLATFORM=cpu)
-        return os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME
+        return requested()
 
     def current_device(self) -> str:  # type: ignore[override]  # verl does .to(get_device_id())
         return "cpu"
